@@ -1,0 +1,1 @@
+"""The ddc-bench harness: command line, training loop, results and reports."""
