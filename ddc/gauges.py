@@ -1,0 +1,348 @@
+"""Gauge declarations: the exact continuous symmetries of a network's loss.
+
+A gauge is a group acting on some of a model's parameters without changing the function
+the model computes. Moving along such a group orbit is a *dead direction*: the loss cannot
+see it. A model declares its gauges (``model.gauges()``); DDC reads the declarations, and
+:func:`ddc.verify_gauges` checks them numerically.
+
+Four kinds, in PyTorch conventions (``nn.Linear`` computes ``y = W x + b`` with ``W`` of
+shape out × in):
+
+* :class:`LogitShift` — translation: adding one vector to every row of the readout ``W``
+  (and one constant to every entry of ``b``) leaves softmax cross-entropy unchanged.
+* :class:`UnitRescale` — for each hidden unit ``i`` of a ReLU MLP (or the linear branch
+  of a SwiGLU): row ``i`` (and bias ``i``) of the input layers times ``c > 0``, column
+  ``i`` of the output layer divided by ``c``.
+* :class:`NormGain` — for each feature ``j`` of a LayerNorm / RMSNorm / BatchNorm: gain
+  (and bias) ``j`` times ``c``, column (input channel) ``j`` of every consumer divided by
+  ``c``. Valid only when nothing else reads the norm's output; for BatchNorm only when a
+  positively homogeneous activation (ReLU) sits between the norm and its consumers.
+* :class:`HeadRotation` / :class:`HeadRotationVO` — per attention head, an orthogonal
+  map ``R`` applied to the query and key rows (scores ``q·k`` unchanged) or to the value
+  rows and the output projection's columns. With RoPE, only rotations commuting with it
+  survive: one SO(2) angle per frequency pair.
+
+Every gauge can draw a random group element (:meth:`Gauge.random_element`) and apply one
+to its parameters in place (:meth:`Gauge.act`), so equivariance and invariance can be
+tested on any model.
+
+Internally a gauge is described by *members*: which parameter it acts on, along which
+axis, and how (see :class:`ScaleMember`, :class:`RotationMember`). The optimizer works
+only with members, so new gauge classes need no optimizer code.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleMember:
+    """Slices of ``param`` along ``axis`` scale by ``c[i] ** sign`` (sign is +1 or -1)."""
+
+    param: nn.Parameter
+    axis: int
+    sign: int
+
+
+@dataclass(frozen=True, eq=False)
+class RotationMember:
+    """``param``'s ``axis``, reordered by ``perm`` and cut into blocks of ``block`` entries,
+    is multiplied block by block by the gauge's orthogonal matrices (``x ↦ R x``)."""
+
+    param: nn.Parameter
+    axis: int
+    perm: torch.Tensor
+    block: int
+
+
+class Gauge(ABC):
+    """A declared symmetry of the loss acting on some parameters."""
+
+    @abstractmethod
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters the gauge acts on."""
+
+    @abstractmethod
+    def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random group element (drawn on the CPU in float64)."""
+
+    @abstractmethod
+    def act(self, element: torch.Tensor) -> None:
+        """Apply ``element`` to the parameters in place."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+    def describe(self) -> str:
+        return ""
+
+
+def _feature_count(module: nn.Module) -> int:
+    """Number of input features (Linear) or input channels (Conv) of a consumer."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, _CONVS):
+        if module.groups != 1:
+            raise ValueError(f"grouped convolutions are not supported as gauge members: {module}")
+        return module.in_channels
+    raise TypeError(f"expected nn.Linear or nn.ConvNd, got {type(module).__name__}")
+
+
+def _out_count(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, _CONVS):
+        return module.out_channels
+    raise TypeError(f"expected nn.Linear or nn.ConvNd, got {type(module).__name__}")
+
+
+class ScaleGauge(Gauge):
+    """A product of positive scalings, one per coordinate ``i < size``."""
+
+    size: int
+    members: list[ScaleMember]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [m.param for m in self.members]
+
+    def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Log-normal scales ``c = exp(N(0, 0.5²))`` (large enough to expose any drift)."""
+        return torch.exp(0.5 * torch.randn(self.size, generator=generator, dtype=torch.float64))
+
+    @torch.no_grad()
+    def act(self, element: torch.Tensor) -> None:
+        for m in self.members:
+            shape = [1] * m.param.ndim
+            shape[m.axis] = self.size
+            factor = element.to(m.param).reshape(shape) ** m.sign
+            m.param.mul_(factor)
+
+
+class UnitRescale(ScaleGauge):
+    """Hidden-unit rescaling of a ReLU MLP (or the linear branch of a SwiGLU).
+
+    Row ``i`` and bias ``i`` of every layer in ``inputs`` times ``c[i]``, column ``i`` of
+    ``output`` divided by ``c[i]``. Exact because ReLU is positively homogeneous (and, for
+    SwiGLU, because the product ``silu(gate x) * (up x)`` is linear in ``up``). Do not
+    include a SwiGLU gate or a GELU MLP: they have no exact rescaling.
+    """
+
+    def __init__(self, inputs: list[nn.Module], output: nn.Module) -> None:
+        inputs = list(inputs)
+        if not inputs:
+            raise ValueError("UnitRescale needs at least one input layer")
+        self.size = _feature_count(output)
+        self.members = []
+        for layer in inputs:
+            if _out_count(layer) != self.size:
+                raise ValueError(
+                    f"UnitRescale: input layer has {_out_count(layer)} outputs but the output "
+                    f"layer reads {self.size} features"
+                )
+            self.members.append(ScaleMember(layer.weight, 0, +1))
+            if layer.bias is not None:
+                self.members.append(ScaleMember(layer.bias, 0, +1))
+        self.members.append(ScaleMember(output.weight, 1, -1))
+        self._names = (len(inputs), type(output).__name__)
+
+    def describe(self) -> str:
+        return f"units={self.size}"
+
+
+class NormGain(ScaleGauge):
+    """Per-feature scale of a normalisation's affine gain, undone by its consumers.
+
+    ``norm.weight[j]`` (and ``norm.bias[j]``) times ``c[j]``, column / input channel ``j``
+    of every consumer divided by ``c[j]``. Exact when the consumers are the only readers
+    of the norm's output (pre-norm transformers), or, for BatchNorm, when only a ReLU sits
+    between the norm and its consumers.
+    """
+
+    def __init__(self, norm: nn.Module, consumers: list[nn.Module]) -> None:
+        if not isinstance(norm, _NORMS):
+            raise TypeError(f"NormGain expects a LayerNorm, RMSNorm or BatchNorm, got {type(norm).__name__}")
+        if getattr(norm, "weight", None) is None:
+            raise ValueError(f"NormGain: {type(norm).__name__} has no affine gain to scale")
+        if norm.weight.ndim != 1:
+            raise ValueError("NormGain: only norms over a single feature axis are supported")
+        consumers = list(consumers)
+        if not consumers:
+            raise ValueError("NormGain needs at least one consumer")
+        self.size = norm.weight.numel()
+        self.members = [ScaleMember(norm.weight, 0, +1)]
+        if getattr(norm, "bias", None) is not None:
+            self.members.append(ScaleMember(norm.bias, 0, +1))
+        for layer in consumers:
+            if _feature_count(layer) != self.size:
+                raise ValueError(
+                    f"NormGain: consumer reads {_feature_count(layer)} features but the norm "
+                    f"has {self.size}"
+                )
+            self.members.append(ScaleMember(layer.weight, 1, -1))
+        self._norm = type(norm).__name__
+
+    def describe(self) -> str:
+        return f"{self._norm}, features={self.size}"
+
+
+class LogitShift(Gauge):
+    """Translation invariance of softmax cross-entropy in the readout.
+
+    ``W ← W + 1 aᵀ`` and ``b ← b + β 1`` leave every softmax unchanged. Declare it only for
+    an untied readout trained with softmax cross-entropy.
+    """
+
+    def __init__(self, readout: nn.Linear) -> None:
+        if not isinstance(readout, nn.Linear):
+            raise TypeError(f"LogitShift expects the readout nn.Linear, got {type(readout).__name__}")
+        self.weight = readout.weight
+        self.bias = readout.bias
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A vector of length ``in_features + 1``: the row shift ``a`` then the bias shift."""
+        return torch.randn(self.weight.shape[1] + 1, generator=generator, dtype=torch.float64)
+
+    @torch.no_grad()
+    def act(self, element: torch.Tensor) -> None:
+        element = element.to(self.weight)
+        self.weight.add_(element[:-1].unsqueeze(0))
+        if self.bias is not None:
+            self.bias.add_(element[-1])
+
+    def describe(self) -> str:
+        return f"vocab={self.weight.shape[0]}"
+
+
+_ROPE_LAYOUTS = (None, "interleaved", "half")
+
+
+def _head_permutation(n_heads: int, d_head: int, rope: str | None) -> tuple[torch.Tensor, int]:
+    """Order of an axis of ``n_heads * d_head`` entries that makes each rotation block
+    contiguous, and the block size: a whole head without RoPE, a frequency pair with it."""
+    if rope is None:
+        return torch.arange(n_heads * d_head), d_head
+    if d_head % 2:
+        raise ValueError(f"RoPE needs an even head dimension, got {d_head}")
+    if rope == "interleaved":  # pairs (2k, 2k+1) are already adjacent
+        return torch.arange(n_heads * d_head), 2
+    half = d_head // 2  # pairs (k, k + d_head/2)
+    within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+    return torch.cat([h * d_head + within for h in range(n_heads)]), 2
+
+
+class RotationGauge(Gauge):
+    """Orthogonal maps acting block by block on the members' axes (shared across members)."""
+
+    members: list[RotationMember]
+    n_blocks: int
+    block: int
+    special: bool  # SO(block) instead of O(block) (RoPE pairs)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [m.param for m in self.members]
+
+    def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One Haar-random orthogonal matrix per block, shape (n_blocks, block, block)."""
+        g = torch.randn(self.n_blocks, self.block, self.block, generator=generator, dtype=torch.float64)
+        q, r = torch.linalg.qr(g)
+        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+        if self.special:  # flip one column where det = -1 to land in SO(block)
+            flip = torch.linalg.det(q) < 0
+            q[flip, :, 0] = -q[flip, :, 0]
+        return q
+
+    @torch.no_grad()
+    def act(self, element: torch.Tensor) -> None:
+        for m in self.members:
+            blocks = to_blocks(m.param, m)
+            rotated = element.to(blocks) @ blocks
+            m.param.copy_(from_blocks(rotated, m))
+
+    def describe(self) -> str:
+        return f"blocks={self.n_blocks}x{self.block}"
+
+
+def to_blocks(tensor: torch.Tensor, member: RotationMember) -> torch.Tensor:
+    """View ``tensor`` (shaped like ``member.param``) as (n_blocks, block, rest)."""
+    moved = tensor.movedim(member.axis, 0)
+    moved = moved.index_select(0, member.perm.to(moved.device))
+    return moved.reshape(-1, member.block, moved[0].numel())
+
+
+def from_blocks(blocks: torch.Tensor, member: RotationMember) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: a tensor shaped like ``member.param``."""
+    shape = list(member.param.shape)
+    axis_len = shape.pop(member.axis)
+    moved = blocks.reshape([axis_len] + shape)
+    inverse = torch.empty_like(member.perm)
+    inverse[member.perm] = torch.arange(axis_len)
+    moved = moved.index_select(0, inverse.to(moved.device))
+    return moved.movedim(0, member.axis)
+
+
+class HeadRotation(RotationGauge):
+    """Per-head rotation of queries and keys: rows of ``W_q`` and ``W_k`` of head ``h``
+    (and their biases) map ``v ↦ R_h v``; attention scores ``q·k`` are unchanged.
+
+    ``rope``: ``None`` (any ``R_h`` in O(d_head)), ``"interleaved"`` (RoPE pairs
+    (2k, 2k+1)) or ``"half"`` (pairs (k, k + d_head/2)); with RoPE only one SO(2) angle per
+    pair commutes with the position rotation.
+    """
+
+    def __init__(self, q: nn.Linear, k: nn.Linear, n_heads: int, rope: str | None = None) -> None:
+        if rope not in _ROPE_LAYOUTS:
+            raise ValueError(f"HeadRotation: rope must be one of {_ROPE_LAYOUTS}, got {rope!r}")
+        if q.out_features != k.out_features or q.out_features % n_heads:
+            raise ValueError(
+                f"HeadRotation: q and k need the same width divisible by n_heads={n_heads} "
+                f"(got {q.out_features} and {k.out_features})"
+            )
+        d_head = q.out_features // n_heads
+        perm, self.block = _head_permutation(n_heads, d_head, rope)
+        self.n_blocks = q.out_features // self.block
+        self.special = rope is not None
+        self.members = [
+            RotationMember(layer.weight if name == "weight" else layer.bias, 0, perm, self.block)
+            for layer in (q, k) for name in ("weight", "bias")
+            if getattr(layer, name) is not None
+        ]
+        self._desc = f"heads={n_heads}, d_head={d_head}, rope={rope}"
+
+    def describe(self) -> str:
+        return self._desc
+
+
+class HeadRotationVO(RotationGauge):
+    """Per-head rotation of values and output: rows of ``W_v`` of head ``h`` (and its bias)
+    map ``v ↦ R_h v`` and the head's columns of ``W_o`` map by ``R_h`` as well
+    (``W_o^h ↦ W_o^h R_hᵀ``), any ``R_h`` in O(d_head)."""
+
+    def __init__(self, v: nn.Linear, o: nn.Linear, n_heads: int) -> None:
+        if v.out_features != o.in_features or v.out_features % n_heads:
+            raise ValueError(
+                f"HeadRotationVO: v's outputs ({v.out_features}) must equal o's inputs "
+                f"({o.in_features}) and be divisible by n_heads={n_heads}"
+            )
+        d_head = v.out_features // n_heads
+        perm, self.block = _head_permutation(n_heads, d_head, None)
+        self.n_blocks = n_heads
+        self.special = False
+        self.members = [RotationMember(v.weight, 0, perm, d_head)]
+        if v.bias is not None:
+            self.members.append(RotationMember(v.bias, 0, perm, d_head))
+        self.members.append(RotationMember(o.weight, 1, perm, d_head))
+        self._desc = f"heads={n_heads}, d_head={d_head}"
+
+    def describe(self) -> str:
+        return self._desc

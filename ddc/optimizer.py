@@ -1,0 +1,366 @@
+"""DDC: Dead-Direction Conditioners, a gauge-equivariant lift of Adam and Muon.
+
+One step, for the parameters that some gauge acts on (the rest take the plain base step):
+
+1. **Canonical frame.** Centre the readout along the vocabulary axis (translation
+   gauge), then rescale every scale gauge to the minimum-norm point of its orbit
+   (Kempf–Ness; :func:`ddc.functional.min_norm_log_scales`). The canonical point
+   ``θ* = S·centre(θ)`` and gradient ``g* = g / S`` are the same for ``θ`` and for any
+   ``g·θ`` on its orbit (rotations aside, which they follow covariantly).
+2. **Decoupled weight decay** on ``θ*`` (it commutes with every gauge; on the readout it
+   decays only the centred part).
+3. **Base step** on ``g*`` with state kept in canonical coordinates: Adam (second
+   moment pooled over each rotation orbit) or Muon (momentum, orthogonalisation).
+4. **Dead directions** (``dead_mode="freeze"``): remove the step's vocabulary mean and
+   its component along every head-rotation orbit, then move the new canonical point back
+   to the minimum-norm point of its scale orbit. The scale frame ``S`` is therefore
+   unchanged by the step: the gauge coordinates do not drift at all.
+5. **Map back**: ``θ_new = θ*_new / S`` (plus the readout's vocabulary mean).
+
+Every input of the state is invariant (or rotates with the gauge), so starting from
+``g·θ`` yields exactly ``g·`` (the trajectory from ``θ``). ``docs/ddc.md`` has the details.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS as MUON_EPS
+
+from . import functional as F
+from .gauges import Gauge, LogitShift, RotationGauge, RotationMember, ScaleGauge, from_blocks, to_blocks
+from .param_groups import param_groups
+
+BASES = ("adam", "muon")
+DEAD_MODES = ("freeze", "free")
+ORTHOGONALIZERS = ("newton_schulz", "svd")
+
+
+class _Frame:
+    """Which gauges act on which parameter axes: built once from the declarations."""
+
+    def __init__(self, gauges: list[Gauge]) -> None:
+        self.params: list[nn.Parameter] = []           # every gauged parameter, fixed order
+        self.index: dict[nn.Parameter, int] = {}
+        self.scale_gauges = [g for g in gauges if isinstance(g, ScaleGauge)]
+        self.rotation_gauges = [g for g in gauges if isinstance(g, RotationGauge)]
+        self.centred: set[int] = set()                 # parameter indices centred on axis 0
+        self.scale_axes: dict[int, list[tuple[int, int, int]]] = {}   # p -> [(axis, gauge, sign)]
+        self.rotation_of: dict[int, RotationMember] = {}
+
+        for gauge in gauges:
+            if not isinstance(gauge, (ScaleGauge, RotationGauge, LogitShift)):
+                raise TypeError(f"unsupported gauge type {type(gauge).__name__}")
+            for p in gauge.parameters():
+                self._add(p)
+        for gauge in gauges:
+            if isinstance(gauge, LogitShift):
+                self.centred.update(self.index[p] for p in gauge.parameters())
+        for g, gauge in enumerate(self.scale_gauges):
+            for m in gauge.members:
+                axes = self.scale_axes.setdefault(self.index[m.param], [])
+                if any(axis == m.axis for axis, _, _ in axes):
+                    raise ValueError(
+                        f"{gauge!r} scales axis {m.axis} of a {tuple(m.param.shape)} parameter "
+                        f"that another scale gauge already scales; overlapping scale gauges must "
+                        f"act on different axes"
+                    )
+                axes.append((m.axis, g, m.sign))
+                axes.sort()
+                if len(axes) > 2:
+                    raise ValueError(f"a parameter of shape {tuple(m.param.shape)} is scaled along "
+                                     f"more than two axes; at most two are supported")
+        for gauge in self.rotation_gauges:
+            for m in gauge.members:
+                i = self.index[m.param]
+                if i in self.rotation_of:
+                    raise ValueError(f"a {tuple(m.param.shape)} parameter is in two rotation gauges")
+                if any(axis == m.axis for axis, _, _ in self.scale_axes.get(i, [])):
+                    raise ValueError(f"{gauge!r} rotates an axis that a scale gauge scales")
+                self.rotation_of[i] = m
+        for i in self.centred:
+            if any(axis == 0 for axis, _, _ in self.scale_axes.get(i, [])) or i in self.rotation_of:
+                raise ValueError("LogitShift's vocabulary axis may not be scaled or rotated by another gauge")
+
+    def _add(self, p: nn.Parameter) -> None:
+        if p not in self.index:
+            self.index[p] = len(self.params)
+            self.params.append(p)
+
+    def scale_tensor(self, i: int, log_scales: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
+        """The factor ``S`` of parameter ``i`` (broadcastable to it), or ``None`` if unscaled."""
+        factor = None
+        for axis, g, sign in self.scale_axes.get(i, []):
+            shape = [1] * like.ndim
+            shape[axis] = -1
+            f = torch.exp(sign * log_scales[g]).to(like).reshape(shape)
+            factor = f if factor is None else factor * f
+        return factor
+
+    def solve_scales(self, points: list[torch.Tensor], warm: list[torch.Tensor], tol: float,
+                     max_iter: int) -> tuple[list[torch.Tensor], int]:
+        """Log-scales moving ``points`` (one per gauged parameter) to their balanced point."""
+        order = sorted(self.scale_axes)
+        reduced, axes = [], []
+        for i in order:
+            x = points[i].double().square()
+            gauged = [axis for axis, _, _ in self.scale_axes[i]]
+            other = [d for d in range(x.ndim) if d not in gauged]
+            reduced.append(x.sum(other) if other else x)
+            axes.append([(g, sign) for _, g, sign in self.scale_axes[i]])
+        sizes = [g.size for g in self.scale_gauges]
+        return F.min_norm_log_scales(reduced, axes, sizes, warm, tol, max_iter)
+
+
+def _pool_over_blocks(x: torch.Tensor, member: RotationMember) -> torch.Tensor:
+    """Average ``x`` over each rotation block (the entries one orthogonal map mixes)."""
+    blocks = to_blocks(x, member)
+    return from_blocks(blocks.mean(dim=1, keepdim=True).expand_as(blocks), member)
+
+
+class DDC(Optimizer):
+    """Dead-Direction Conditioner: Adam or Muon made equivariant to a model's gauges.
+
+    Args:
+        params: an ``nn.Module`` whose ``gauges()`` method returns its gauges (its
+            parameters are grouped by :func:`ddc.param_groups`), or an iterable of
+            parameters / param groups as for any ``torch.optim`` optimizer, with
+            ``gauges`` given explicitly. Groups may carry a ``role`` key (see
+            ``ddc.param_groups``); with ``base="muon"`` role ``matrix`` (or, without a
+            role, any parameter with two or more dimensions) takes the Muon step and the
+            rest the Adam step.
+        gauges: the gauge declarations (default: ``params.gauges()`` for a module, none
+            otherwise). With no gauges DDC-Adam is AdamW and DDC-Muon is the harness's
+            Muon baseline (Muon on hidden matrices, AdamW on the rest).
+        base: ``"adam"`` or ``"muon"``.
+        lr, weight_decay: learning rate and decoupled weight decay (for a module, applied
+            to parameters with two or more dimensions only).
+        betas, eps: Adam's coefficients (the Adam part of either base).
+        momentum, nesterov, ns_coefficients, ns_steps, ns_eps, adjust_lr_fn: Muon's
+            options, as in ``torch.optim.Muon``.
+        orthogonalizer: ``"newton_schulz"`` (torch's bfloat16 iteration, fast) or
+            ``"svd"`` (exact polar factor in float64, for tests and analysis).
+        dead_mode: ``"freeze"`` (default): updates never move along gauge orbits, and
+            the scale-gauge coordinates stay exactly where they are; ``"free"``: the base
+            step's own component along the orbits is kept (still equivariant).
+        balance_tol, balance_max_iter: stopping rule of the minimum-norm (balancing)
+            solve, in log-scale units; ``None`` picks 1e-12 for float64 and 1e-6
+            otherwise.
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        gauges: list[Gauge] | None = None,
+        *,
+        base: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+        ns_steps: int = DEFAULT_NS_STEPS,
+        ns_eps: float = MUON_EPS,
+        adjust_lr_fn: str | None = "match_rms_adamw",
+        orthogonalizer: str = "newton_schulz",
+        dead_mode: str = "freeze",
+        balance_tol: float | None = None,
+        balance_max_iter: int = 100,
+    ) -> None:
+        if base not in BASES:
+            raise ValueError(f"base must be one of {BASES}, got {base!r}")
+        if dead_mode not in DEAD_MODES:
+            raise ValueError(f"dead_mode must be one of {DEAD_MODES}, got {dead_mode!r}")
+        if orthogonalizer not in ORTHOGONALIZERS:
+            raise ValueError(f"orthogonalizer must be one of {ORTHOGONALIZERS}, got {orthogonalizer!r}")
+        if not lr >= 0.0:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        if not eps >= 0.0:
+            raise ValueError(f"invalid eps: {eps}")
+        betas = tuple(betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if balance_max_iter < 1:
+            raise ValueError(f"balance_max_iter must be at least 1, got {balance_max_iter}")
+
+        if isinstance(params, nn.Module):
+            model = params
+            params = param_groups(model, weight_decay)
+            if gauges is None:
+                gauges = model.gauges() if hasattr(model, "gauges") else []
+        defaults = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, momentum=momentum,
+                        nesterov=nesterov, ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps,
+                        ns_eps=ns_eps, adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, defaults)
+        self.base = base
+        self.dead_mode = dead_mode
+        self.orthogonalizer = orthogonalizer
+        self.balance_tol = balance_tol
+        self.balance_max_iter = balance_max_iter
+        self.gauges = list(gauges or [])
+        self._frame = _Frame(self.gauges)
+        owned = {p for group in self.param_groups for p in group["params"]}
+        missing = [p for p in self._frame.params if p not in owned]
+        if missing:
+            raise ValueError(f"{len(missing)} gauge parameter(s) (first of shape "
+                             f"{tuple(missing[0].shape)}) are not among the optimizer's parameters")
+        self._log_scales = [
+            torch.zeros(g.size, dtype=torch.float64, device=g.members[0].param.device)
+            for g in self._frame.scale_gauges
+        ]
+        #: Sweeps the last balancing solves took (start of step, after the step); for diagnostics.
+        self.last_balance_sweeps: tuple[int, int] = (0, 0)
+
+    # ----------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus the scale frame (``ddc_log_scales``), so a resumed run
+        continues with bit-identical steps."""
+        state = super().state_dict()
+        state["ddc_log_scales"] = [s.clone() for s in self._log_scales]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        log_scales = state_dict.pop("ddc_log_scales", None)
+        super().load_state_dict(state_dict)
+        if log_scales is not None:
+            if [s.numel() for s in log_scales] != [s.numel() for s in self._log_scales]:
+                raise ValueError("ddc_log_scales in the state dict do not match this optimizer's gauges")
+            self._log_scales = [s.to(old) for s, old in zip(log_scales, self._log_scales)]
+
+    def _uses_muon(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+        if self.base != "muon":
+            return False
+        role = group.get("role")
+        return role == "matrix" if role is not None else p.ndim >= 2
+
+    def _base_update(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor,
+                     grad_sq: torch.Tensor | None = None) -> torch.Tensor:
+        """The base optimizer's step for ``p`` from ``grad`` (canonical coordinates), with
+        state created lazily and advanced in place. Weight decay is not included."""
+        state = self.state[p]
+        if self._uses_muon(group, p):
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            return F.muon_update(grad, state["momentum_buffer"], group["lr"], group["momentum"],
+                                 group["nesterov"], self.orthogonalizer, group["ns_coefficients"],
+                                 group["ns_steps"], group["ns_eps"], group["adjust_lr_fn"])
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        return F.adam_update(grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
+                             group["lr"], beta1, beta2, group["eps"], grad_sq)
+
+    # ------------------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step (``closure`` re-evaluates the loss, as usual)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        frame = self._frame
+        group_of: dict[int, dict[str, Any]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                i = frame.index.get(p)
+                if i is not None:
+                    group_of[i] = group
+                    continue
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("DDC does not support sparse gradients")
+                # No gauge acts on p: exactly the base optimizer's step.
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(self._base_update(p, group, p.grad))
+
+        if frame.params and any(p.grad is not None for p in frame.params):
+            self._gauged_step(group_of)
+        return loss
+
+    def _balance_tol(self) -> float:
+        if self.balance_tol is not None:
+            return self.balance_tol
+        return 1e-12 if self._frame.params[0].dtype == torch.float64 else 1e-6
+
+    def _gauged_step(self, group_of: dict[int, dict[str, Any]]) -> None:
+        frame = self._frame
+        params = frame.params
+        # A gauged parameter without a gradient still moves with its gauge partners.
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        tol, max_iter = self._balance_tol(), self.balance_max_iter
+        freeze = self.dead_mode == "freeze"
+
+        # 1. Canonical frame: centre the readout, then balance the scale gauges.
+        points = [p.detach().clone() for p in params]
+        means: dict[int, torch.Tensor] = {}
+        for i in frame.centred:
+            means[i] = points[i].mean(dim=0, keepdim=True)
+            points[i] -= means[i]
+            grads[i] = grads[i] - grads[i].mean(dim=0, keepdim=True)
+        sweeps_before = 0
+        if frame.scale_gauges:
+            self._log_scales, sweeps_before = frame.solve_scales(points, self._log_scales, tol, max_iter)
+        scales = [frame.scale_tensor(i, self._log_scales, points[i]) for i in range(len(params))]
+        for i, s in enumerate(scales):
+            if s is not None:
+                points[i] = points[i] * s
+                grads[i] = grads[i] / s
+
+        # 2-3. Weight decay and the base step, in canonical coordinates.
+        deltas = []
+        for i, p in enumerate(params):
+            group = group_of[i]
+            points[i].mul_(1 - group["lr"] * group["weight_decay"])
+            member = frame.rotation_of.get(i)
+            pooled = None
+            if member is not None and not self._uses_muon(group, p):
+                pooled = _pool_over_blocks(grads[i] * grads[i], member)
+            deltas.append(self._base_update(p, group, grads[i], pooled))
+
+        # 4. Dead directions: no translation, no rotation, no rescaling.
+        if freeze:
+            for i in frame.centred:
+                deltas[i] = deltas[i] - deltas[i].mean(dim=0, keepdim=True)
+            for gauge in frame.rotation_gauges:
+                idx = [frame.index[m.param] for m in gauge.members]
+                projected = F.remove_rotation_component(
+                    [to_blocks(deltas[i], m) for i, m in zip(idx, gauge.members)],
+                    [to_blocks(points[i], m) for i, m in zip(idx, gauge.members)],
+                )
+                for i, m, d in zip(idx, gauge.members, projected):
+                    deltas[i] = from_blocks(d, m)
+        new_points = [x + d for x, d in zip(points, deltas)]
+        sweeps_after = 0
+        if freeze and frame.scale_gauges:
+            zeros = [torch.zeros_like(s) for s in self._log_scales]
+            back, sweeps_after = frame.solve_scales(new_points, zeros, tol, max_iter)
+            for i in range(len(params)):
+                s = frame.scale_tensor(i, back, new_points[i])
+                if s is not None:
+                    new_points[i] = new_points[i] * s
+
+        # 5. Back to the model's coordinates.
+        for i, p in enumerate(params):
+            x = new_points[i] if scales[i] is None else new_points[i] / scales[i]
+            if i in means:
+                x = x + means[i]
+            p.copy_(x)
+        self.last_balance_sweeps = (sweeps_before, sweeps_after)

@@ -1,0 +1,154 @@
+"""Small float64 models with every gauge kind, and the equivariance harness, for the DDC tests.
+
+Self-contained (independent of tasks/), so the optimizer's contract is tested on models
+whose symmetries are known by construction.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddc.gauges import HeadRotation, HeadRotationVO, LogitShift, NormGain, UnitRescale
+
+
+class ReluMLP(nn.Module):
+    """x → fc_in → ReLU → [fc_hidden → ReLU] → readout: a chain of unit gauges and a logit shift."""
+
+    def __init__(self, d_in: int = 6, hidden: int = 12, n_classes: int = 5, depth: int = 2) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(d_in, hidden)
+        self.fc_hidden = nn.Linear(hidden, hidden) if depth == 2 else None
+        self.readout = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc_in(x))
+        if self.fc_hidden is not None:
+            h = F.relu(self.fc_hidden(h))
+        return self.readout(h)
+
+    def gauges(self):
+        if self.fc_hidden is None:
+            return [UnitRescale([self.fc_in], self.readout), LogitShift(self.readout)]
+        return [UnitRescale([self.fc_in], self.fc_hidden), UnitRescale([self.fc_hidden], self.readout),
+                LogitShift(self.readout)]
+
+
+def _rope(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x: (batch, heads, time, d_head)."""
+    t, d = x.shape[-2], x.shape[-1]
+    freqs = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=x.dtype) / d))
+    angles = torch.arange(t, dtype=x.dtype)[:, None] * freqs[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    if layout == "interleaved":
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        return out.flatten(-2)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class TinyTransformer(nn.Module):
+    """Embedding → pre-norm block (attention, MLP) → final norm → untied readout."""
+
+    def __init__(self, vocab: int = 11, width: int = 8, heads: int = 2, mlp: str = "swiglu",
+                 norm: str = "layernorm", rope: str | None = "interleaved", bias: bool = True) -> None:
+        super().__init__()
+        self.heads, self.rope, self.mlp_kind = heads, rope, mlp
+        make_norm = (lambda: nn.LayerNorm(width)) if norm == "layernorm" else (lambda: nn.RMSNorm(width))
+        self.embed = nn.Embedding(vocab, width)
+        self.norm1, self.norm2, self.norm_f = make_norm(), make_norm(), make_norm()
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width, bias=bias) for _ in range(4))
+        self.up = nn.Linear(width, 2 * width, bias=bias)
+        self.gate = nn.Linear(width, 2 * width, bias=bias) if mlp == "swiglu" else None
+        self.down = nn.Linear(2 * width, width, bias=bias)
+        self.readout = nn.Linear(width, vocab, bias=bias)
+        with torch.no_grad():  # non-trivial gains so the norm gauge is not at a special point
+            for n in (self.norm1, self.norm2, self.norm_f):
+                n.weight.uniform_(0.5, 1.5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        b, t, w = x.shape
+        h = self.norm1(x)
+        split = lambda z: z.view(b, t, self.heads, w // self.heads).transpose(1, 2)
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        if self.rope:
+            q, k = _rope(q, self.rope), _rope(k, self.rope)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(att.transpose(1, 2).reshape(b, t, w))
+        h = self.norm2(x)
+        if self.mlp_kind == "swiglu":
+            m = F.silu(self.gate(h)) * self.up(h)
+        elif self.mlp_kind == "relu":
+            m = F.relu(self.up(h))
+        else:
+            m = F.gelu(self.up(h))
+        x = x + self.down(m)
+        return self.readout(self.norm_f(x))
+
+    def gauges(self):
+        g = [LogitShift(self.readout),
+             NormGain(self.norm1, [self.q, self.k, self.v]),
+             NormGain(self.norm2, [self.up] + ([self.gate] if self.gate is not None else [])),
+             NormGain(self.norm_f, [self.readout]),
+             HeadRotation(self.q, self.k, self.heads, rope=self.rope),
+             HeadRotationVO(self.v, self.o, self.heads)]
+        if self.mlp_kind in ("swiglu", "relu"):
+            g.append(UnitRescale([self.up], self.down))
+        return g
+
+
+def classification_loss(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)), logits
+
+
+def make_batches(model: nn.Module, n: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        if isinstance(model, TinyTransformer):
+            vocab = model.readout.out_features
+            x = torch.randint(0, vocab, (3, 7), generator=g)
+            y = torch.randint(0, vocab, (3, 7), generator=g)
+        else:
+            x = torch.randn(16, model.fc_in.in_features, generator=g, dtype=torch.float64)
+            y = torch.randint(0, model.readout.out_features, (16,), generator=g)
+        batches.append((x, y))
+    return batches
+
+
+def gauges_by_kind(model: nn.Module, kind: type) -> list:
+    return [g for g in model.gauges() if type(g) is kind]
+
+
+def equivariance_deviation(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, batches: list,
+                           select: Callable[[nn.Module], list] | None = None, seed: int = 0) -> float:
+    """Run ``len(batches)`` steps from θ and from g·θ; return max relative deviation between
+    g·(trajectory from θ) and the trajectory from g·θ (largest over parameters)."""
+    select = select or (lambda m: m.gauges())
+    model_a = copy.deepcopy(model).double()
+    model_b = copy.deepcopy(model_a)
+    generator = torch.Generator().manual_seed(seed)
+    elements = [g.random_element(generator) for g in select(model_b)]
+    for gauge, element in zip(select(model_b), elements):
+        gauge.act(element)
+    for m in (model_a, model_b):
+        opt = make_optimizer(m, select(m))
+        for batch in batches:
+            opt.zero_grad()
+            loss_fn(m, batch)[0].backward()
+            opt.step()
+    for gauge, element in zip(select(model_a), elements):
+        gauge.act(element)
+    worst = 0.0
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        worst = max(worst, float((pa - pb).detach().abs().max() / pb.detach().abs().max()))
+    return worst
