@@ -42,13 +42,15 @@ def adam_update(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Ten
     return exp_avg.div(denom).mul_(-lr / bias_correction1)
 
 
-def orthogonalize_svd(matrix: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:
+def orthogonalize_svd(matrix: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
     """Exact orthogonal polar factor ``U Vᵀ`` of ``matrix = U S Vᵀ``, computed in float64.
 
-    Singular values below ``rtol`` times the largest count as zero and are dropped: their
+    Singular values below ``rtol`` times the largest count as zero and are dropped. Their
     singular vectors are round-off noise (a dead ReLU unit gives an exactly zero gradient
-    column), and Newton–Schulz sends them to zero too. With that, the factor is
-    equivariant to orthogonal maps on either side to round-off; the tests use it."""
+    column), and the polar factor's sensitivity to round-off grows like 1/σ_min: with
+    the cut-off it is at most ``1/rtol`` (1e-10 relative in float64). Newton–Schulz also
+    leaves such directions near zero. With that, the factor is equivariant to orthogonal
+    maps on either side to round-off; the tests use it."""
     u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
     keep = (s > rtol * s.max()).to(u.dtype) if s.numel() else s
     return ((u * keep) @ vh).to(matrix.dtype)
@@ -155,6 +157,12 @@ def remove_rotation_component(deltas: list[torch.Tensor], points: list[torch.Ten
     gram = sum(x @ x.transpose(1, 2) for x in points)
     cross = sum(d @ x.transpose(1, 2) for d, x in zip(deltas, points))
     rhs = cross - cross.transpose(1, 2)
+    if gram.shape[-1] == 2:
+        # so(2) is one-dimensional: A = a·J, and J M + M J = tr(M)·J for symmetric M.
+        trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).unsqueeze(-1)
+        floor = trace.abs().amax() * 1e-12 + torch.finfo(gram.dtype).tiny
+        generator = torch.where(trace > floor, rhs / trace.clamp_min(floor), torch.zeros_like(rhs))
+        return [d - generator @ x for d, x in zip(deltas, points)]
     eigvals, eigvecs = torch.linalg.eigh(gram)
     rhs_eig = eigvecs.transpose(1, 2) @ rhs @ eigvecs
     denom = eigvals.unsqueeze(-1) + eigvals.unsqueeze(-2)
