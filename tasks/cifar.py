@@ -1,0 +1,226 @@
+"""CIFAR-10/100 data and the image-classification task shared by ``vit_cifar`` and
+``resnet_cifar``.
+
+Data are read by torchvision's ``CIFAR10`` / ``CIFAR100`` classes from
+``<root>/cifar-10-batches-py`` or ``<root>/cifar-100-python``. Two deliberate choices:
+
+* A missing dataset with ``download: false`` raises a one-line ``FileNotFoundError``
+  naming the expected folder and the ``task.data.download`` flag. There is never a
+  fallback to other data.
+* Files are checked for presence, not MD5 (:class:`_CIFAR10Files`): torchvision already
+  verifies the archive's MD5 when it downloads, and presence-only checks let the tests run
+  this exact loading code on a small dataset written in the same on-disk format.
+
+Training batches go through a ``DataLoader`` (``num_workers`` workers) with the standard
+augmentation (RandomCrop(32, padding=4), RandomHorizontalFlip) and normalisation. The
+shuffle order is seeded by ``seed``; the augmentation draws from torch's RNG (in workers,
+seeded from the loader's generator; with ``num_workers=0``, the global RNG the runner
+seeds). Evaluation uses a fixed subset of each split without augmentation, kept as a
+``uint8`` tensor and normalised on the device (identical to ToTensor + Normalize, and far
+cheaper than a DataLoader pass).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import datasets as tv_datasets
+from torchvision import transforms
+
+from tasks.base import Batch, Task
+from tasks.config import choice, meta_param_count, resolve_config
+
+DATASETS = ("cifar10", "cifar100")
+#: Per-channel mean and standard deviation of the training images.
+STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+#: Evaluation subsets are drawn with this fixed seed (not the run's seed), so every run
+#: of a task is evaluated on the same images.
+EVAL_SUBSET_SEED = 0
+
+DATA_DEFAULTS: dict[str, Any] = {
+    "dataset": "cifar10", "root": "data", "download": False, "augment": True,
+    "eval_examples": None,
+}
+
+
+def _presence_only(file_list: list[list[str]]) -> list[list[str | None]]:
+    """torchvision's ``[filename, md5]`` list with the MD5s removed (presence checks)."""
+    return [[name, None] for name, _ in file_list]
+
+
+class _CIFAR10Files(tv_datasets.CIFAR10):
+    """torchvision ``CIFAR10`` checking that files exist instead of their MD5."""
+
+    train_list = _presence_only(tv_datasets.CIFAR10.train_list)
+    test_list = _presence_only(tv_datasets.CIFAR10.test_list)
+    meta = {**tv_datasets.CIFAR10.meta, "md5": None}
+
+
+class _CIFAR100Files(tv_datasets.CIFAR100):
+    """torchvision ``CIFAR100`` checking that files exist instead of their MD5."""
+
+    train_list = _presence_only(tv_datasets.CIFAR100.train_list)
+    test_list = _presence_only(tv_datasets.CIFAR100.test_list)
+    meta = {**tv_datasets.CIFAR100.meta, "md5": None}
+
+
+_CLASSES = {"cifar10": _CIFAR10Files, "cifar100": _CIFAR100Files}
+_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+
+def expected_files(dataset: str) -> tuple[str, list[str]]:
+    """The folder under ``root`` and the files torchvision reads for ``dataset``."""
+    cls = _CLASSES[dataset]
+    names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    return cls.base_folder, names
+
+
+def load_cifar(dataset: str, root: str, download: bool) -> tuple[Any, Any]:
+    """torchvision train and test sets (no transform yet), checked for presence first."""
+    choice(dataset, DATASETS, "data.dataset")
+    folder, names = expected_files(dataset)
+    path = Path(root).expanduser() / folder
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing and not download:
+        detail = "" if len(missing) == len(names) else f" (missing {', '.join(missing)})"
+        raise FileNotFoundError(
+            f"{_LABELS[dataset]} not found under {path.resolve()}{detail}; pass "
+            f"task.data.download=true or point task.data.root at a folder that holds it"
+        )
+    cls = _CLASSES[dataset]
+    train = cls(str(Path(root).expanduser()), train=True, download=download)
+    test = cls(str(Path(root).expanduser()), train=False, download=False)
+    return train, test
+
+
+def _as_uint8_nchw(data: Any) -> torch.Tensor:
+    """torchvision's HWC ``uint8`` numpy images as an NCHW ``uint8`` tensor."""
+    return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean cross-entropy and accuracy."""
+    loss = F.cross_entropy(logits.float(), labels)
+    acc = (logits.argmax(-1) == labels).float().mean().item()
+    return loss, {"acc": acc}
+
+
+class CifarTask(Task):
+    """Image classification on CIFAR-10/100. Subclasses supply the model and presets.
+
+    Metrics: ``loss`` (mean cross-entropy) and ``acc``; ``unit_name = "samples"``.
+    """
+
+    unit_name = "samples"
+    primary_metric = ("val_acc", "max")
+    defaults: dict[str, Any]
+    presets: dict[str, dict[str, Any]]
+
+    def __init__(self, cfg: dict[str, Any], *, num_workers: int = 0) -> None:
+        self.config = resolve_config(cfg, task=self.name, defaults=self.defaults, presets=self.presets)
+        self.size = self.config["size"]
+        self.batch_size: int = self.config["batch_size"]
+        self.steps: int = self.config["steps"]
+        self.target = self.config["target"]
+        self.num_workers = int(num_workers)
+        self.check_model_config(self.config["model"])  # before the (slow) data loading
+        d = self.config["data"]
+        self.dataset = choice(d["dataset"], DATASETS, "data.dataset")
+        self.num_classes = NUM_CLASSES[self.dataset]
+        self.train_set, self.test_set = load_cifar(self.dataset, d["root"], bool(d["download"]))
+        if len(self.train_set) < self.batch_size:
+            raise ValueError(
+                f"the training set has {len(self.train_set)} images, fewer than one batch "
+                f"({self.batch_size})"
+            )
+        mean, std = STATS[self.dataset]
+        normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+        augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+        self.train_set.transform = transforms.Compose((augment if d["augment"] else []) + normalize)
+        self.eval_transform = transforms.Compose(normalize)  # reference for the fast path
+        self._mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(std).view(1, 3, 1, 1)
+        self._eval_sets = {
+            "train": self._fixed_subset(self.train_set, d["eval_examples"]),
+            "val": self._fixed_subset(self.test_set, d["eval_examples"]),
+        }
+
+    @staticmethod
+    def _fixed_subset(dataset: Any, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` images of ``dataset`` (all when ``n`` is null), chosen with a fixed seed."""
+        images = _as_uint8_nchw(dataset.data)
+        labels = torch.as_tensor(dataset.targets, dtype=torch.long)
+        if n is not None and n < len(labels):
+            g = torch.Generator().manual_seed(EVAL_SUBSET_SEED)
+            idx = torch.randperm(len(labels), generator=g)[:n].sort().values
+            images, labels = images[idx], labels[idx]
+        return images, labels
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``uint8`` NCHW images → normalised floats (ToTensor + Normalize, batched)."""
+        images = images.float().div_(255.0)
+        return (images - self._mean.to(images.device)) / self._std.to(images.device)
+
+    def check_model_config(self, model_cfg: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for an invalid ``task.model`` (subclasses override)."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module: ...
+
+    def train_batches(self, seed: int) -> Iterator[Batch]:
+        """Endless augmented batches; epochs reshuffle with a generator seeded by ``seed``."""
+        loader = DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        while True:
+            yield from loader
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        images, labels = batch
+        return classification_loss(model(images), labels)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
+        """``loss`` and ``acc`` over the fixed, un-augmented subset of ``split``
+        (``val`` is the test set). The model runs in eval mode (BatchNorm running stats)."""
+        if split not in self._eval_sets:
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        images, labels = self._eval_sets[split]
+        was_training = model.training
+        model.eval()
+        total_loss, correct = 0.0, 0
+        try:
+            for i in range(0, len(labels), self.batch_size):
+                x = self.normalize(images[i:i + self.batch_size].to(device))
+                y = labels[i:i + self.batch_size].to(device)
+                logits = model(x).float()
+                total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+                correct += int((logits.argmax(-1) == y).sum().item())
+        finally:
+            model.train(was_training)
+        return {"loss": total_loss / len(labels), "acc": correct / len(labels)}
+
+    def data_facts(self) -> dict[str, Any]:
+        """Dataset facts for ``describe()``."""
+        return {
+            "dataset": self.dataset, "root": str(Path(self.config["data"]["root"]).expanduser().resolve()),
+            "num_classes": self.num_classes, "train_size": len(self.train_set),
+            "val_size": len(self.test_set), "eval_examples": len(self._eval_sets["val"][1]),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {"params": meta_param_count(self.build_model), **self.data_facts()}
