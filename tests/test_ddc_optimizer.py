@@ -128,7 +128,7 @@ def test_a_step_has_no_dead_component():
         optimizer.zero_grad()
         classification_loss(model, batch)[0].backward()
         optimizer.step()
-    moved = float((model.fc_in.weight - before).abs().max() / before.abs().max())
+    moved = float((model.fc_in.weight.detach() - before).abs().max() / before.abs().max())
     assert moved > 1e-3
     assert float((unit_coordinates(model).detach() - before_coords).abs().max()) <= 1e-10
 

@@ -1,0 +1,158 @@
+"""Shared fixtures of the harness tests: a tiny fake task, config helpers, CLI runner.
+
+The fake task lets the training-loop tests run in milliseconds and independently of the
+real tasks; the real tasks are exercised by ``test_matrix.py`` and the CLI tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from ddc_bench.config import CONFIG_DIR
+
+REPO_ROOT = CONFIG_DIR.parent
+PYTHON = sys.executable
+#: The installed console script next to this interpreter (``pip install -e .`` makes it).
+DDC_BENCH_SCRIPT = Path(sys.executable).parent / "ddc-bench"
+
+
+def config_names(group: str) -> list[str]:
+    """The options of a config group, read from ``configs/<group>/`` (new ones included)."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+# --------------------------------------------------------------------------------------
+# A fake task: 4-class classification of 8-d Gaussian blobs with a 2-layer MLP
+# --------------------------------------------------------------------------------------
+
+class FakeModel(nn.Module):
+    def __init__(self, dim: int = 8, hidden: int = 16, classes: int = 4) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(dim, hidden)
+        self.readout = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(torch.relu(self.hidden(x)))
+
+    def gauges(self) -> list:
+        return []
+
+
+class FakeTask:
+    """Implements the ``tasks.base.Task`` interface (duck-typed) on synthetic data."""
+
+    name = "fake"
+    unit_name = "samples"
+
+    def __init__(self, size: str = "tiny", batch_size: int = 16, steps: int = 20,
+                 dtype: torch.dtype = torch.float32, target: dict | None = None) -> None:
+        self.size = size
+        self.batch_size = batch_size
+        self.steps = steps
+        self.dtype = dtype
+        self.target = target
+        self.primary_metric = "val_acc"
+        g = torch.Generator().manual_seed(1234)
+        centers = torch.randn(4, 8, generator=g) * 3
+        labels = torch.randint(0, 4, (512,), generator=g)
+        inputs = centers[labels] + torch.randn(512, 8, generator=g)
+        self.train_x, self.train_y = inputs[:384].to(dtype), labels[:384]
+        self.val_x, self.val_y = inputs[384:].to(dtype), labels[384:]
+
+    def build_model(self) -> nn.Module:
+        return FakeModel().to(self.dtype)
+
+    def train_batches(self, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            idx = torch.randint(0, len(self.train_x), (self.batch_size,), generator=g)
+            yield self.train_x[idx], self.train_y[idx]
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict]:
+        x, y = batch
+        logits = model(x)
+        return nn.functional.cross_entropy(logits, y), {
+            "acc": (logits.argmax(-1) == y).float().mean().item()}
+
+    def evaluate(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
+        x, y = (self.train_x[:128], self.train_y[:128]) if split == "train" else (self.val_x, self.val_y)
+        with torch.no_grad():
+            logits = model(x.to(device))
+        y = y.to(device)
+        return {"loss": nn.functional.cross_entropy(logits, y).item(),
+                "acc": (logits.argmax(-1) == y).float().mean().item()}
+
+    def batch_units(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return int(batch[0].shape[0])
+
+    def describe(self) -> dict[str, Any]:
+        return {"train_examples": len(self.train_x)}
+
+
+@pytest.fixture
+def fake_task(monkeypatch: pytest.MonkeyPatch):
+    """Make ``ddc_bench.train`` build :class:`FakeTask` (returned, to adjust) for every run."""
+    task = FakeTask()
+    monkeypatch.setattr("ddc_bench.train._build_task", lambda cfg, num_workers=0: task)
+    return task
+
+
+def base_config(tmp_path: Path, **top: Any) -> DictConfig:
+    """A composed-like config for the fake task: top level from configs/config.yaml,
+    optimizer adamw, hardware cpu, logger none, without going through Hydra."""
+    root = OmegaConf.load(CONFIG_DIR / "config.yaml")
+    for key in ("defaults", "hydra"):
+        root.pop(key)
+    cfg = OmegaConf.merge(root, {
+        "task": {"name": "fake", "size": "tiny"},
+        "optimizer": OmegaConf.load(CONFIG_DIR / "optimizer" / "adamw.yaml"),
+        "hardware": OmegaConf.load(CONFIG_DIR / "hardware" / "cpu.yaml"),
+        "logger": OmegaConf.load(CONFIG_DIR / "logger" / "none.yaml"),
+        "results_dir": str(tmp_path / "results"),
+        "progress": False,
+    })
+    for key, value in top.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Hydra compose and the real command
+# --------------------------------------------------------------------------------------
+
+def compose(overrides: list[str]) -> tuple[DictConfig, dict[str, Any]]:
+    """Compose ``configs/config.yaml`` with ``overrides`` as ``ddc-bench`` would.
+
+    Returns the job config (no ``hydra`` node) and the group choices.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a job: the task function never sees the hydra node
+    return cfg, choices
+
+
+def ddc_bench(*args: str, cwd: Path, env: dict[str, str] | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the ``ddc-bench`` console script in ``cwd`` (``python -m ddc_bench.cli`` when the
+    script is not installed)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    command = ([str(DDC_BENCH_SCRIPT)] if DDC_BENCH_SCRIPT.exists()
+               else [PYTHON, "-m", "ddc_bench.cli"])
+    return subprocess.run([*command, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

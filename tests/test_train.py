@@ -1,0 +1,310 @@
+"""The training loop, the LR schedule and the results it writes (on a fake task, in-process)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import pytest
+import torch
+from conftest import FakeTask, base_config
+
+from ddc_bench import results, train
+from ddc_bench.config import ConfigError
+from ddc_bench.loggers import LoggerError
+from ddc_bench.schedule import build_scheduler, lr_factor, warmup_steps_for
+
+SUMMARY_KEYS = {
+    "task", "task_size", "optimizer", "lr", "weight_decay", "seed", "variant", "steps",
+    "steps_done", "status", "diverged", "final", "best", "target", "wall_time_s",
+    "train_time_s", "step_time_ms", "units_per_s", "unit", "peak_memory_mb", "overrides",
+    "provenance",
+}
+PROVENANCE_KEYS = {"git_commit", "git_dirty", "packages", "device", "python", "hostname",
+                   "started_at"}
+
+
+def _folder(cfg, lr="lr0.001", seed=0):
+    return results.run_dir(cfg.results_dir, "fake", "tiny", cfg.optimizer.name, lr, seed)
+
+
+# --------------------------------------------------------------------------------------
+# LR schedule
+# --------------------------------------------------------------------------------------
+
+def test_schedule_warmup_is_linear_and_starts_above_zero():
+    f = [lr_factor(s, total_steps=100, warmup_steps=4, kind="cosine", min_lr_ratio=0.1)
+         for s in range(5)]
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f[4] == pytest.approx(1.0)  # first decay step: t = 0
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_schedule_decay_endpoints_and_floor(kind):
+    kw = dict(total_steps=110, warmup_steps=10, kind=kind, min_lr_ratio=0.1)
+    assert lr_factor(10, **kw) == pytest.approx(1.0)
+    assert lr_factor(60, **kw) == pytest.approx(0.55)  # midpoint: both shapes give 1/2
+    assert lr_factor(110, **kw) == pytest.approx(0.1)
+    assert lr_factor(10_000, **kw) == pytest.approx(0.1)  # never below the floor
+    values = [lr_factor(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+
+
+def test_schedule_constant_and_no_warmup():
+    assert lr_factor(0, total_steps=10, kind="constant") == 1.0
+    assert lr_factor(9, total_steps=10, warmup_steps=0, kind="constant") == 1.0
+    assert lr_factor(0, total_steps=10, kind="cosine", min_lr_ratio=0.0) == pytest.approx(1.0)
+    assert warmup_steps_for(200, 0.05, None) == 10
+    assert warmup_steps_for(200, 0.05, 3) == 3
+    with pytest.raises(ValueError, match="schedule.kind"):
+        lr_factor(0, total_steps=10, kind="step")
+
+
+def test_scheduler_scales_every_param_group():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.1}])
+    kw = dict(total_steps=20, warmup_steps=5, kind="cosine", min_lr_ratio=0.2)
+    sched = build_scheduler(opt, **kw)
+    for step in range(25):
+        factor = lr_factor(step, **kw)
+        assert opt.param_groups[0]["lr"] == pytest.approx(1.0 * factor)
+        assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * factor)
+        opt.step()
+        sched.step()
+
+
+# --------------------------------------------------------------------------------------
+# Gradient accumulation
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("parts", [2, 3, 16])
+def test_grad_accumulation_matches_full_batch(parts):
+    task = FakeTask(dtype=torch.float64)
+    torch.manual_seed(0)
+    model = task.build_model()
+    batch = next(task.train_batches(0))  # 16 samples: 3 parts split unevenly (6, 5, 5)
+    cpu = torch.device("cpu")
+    full = train.accumulate_gradients(task, model, batch, 1, cpu)
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    accum = train.accumulate_gradients(task, model, batch, parts, cpu)
+    assert accum == pytest.approx(full, rel=1e-12)
+    for g_full, p in zip(full_grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g_full, rtol=1e-12, atol=1e-14)
+
+
+def test_grad_accumulation_run_equals_full_batch_run(tmp_path, monkeypatch):
+    finals = []
+    for accum in (1, 4):
+        task = FakeTask(dtype=torch.float64)
+        monkeypatch.setattr(train, "_build_task", lambda cfg, num_workers=0: task)
+        cfg = base_config(tmp_path / f"a{accum}", steps=6, **{"hardware.grad_accum": accum})
+        finals.append(train.run(cfg, overrides=[])["final"])
+    assert finals[0] == pytest.approx(finals[1], rel=1e-9)
+
+
+def test_grad_accum_larger_than_batch_is_an_error(tmp_path, fake_task):
+    cfg = base_config(tmp_path, steps=2, **{"hardware.grad_accum": 64})
+    with pytest.raises(ConfigError, match="grad_accum=64 exceeds the batch size 16"):
+        train.run(cfg, overrides=[])
+
+
+# --------------------------------------------------------------------------------------
+# A run and its files
+# --------------------------------------------------------------------------------------
+
+def test_run_writes_config_metrics_and_summary(tmp_path, fake_task):
+    cfg = base_config(tmp_path, steps=20, log_every=5, seed=3)
+    summary = train.run(cfg, overrides=["steps=20"])
+    folder = _folder(cfg, seed=3)
+    assert results.is_finished(folder)
+    assert (folder / results.CONFIG_FILE).read_text().startswith("seed: 3")
+
+    on_disk = json.loads((folder / results.SUMMARY_FILE).read_text())
+    assert SUMMARY_KEYS <= set(on_disk)
+    assert PROVENANCE_KEYS <= set(on_disk["provenance"])
+    assert torch.__version__.startswith(on_disk["provenance"]["packages"]["torch"])
+    assert summary["status"] == "finished" and summary["diverged"] is False
+    assert (summary["steps"], summary["steps_done"], summary["seed"]) == (20, 20, 3)
+    assert summary["variant"] == "lr0.001" and summary["overrides"] == ["steps=20"]
+    assert summary["unit"] == "samples" and summary["units_per_s"] > 0
+    assert summary["peak_memory_mb"] > 0 and summary["step_time_ms"] > 0
+    assert set(summary["final"]) == {"train_eval_loss", "train_eval_acc", "val_loss",
+                                     "val_acc", "gap_loss"}
+    assert summary["best"]["val_acc"] >= summary["final"]["val_acc"]
+    assert summary["target"] is None
+
+    records = results.read_metrics(folder)
+    assert all({"step", "train_time_s", "lr"} <= set(r) for r in records)
+    train_lines = [r for r in records if "loss" in r]
+    eval_lines = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in train_lines] == [5, 10, 15, 20]
+    assert all("units_per_s" in r for r in train_lines)
+    # eval_every null -> about 10 evaluations: every 2 steps, the last at the end.
+    assert [r["step"] for r in eval_lines] == list(range(2, 21, 2))
+    last = eval_lines[-1]
+    assert last["gap_loss"] == pytest.approx(last["val_loss"] - last["train_eval_loss"])
+    assert summary["final"] == {k: v for k, v in last.items() if k not in ("step", "train_time_s", "lr")}
+    times = [r["train_time_s"] for r in records]
+    assert times == sorted(times) and times[-1] == pytest.approx(summary["train_time_s"])
+
+
+def test_training_time_excludes_evaluation(tmp_path, fake_task, monkeypatch):
+    evaluate = fake_task.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.1)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(fake_task, "evaluate", slow_evaluate)
+    summary = train.run(base_config(tmp_path, steps=4, eval_every=1), overrides=[])
+    assert summary["wall_time_s"] > 0.8  # 8 evaluations of 0.1 s
+    assert summary["train_time_s"] < 0.3
+
+
+def test_lr_logged_follows_the_schedule(tmp_path, fake_task):
+    cfg = base_config(tmp_path, steps=10, log_every=1, **{"schedule.warmup_steps": 2,
+                                                          "schedule.kind": "linear"})
+    train.run(cfg, overrides=[])
+    lrs = [r["lr"] for r in results.read_metrics(_folder(cfg)) if "loss" in r]
+    expected = [1e-3 * lr_factor(s, total_steps=10, warmup_steps=2, kind="linear",
+                                 min_lr_ratio=0.1) for s in range(10)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_target_reached_and_not_reached(tmp_path, fake_task):
+    fake_task.target = {"metric": "val_acc", "value": 0.5, "mode": "max"}
+    summary = train.run(base_config(tmp_path, steps=20, eval_every=1), overrides=[])
+    target = summary["target"]
+    assert target["metric"] == "val_acc" and target["value"] == 0.5
+    assert 1 <= target["step"] <= 20 and 0 < target["time_s"] <= summary["train_time_s"]
+    evals = [r for r in results.read_metrics(_folder(base_config(tmp_path))) if "val_acc" in r]
+    first = next(r["step"] for r in evals if r["val_acc"] >= 0.5)
+    assert target["step"] == first
+
+    fake_task.target = {"metric": "loss", "value": -1.0, "mode": "min"}  # "loss" -> val_loss
+    summary = train.run(base_config(tmp_path, steps=5, run_name="never"), overrides=[])
+    assert summary["target"]["step"] is None and summary["target"]["time_s"] is None
+
+
+def test_target_metric_typo_is_an_error(tmp_path, fake_task):
+    fake_task.target = {"metric": "val_accuracy", "value": 0.5, "mode": "max"}
+    with pytest.raises(ConfigError, match="task.target.metric='val_accuracy' is not an evaluation metric"):
+        train.run(base_config(tmp_path, steps=2), overrides=[])
+
+
+def test_run_name_is_the_variant_folder(tmp_path, fake_task):
+    cfg = base_config(tmp_path, steps=2, run_name="myvariant")
+    summary = train.run(cfg, overrides=[])
+    assert summary["variant"] == "myvariant"
+    assert results.is_finished(_folder(cfg, lr="myvariant"))
+
+
+# --------------------------------------------------------------------------------------
+# Finished and interrupted runs
+# --------------------------------------------------------------------------------------
+
+def test_finished_run_is_never_overwritten(tmp_path, fake_task):
+    cfg = base_config(tmp_path, steps=3)
+    train.run(cfg, overrides=[])
+    folder = _folder(cfg)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(results.RunExistsError, match="already holds a finished run"):
+        train.run(cfg, overrides=[])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_interrupted_run_is_moved_aside(tmp_path, fake_task, capsys):
+    cfg = base_config(tmp_path, steps=3)
+    folder = _folder(cfg)
+    folder.mkdir(parents=True)
+    (folder / results.METRICS_FILE).write_text('{"step": 1}\n')
+    train.run(cfg, overrides=[])
+    aside = folder.with_name("seed0.interrupted-1")
+    assert (aside / results.METRICS_FILE).read_text() == '{"step": 1}\n'
+    assert results.is_finished(folder)
+    assert f"moved the interrupted run found at {folder} to {aside}" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# Divergence
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", [
+    {"name": "adamw", "lr": 1e30, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+    {"name": "sgd", "lr": 1e30, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
+], ids=["adamw", "sgd"])
+def test_divergence_stops_cleanly(tmp_path, fake_task, optimizer):
+    cfg = base_config(tmp_path, steps=50, grad_clip=None)
+    cfg.optimizer = optimizer
+    summary = train.run(cfg, overrides=[])
+    assert summary["status"] == "diverged" and summary["diverged"] is True
+    assert summary["steps_done"] < 50
+    folder = results.run_dir(cfg.results_dir, "fake", "tiny", optimizer["name"],
+                             results.default_variant(optimizer["lr"]), 0)
+    assert json.loads((folder / results.SUMMARY_FILE).read_text())["status"] == "diverged"
+
+
+def test_nonfinite_loss_marks_divergence_before_stepping(tmp_path, fake_task, monkeypatch):
+    loss = fake_task.loss
+    calls = {"n": 0}
+
+    def nan_on_third(model, batch):
+        calls["n"] += 1
+        value, extra = loss(model, batch)
+        return (value * float("nan") if calls["n"] == 3 else value), extra
+
+    monkeypatch.setattr(fake_task, "loss", nan_on_third)
+    summary = train.run(base_config(tmp_path, steps=10, eval_every=1), overrides=[])
+    assert summary["status"] == "diverged" and summary["steps_done"] == 2
+    assert all(math.isfinite(v) for v in summary["final"].values())  # last good evaluation
+
+
+# --------------------------------------------------------------------------------------
+# Hardware and loggers
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpu_is_an_error(tmp_path, fake_task):
+    cfg = base_config(tmp_path, steps=2, **{"hardware.device": "cuda"})
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        train.run(cfg, overrides=[])
+
+
+def test_autocast_bf16_on_cpu_runs(tmp_path, fake_task):
+    summary = train.run(base_config(tmp_path, steps=3, **{"hardware.autocast": "bfloat16"}),
+                        overrides=[])
+    assert summary["status"] == "finished"
+
+
+def test_float16_autocast_is_refused(tmp_path, fake_task):
+    with pytest.raises(ConfigError, match="hardware.autocast"):
+        train.run(base_config(tmp_path, steps=2, **{"hardware.autocast": "float16"}),
+                  overrides=[])
+
+
+def test_wandb_missing_is_one_clear_error(tmp_path, fake_task, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    cfg = base_config(tmp_path, steps=2)
+    cfg.logger = {"name": "wandb", "project": "p", "entity": None, "group": None, "tags": [],
+                  "mode": None}
+    with pytest.raises(LoggerError, match=r"pip install 'ddc-bench\[wandb\]'"):
+        train.run(cfg, overrides=[])
+    assert not (tmp_path / "results").exists()  # failed before creating the run folder
+
+
+def test_wandb_offline(tmp_path, fake_task, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb_dir").mkdir()
+    cfg = base_config(tmp_path, steps=4, log_every=1)
+    cfg.logger = {"name": "wandb", "project": "ddc-bench-test", "entity": None, "group": None,
+                  "tags": ["test"], "mode": None}
+    summary = train.run(cfg, overrides=[])
+    assert summary["status"] == "finished"
+    runs = list((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
