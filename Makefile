@@ -1,0 +1,33 @@
+# ddc-bench: the two commands of the README, and their set-up.
+#   make quickstart   set up everything, then run an offline DDC vs AdamW comparison
+#   make test         set up everything, then run the test suite (slow tests excluded)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch and torchvision are pinned to the builds this project is tested with.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install quickstart test test-slow bench clean-quickstart
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+quickstart: install
+	$(BIN)/ddc-bench --multirun experiment=quickstart
+	$(BIN)/ddc-bench-report results/quickstart
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+bench: install
+	$(BIN)/python scripts/bench_ddc.py
