@@ -98,3 +98,22 @@ def test_few_steps_on_cpu(task, optimizer, tmp_path, fake_cifar):
 def test_config_dir_is_the_repositorys():
     assert (CONFIG_DIR / "config.yaml").is_file()
     assert CONFIG_DIR.parent.joinpath("ddc_bench", "cli.py").is_file()
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("optimizer", ["ddc", "ddc_muon"])
+def test_ddc_trains_every_task_for_twenty_steps(task, optimizer, tmp_path, fake_cifar):
+    """DDC on each task model's full gauge set: 20 steps finish and the training loss falls
+    (CIFAR tasks on the fake dataset, pointed to explicitly)."""
+    overrides = [*_task_overrides(task, fake_cifar), f"optimizer={optimizer}", "hardware=cpu",
+                 "steps=20", "eval_every=20", "log_every=1", f"results_dir={tmp_path}",
+                 "progress=false"]
+    cfg, choices = compose(overrides)
+    validate(cfg, choices)
+    summary = train.run(cfg, overrides=overrides)
+
+    assert summary["status"] == "finished" and summary["steps_done"] == 20
+    folder = results.run_dir(tmp_path, task, "tiny", optimizer, summary["variant"], 0)
+    losses = [r["loss"] for r in results.read_metrics(folder) if "loss" in r]
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) < sum(losses[:5]), losses
