@@ -650,7 +650,7 @@ def _plot_lr(task: str, task_df: pd.DataFrame, agg: pd.DataFrame, colors: dict[s
         ax.grid(True, which="minor", alpha=0.1)
     _legend_below(fig, axes)
     fig.suptitle(f"{task}: learning-rate sensitivity\nmean over non-diverged seeds, "
-                 f"error bars = ±1 std (points shifted slightly along x to stay visible)",
+                 f"error bars = ±1 std\n(points shifted slightly along x to stay visible)",
                  fontsize=11)
     _save(fig, path)
     return path
