@@ -54,7 +54,7 @@ def test_hydra_writes_nothing_into_the_working_directory():
     assert set(hydra.job_logging.handlers) == {"console"}  # no <job>.log file
 
 
-def test_quickstart_sweeps_adamw_and_ddc_over_two_seeds():
+def test_quickstart_sweeps_adamw_and_ddc_over_two_lrs_and_two_seeds():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -63,7 +63,8 @@ def test_quickstart_sweeps_adamw_and_ddc_over_two_seeds():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = hydra_compose("config", overrides=["experiment=quickstart"],
                             return_hydra_config=True)
-    assert dict(cfg.hydra.sweeper.params) == {"optimizer": "adamw,ddc", "seed": "0,1"}
+    assert dict(cfg.hydra.sweeper.params) == {"optimizer": "adamw,ddc", "optimizer.lr": "1e-3,3e-3",
+                                              "seed": "0,1"}
     assert cfg.results_dir == "results/quickstart" and cfg.task.name == "gpt_lm"
     assert cfg.hydra.runtime.choices.hardware == "cpu"
 
