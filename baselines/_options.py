@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddc.param_groups import ROLES
+
 Builder = Callable[..., torch.optim.Optimizer]
 
 
@@ -136,3 +138,24 @@ def as_betas(opt: str, option: str, value: Any) -> tuple[float, float]:
     """Adam-style ``(beta1, beta2)``, each in [0, 1)."""
     b1, b2 = as_float_tuple(opt, option, value, 2, low=0.0, high=1.0, high_open=True)
     return b1, b2
+
+
+def check_role_group(owner: str, param_group: dict[str, Any], matrix_roles: Sequence[str]) -> None:
+    """Refuse a param group without a ``role`` from ``ddc.param_groups.ROLES``, or one whose
+    role is in ``matrix_roles`` but holds a parameter with fewer than two dimensions.
+
+    Call it before ``Optimizer.add_param_group``; a lone tensor or a generator in
+    ``params`` is turned into a list first so that checking does not consume it."""
+    role = param_group.get("role") if isinstance(param_group, dict) else None
+    if role not in ROLES:
+        raise ValueError(
+            f"{owner} needs every param group to carry a 'role' in {ROLES} "
+            f"(build the groups with ddc.param_groups.param_groups); got role={role!r}"
+        )
+    params = param_group["params"]
+    param_group["params"] = params = [params] if isinstance(params, torch.Tensor) else list(params)
+    if role in matrix_roles:
+        for p in params:
+            if p.ndim < 2:
+                raise ValueError(f"{owner} role {role!r} needs parameters with >= 2 dimensions, "
+                                 f"got shape {tuple(p.shape)}")

@@ -20,7 +20,7 @@ from torch.optim._muon import muon as muon_kernel
 from torch.optim.adamw import adamw as adamw_kernel
 from torch.optim.optimizer import _get_scalar_dtype
 
-from ddc.param_groups import ROLES, param_groups
+from ddc.param_groups import param_groups
 
 from ._options import (
     as_betas,
@@ -30,6 +30,7 @@ from ._options import (
     as_float_tuple,
     as_int,
     builder,
+    check_role_group,
 )
 
 #: Learning-rate adjustments torch's Muon kernel knows (``None`` means "original").
@@ -129,20 +130,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; it must carry a ``role`` (see :func:`ddc.param_groups.param_groups`)."""
-        role = param_group.get("role") if isinstance(param_group, dict) else None
-        if role not in ROLES:
-            raise ValueError(
-                f"{type(self).__name__} needs every param group to carry a 'role' in {ROLES} "
-                f"(build the groups with ddc.param_groups.param_groups); got role={role!r}"
-            )
+        check_role_group(type(self).__name__, param_group, matrix_roles=("matrix",))
         super().add_param_group(param_group)
-        if role == "matrix":
-            for p in param_group["params"]:
-                if p.ndim < 2:
-                    self.param_groups.pop()
-                    raise ValueError(
-                        f"Muon needs parameters with >= 2 dimensions, got shape {tuple(p.shape)}"
-                    )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ddc.param_groups import ROLES, param_groups
+from ddc.param_groups import param_groups
 
-from ._options import as_betas, as_choice, as_float, builder
+from ._options import as_betas, as_choice, as_float, builder, check_role_group
 from .muon import adamw_group_step
 
 NORMALIZATIONS = ("l2", "rms")
@@ -123,24 +123,11 @@ class SCALE(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; it must carry a ``role`` (see :func:`ddc.param_groups.param_groups`)."""
-        role = param_group.get("role") if isinstance(param_group, dict) else None
-        if role not in ROLES:
-            raise ValueError(
-                f"SCALE needs every param group to carry a 'role' in {ROLES} "
-                f"(build the groups with ddc.param_groups.param_groups); got role={role!r}"
-            )
+        check_role_group("SCALE", param_group, matrix_roles=("matrix", "embedding", "readout"))
         super().add_param_group(param_group)
         if param_group["normalization"] not in NORMALIZATIONS:
             self.param_groups.pop()
             raise ValueError(f"Invalid normalization {param_group['normalization']!r}")
-        if role != "vector":
-            for p in param_group["params"]:
-                if p.ndim < 2:
-                    self.param_groups.pop()
-                    raise ValueError(
-                        f"SCALE role {role!r} needs parameters with >= 2 dimensions, "
-                        f"got shape {tuple(p.shape)}"
-                    )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
