@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +95,5 @@ def _remap(value: Any, mapping: dict[int, torch.Tensor]) -> Any:
     if isinstance(value, list):
         return [_remap(v, mapping) for v in value]
     if hasattr(value, "__dataclass_fields__") and hasattr(value, "param"):
-        import dataclasses
         return dataclasses.replace(value, param=_remap(value.param, mapping))
     return value

@@ -39,6 +39,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLoca
 from matplotlib.transforms import blended_transform_factory
 
 from ddc_bench import results
+from ddc_bench.results import higher_is_better
 
 SUMMARY_CSV = "summary.csv"
 REPORT_MD = "report.md"
@@ -67,11 +68,6 @@ class NoFinishedRunsError(ReportError):
 # --------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------
-
-def higher_is_better(metric: str) -> bool:
-    """Accuracies are better when higher; losses, perplexities and gaps when lower."""
-    return metric.endswith("acc") or metric.endswith("accuracy")
-
 
 def _metric_sort_key(metric: str) -> tuple[int, int, str]:
     """val_* first (loss, acc, ppl, others), then gap_*, then train_eval_*, then the rest."""

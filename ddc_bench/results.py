@@ -41,6 +41,11 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
+def higher_is_better(metric: str) -> bool:
+    """Accuracies are better when higher; losses, perplexities and gaps when lower."""
+    return metric.endswith("acc") or metric.endswith("accuracy")
+
+
 class RunExistsError(FileExistsError):
     """Raised when a run folder already holds a finished run."""
 

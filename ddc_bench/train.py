@@ -50,10 +50,6 @@ from ddc_bench.schedule import build_scheduler, lr_factor, warmup_steps_for
 #: torch's CPU thread count at import (one per core): what ``hardware.threads=0`` means.
 DEFAULT_THREADS = torch.get_num_threads()
 
-#: Metrics where larger is better (everything else: loss, ppl, gap_loss is better small).
-HIGHER_IS_BETTER = ("acc",)
-
-
 # --------------------------------------------------------------------------------------
 # Small helpers (device, seeding, batches, memory, clocks)
 # --------------------------------------------------------------------------------------
@@ -165,8 +161,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _better(metric: str, new: float, old: float) -> bool:
-    higher = any(metric.endswith(suffix) for suffix in HIGHER_IS_BETTER)
-    return new > old if higher else new < old
+    return new > old if results.higher_is_better(metric) else new < old
 
 
 def _target_metric(target: Mapping[str, Any], record: Mapping[str, Any]) -> str | None:
