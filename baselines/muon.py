@@ -1,7 +1,7 @@
 """Muon on the hidden matrices, AdamW on everything else, as ONE optimizer.
 
-The per-tensor math is torch's own: :func:`torch.optim._muon.muon` (the kernel behind
-``torch.optim.Muon``) for the ``matrix`` groups and the functional
+The per-tensor math is torch's own: :func:`ddc.muon_kernels.muon` (torch.optim.Muon's kernel,
+vendored) for the ``matrix`` groups and the functional
 :func:`torch.optim.adamw.adamw` (the kernel behind ``torch.optim.AdamW``) for the rest.
 This module only decides which tensors go to which kernel, keeps their state in
 ``self.state`` under torch's key names, and presents both parts as one
@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS
-from torch.optim._muon import muon as muon_kernel
 from torch.optim.adamw import adamw as adamw_kernel
-from torch.optim.optimizer import _get_scalar_dtype
 
+from ddc.muon_kernels import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS
+from ddc.muon_kernels import muon as muon_kernel
 from ddc.param_groups import param_groups
 
 from ._options import (
@@ -44,7 +43,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     :func:`ddc.param_groups.param_groups` writes:
 
     * ``role == "matrix"`` (weights of hidden ``nn.Linear`` / ``nn.ConvNd`` layers): Muon,
-      i.e. exactly ``torch.optim.Muon``'s per-tensor update (``torch.optim._muon.muon``)::
+      i.e. exactly ``torch.optim.Muon``'s per-tensor update (:func:`ddc.muon_kernels.muon`)::
 
           B      <- B.lerp(G, 1 - momentum)                    # momentum buffer
           U      <- G.lerp(B, momentum) if nesterov else B
@@ -194,7 +193,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
             ns_steps=group["ns_steps"],
             eps=group["eps"],
             adjust_lr_fn=group["adjust_lr_fn"],
-            has_complex=False,
         )
         for p, matrix in write_back:
             p.copy_(matrix.view(p.shape))
@@ -225,7 +223,10 @@ def adamw_group_step(state: dict[Tensor, dict[str, Any]], group: dict[str, Any])
         has_complex |= torch.is_complex(p)
         s = state[p]
         if len(s) == 0:
-            s["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            # torch's private _get_scalar_dtype(), inlined: the step counter is float64
+            # only when the default dtype is.
+            step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            s["step"] = torch.tensor(0.0, dtype=step_dtype)
             s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         params.append(p)

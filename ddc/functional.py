@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch's Muon kernels
+
+from .muon_kernels import adjust_lr, zeropower_via_newtonschulz  # torch's Muon kernels, vendored
 
 __all__ = [
     "adam_update",
@@ -59,12 +60,12 @@ def orthogonalize_svd(matrix: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
 def orthogonalize_newton_schulz(matrix: torch.Tensor, ns_coefficients: tuple[float, float, float],
                                 ns_steps: int, eps: float) -> torch.Tensor:
     """torch.optim.Muon's quintic Newton–Schulz iteration (bfloat16), unchanged."""
-    return _zeropower_via_newtonschulz(matrix, ns_coefficients, ns_steps, eps)
+    return zeropower_via_newtonschulz(matrix, ns_coefficients, ns_steps, eps)
 
 
 def muon_adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
     """torch.optim.Muon's learning-rate adjustment for a matrix of ``shape`` (2-D view)."""
-    return _adjust_lr(lr, adjust_lr_fn, shape)
+    return adjust_lr(lr, adjust_lr_fn, shape)
 
 
 def muon_update(grad: torch.Tensor, momentum_buffer: torch.Tensor, lr: float, momentum: float,
