@@ -10,7 +10,8 @@ the wrong kind or out of range raises ``TypeError`` / ``ValueError``; both name 
 * ``adamw``: ``torch.optim.AdamW``.
 * ``adamp``: the authors' ``adamp.AdamP`` (Heo et al., 2021).
 * ``muon``:  :class:`~baselines.muon.MuonWithAdamW`: torch's Muon kernel on hidden
-  matrices, torch's AdamW kernel on embeddings, readout and vectors, one optimizer.
+  matrices, torch's AdamW kernel on embeddings, the input layer
+  (:func:`~baselines.muon.input_layer`), readout and vectors, one optimizer.
 * ``scale``: :class:`~baselines.scale.SCALE` (Glentis et al., arXiv 2506.16659).
 * ``sgd``:   ``torch.optim.SGD`` with momentum.
 """
@@ -23,7 +24,7 @@ import torch
 
 from ._options import option_defaults
 from .library import build_adamp, build_adamw, build_sgd
-from .muon import MuonWithAdamW, build_muon
+from .muon import MuonWithAdamW, build_muon, input_layer, muon_param_groups
 from .scale import SCALE, build_scale
 
 BASELINES: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -34,4 +35,5 @@ BASELINES: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": build_sgd,
 }
 
-__all__ = ["BASELINES", "SCALE", "MuonWithAdamW", "option_defaults"]
+__all__ = ["BASELINES", "SCALE", "MuonWithAdamW", "input_layer", "muon_param_groups",
+           "option_defaults"]

@@ -21,11 +21,15 @@ def build_adamw(
     model: nn.Module,
     *,
     lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     weight_decay: float = 0.1,
 ) -> torch.optim.Optimizer:
     """``torch.optim.AdamW`` (decoupled weight decay, Loshchilov & Hutter 2019).
+
+    Defaults: the GPT recipe (betas (0.9, 0.95), weight decay 0.1; Brown et al. 2020,
+    App. B, and nanoGPT) at nanoGPT's small-model lr 1e-3; ``configs/optimizer/adamw.yaml``
+    gives the source of each value.
 
     Multi-tensor (``foreach``) implementation; the fused kernel when every parameter
     lives on a CUDA device.
@@ -53,9 +57,9 @@ def build_adamp(
     model: nn.Module,
     *,
     lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: float = 0.1,
     delta: float = 0.1,
     wd_ratio: float = 0.1,
     nesterov: bool = False,
@@ -65,8 +69,10 @@ def build_adamp(
     Adam whose update, on a weight the gradient finds scale-invariant (cosine similarity
     of gradient and weight below ``delta / sqrt(fan)`` per output channel or for the
     whole tensor), has its radial component removed and its decoupled weight decay scaled
-    by ``wd_ratio``. Every default is the package's own signature default (``adamp`` 0.3.0);
-    ``weight_decay`` defaults to the package's 0 (the authors' README example uses 1e-2).
+    by ``wd_ratio``. AdamP is AdamW plus that projection, so ``lr``, ``betas``, ``eps`` and
+    ``weight_decay`` default to :func:`build_adamw`'s (a weight decay of 0 would also switch
+    the ``wd_ratio`` mechanism off); ``delta``, ``wd_ratio`` and ``nesterov`` are the
+    package's own signature defaults (``adamp`` 0.3.0).
     """
     lr = as_float("adamp", "lr", lr)
     betas = as_betas("adamp", "betas", betas)

@@ -58,17 +58,32 @@ class MuonWithAdamW(torch.optim.Optimizer):
       the shape that enters ``adjusted_lr`` is the flattened one.
     * ``role`` in ``("embedding", "readout", "vector")`` (embedding tables, the output
       layer, biases and norm gains): AdamW, exactly ``torch.optim.AdamW``'s update
-      (``torch.optim.adamw.adamw``) with ``betas=adam_betas`` and ``eps=adam_eps``.
+      (``torch.optim.adamw.adamw``) with ``betas=adam_betas``, ``eps=adam_eps`` and
+      learning rate ``adam_lr_ratio * lr``.
+
+    :func:`build_muon` also hands the model's *input layer* (a ViT patch embedding, a
+    ConvNet stem; see :func:`input_layer`) to AdamW, by giving its weight the role
+    ``embedding``: Muon's authors keep embeddings, the first layer and the classifier head
+    on AdamW (KellerJordan/Muon README: "Muon should be used ... for all the convolutional
+    filters except the first one").
 
     **Learning rate.** One ``lr`` and one ``weight_decay`` (per group, as set by the
-    grouping rule: 0 on vectors) serve both parts. With the default
+    grouping rule: 0 on vectors) serve both parts; the AdamW part runs at
+    ``adam_lr_ratio * lr`` (default ratio 1). With the default
     ``adjust_lr_fn="match_rms_adamw"`` (Moonshot, "Muon is Scalable for LLM Training",
     arXiv 2502.16982) a Muon step on an ``A x B`` matrix uses
     ``adjusted_lr = 0.2 * sqrt(max(A, B)) * lr``, which matches the update RMS of AdamW, so
     the learning rate and weight decay tuned for AdamW carry over. ``"original"`` (Keller
     Jordan: ``sqrt(max(1, A / B)) * lr``) and ``"spectral_unclamped"`` (``sqrt(A / B) * lr``)
     are torch's other choices. Weight decay is decoupled in both parts and is *not* adjusted:
-    ``W <- W * (1 - lr * weight_decay)``.
+    ``W <- W * (1 - lr * weight_decay)`` (with the group's own lr).
+
+    The two conventions of the literature:
+
+    * torch / Moonshot (the default): ``adjust_lr_fn="match_rms_adamw"``, ``lr`` and
+      ``weight_decay`` = AdamW's, ``adam_lr_ratio=1``.
+    * Keller Jordan (Muon's author, KellerJordan/Muon README): ``adjust_lr_fn="original"``,
+      ``lr=0.02``, ``weight_decay=0.01``, AdamW part at 3e-4, i.e. ``adam_lr_ratio=0.015``.
 
     An LR scheduler scales every group's ``lr`` (relative to its ``initial_lr``), so it
     drives the Muon and the AdamW groups alike.
@@ -94,6 +109,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         adjust_lr_fn: str | None = "match_rms_adamw",
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
+        adam_lr_ratio: float = 1.0,
     ) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -113,6 +129,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid adam_betas: {adam_betas}")
         if not 0.0 <= adam_eps:
             raise ValueError(f"Invalid adam_eps value: {adam_eps}")
+        if not 0.0 < adam_lr_ratio:
+            raise ValueError(f"Invalid adam_lr_ratio value: {adam_lr_ratio} (must be > 0)")
         defaults = {
             "lr": lr,
             "weight_decay": weight_decay,
@@ -125,7 +143,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
             "adam_betas": tuple(adam_betas),
             "adam_eps": adam_eps,
         }
-        super().__init__(params, defaults)
+        groups = list(params)
+        if adam_lr_ratio != 1.0:
+            # The AdamW groups start at adam_lr_ratio * lr; an LR scheduler then scales
+            # every group by the same factor, so the ratio holds throughout training.
+            groups = [
+                {**g, "lr": g.get("lr", lr * adam_lr_ratio)}
+                if isinstance(g, dict) and g.get("role") != "matrix" else g
+                for g in groups
+            ]
+        super().__init__(groups, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; it must carry a ``role`` (see :func:`ddc.param_groups.param_groups`)."""
@@ -279,11 +306,13 @@ def build_muon(
     adjust_lr_fn: str | None = "match_rms_adamw",
     adam_betas: tuple[float, float] = (0.9, 0.95),
     adam_eps: float = 1e-8,
+    adam_lr_ratio: float = 1.0,
 ) -> MuonWithAdamW:
-    """:class:`MuonWithAdamW` on ``param_groups(model, weight_decay)``."""
+    """:class:`MuonWithAdamW` on :func:`muon_param_groups` of ``model`` (the grouping rule,
+    with the input layer moved to AdamW)."""
     name = "muon"
     return MuonWithAdamW(
-        param_groups(model, as_float(name, "weight_decay", weight_decay)),
+        muon_param_groups(model, as_float(name, "weight_decay", weight_decay)),
         lr=as_float(name, "lr", lr),
         weight_decay=as_float(name, "weight_decay", weight_decay),
         momentum=as_float(name, "momentum", momentum, high=1.0, high_open=True),
@@ -294,7 +323,42 @@ def build_muon(
         adjust_lr_fn=as_choice(name, "adjust_lr_fn", adjust_lr_fn, ADJUST_LR_FNS),
         adam_betas=as_betas(name, "adam_betas", adam_betas),
         adam_eps=as_float(name, "adam_eps", adam_eps),
+        adam_lr_ratio=as_float(name, "adam_lr_ratio", adam_lr_ratio, low_open=True),
     )
+
+
+_INPUT_LAYER_TYPES = (nn.Embedding, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def input_layer(model: nn.Module) -> nn.Module | None:
+    """The model's input layer: the first ``nn.Embedding`` / ``nn.Linear`` / ``nn.ConvNd`` in
+    ``model.modules()`` (registration) order, or None when there is none.
+
+    Registration order is forward order in every model of this benchmark (and in
+    torchvision's): the token embedding of the GPT and grokking transformers, ``patch_embed``
+    of the ViT, ``stem_conv`` of the ResNet. A model that registers a hidden layer before
+    its input layer defeats this rule; check it with this function.
+    """
+    return next((m for m in model.modules() if isinstance(m, _INPUT_LAYER_TYPES)), None)
+
+
+def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """:func:`ddc.param_groups.param_groups`, with the weight of the model's
+    :func:`input_layer` moved from ``matrix`` (Muon) to ``embedding`` (AdamW), as Muon's
+    authors prescribe. Weight decay is unchanged (the input weight is 2-D either way)."""
+    groups = param_groups(model, weight_decay)
+    first = input_layer(model)
+    weight = getattr(first, "weight", None)
+    matrix = next((g for g in groups if g["role"] == "matrix"), None)
+    if weight is None or matrix is None or not any(p is weight for p in matrix["params"]):
+        return groups  # an nn.Embedding input: already on AdamW
+    matrix["params"] = [p for p in matrix["params"] if p is not weight]
+    embedding = next((g for g in groups if g["role"] == "embedding"), None)
+    if embedding is None:
+        embedding = {"params": [], "weight_decay": weight_decay, "role": "embedding"}
+        groups.insert(groups.index(matrix) + 1, embedding)
+    embedding["params"] = [weight, *embedding["params"]]
+    return [g for g in groups if g["params"]]
 
 
 def _ns_steps(name: str, value: Any) -> int:

@@ -56,16 +56,22 @@ class SCALE(torch.optim.Optimizer):
       ``-lr * sign(G)``.
     * ``role == "vector"`` (biases, norm gains): AdamW, exactly ``torch.optim.AdamW``'s update
       (``torch.optim.adamw.adamw``) with ``betas=adam_betas``, ``eps=adam_eps`` and learning
-      rate ``adam_lr`` (``None``: the same ``lr``), as in the authors' code.
+      rate ``adam_lr_ratio * lr``. The authors' code does the same: its AdamW part runs at
+      ``(adam_lr / max_lr) * lr``, i.e. at a fixed ratio to the scheduled ``lr``.
 
     ``N`` is chosen by ``normalization``:
 
-    * ``"l2"`` (default, the paper's definition): ``N(v) = ||v||_2``; every normalised row
-      (column, for embeddings) of the step has Euclidean norm exactly ``lr``.
-    * ``"rms"`` (the authors' released code): ``N(v) = ||v||_2 / sqrt(len(v))``; every row
-      of the step has RMS ``lr``, i.e. norm ``lr * sqrt(fan_in)``. The authors' recipes
-      (lr 1e-3 for their 60M-350M LLaMA runs) were tuned with this normalisation, so at
-      equal ``lr`` the ``"l2"`` step is ``sqrt(fan_in)`` times smaller per entry.
+    * ``"rms"`` (default; the authors' released code): ``N(v) = ||v||_2 / sqrt(len(v))``;
+      every row of the step has RMS ``lr``, i.e. norm ``lr * sqrt(fan_in)``. The authors'
+      recipes (lr 1e-3 for their 60M-350M LLaMA runs) were tuned with this normalisation.
+    * ``"l2"`` (the paper's definition): ``N(v) = ||v||_2``; every normalised row (column,
+      for embeddings) of the step has Euclidean norm exactly ``lr``, so at equal ``lr`` the
+      step is ``sqrt(fan_in)`` times smaller per entry than with ``"rms"``.
+
+    **A readout is required.** SCALE's only momentum is on the untied output layer (the
+    group with role ``readout``). A model whose readout is tied to its embedding (e.g.
+    ``gpt_lm`` with ``task.model.tied=true``) has no such group and SCALE would silently
+    run without any momentum, so the constructor refuses it with a ``ValueError``.
 
     Hyperparameters live in each group (``lr``, ``weight_decay``, ``momentum``, ``eps``,
     ``normalization``, ``adam_betas``, ``adam_eps``) so LR schedulers and per-group
@@ -81,7 +87,7 @@ class SCALE(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         eps: float = 1e-8,
         normalization: str = "rms",
-        adam_lr: float | None = None,
+        adam_lr_ratio: float = 20.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
     ) -> None:
@@ -95,8 +101,8 @@ class SCALE(torch.optim.Optimizer):
             raise ValueError(f"Invalid eps value: {eps} (must be > 0)")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"Invalid normalization {normalization!r}; one of {NORMALIZATIONS}")
-        if adam_lr is not None and not 0.0 <= adam_lr:
-            raise ValueError(f"Invalid adam_lr: {adam_lr}")
+        if not 0.0 < adam_lr_ratio:
+            raise ValueError(f"Invalid adam_lr_ratio: {adam_lr_ratio} (must be > 0)")
         if len(adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in adam_betas):
             raise ValueError(f"Invalid adam_betas: {adam_betas}")
         if not 0.0 <= adam_eps:
@@ -111,15 +117,20 @@ class SCALE(torch.optim.Optimizer):
             "adam_eps": adam_eps,
         }
         groups = list(params)
-        if adam_lr is not None:
-            # The AdamW groups start from adam_lr; a scheduler then scales them like the
-            # others (the authors scale adam_lr by the same schedule factor as lr).
-            groups = [
-                {**g, "lr": g.get("lr", adam_lr)}
-                if isinstance(g, dict) and g.get("role") == "vector" else g
-                for g in groups
-            ]
-        super().__init__(groups, defaults)
+        # The AdamW groups start from adam_lr_ratio * lr; a scheduler then scales them like
+        # the others (the authors scale adam_lr by the same schedule factor as lr).
+        groups = [
+            {**g, "lr": g.get("lr", lr * adam_lr_ratio)}
+            if isinstance(g, dict) and g.get("role") == "vector" else g
+            for g in groups
+        ]
+        super().__init__(groups, defaults)  # checks every group's role
+        if not any(g["role"] == "readout" for g in self.param_groups):
+            raise ValueError(
+                "SCALE needs an untied readout layer (model.readout, an nn.Linear not shared "
+                "with an embedding): its only momentum is on that layer; this model has none "
+                "(for gpt_lm set task.model.tied=false)"
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; it must carry a ``role`` (see :func:`ddc.param_groups.param_groups`)."""
@@ -194,7 +205,7 @@ def build_scale(
     weight_decay: float = 0.0,
     eps: float = 1e-8,
     normalization: str = "rms",
-    adam_lr: float | None = None,
+    adam_lr_ratio: float = 20.0,
     adam_betas: tuple[float, float] = (0.9, 0.999),
     adam_eps: float = 1e-8,
 ) -> SCALE:
@@ -207,7 +218,7 @@ def build_scale(
         weight_decay=as_float(name, "weight_decay", weight_decay),
         eps=as_float(name, "eps", eps, low_open=True),
         normalization=as_choice(name, "normalization", normalization, NORMALIZATIONS),
-        adam_lr=None if adam_lr is None else as_float(name, "adam_lr", adam_lr),
+        adam_lr_ratio=as_float(name, "adam_lr_ratio", adam_lr_ratio, low_open=True),
         adam_betas=as_betas(name, "adam_betas", adam_betas),
         adam_eps=as_float(name, "adam_eps", adam_eps),
     )

@@ -227,14 +227,19 @@ def test_adamp_steps_equal_the_authors_package() -> None:
     assert any(projected)
 
 
-def test_adamp_yaml_defaults_are_the_package_defaults() -> None:
+def test_adamp_yaml_is_adamw_plus_the_package_defaults() -> None:
+    """AdamP's own options (delta, wd_ratio, nesterov) are the package's defaults; the Adam
+    ones (lr, betas, eps, weight_decay) are adamw.yaml's, so that only the method differs."""
     signature = inspect.signature(AdamP.__init__).parameters
     options = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "adamp.yaml"))
+    adamw = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "adamw.yaml"))
     del options["name"]
     assert set(options) == set(signature) - {"self", "params"}
     for key, value in options.items():
-        default = signature[key].default
-        assert (tuple(value) if isinstance(value, list) else value) == default, key
+        expected = adamw[key] if key in adamw else signature[key].default
+        assert (tuple(value) if isinstance(value, list) else value) == \
+            (tuple(expected) if isinstance(expected, list) else expected), key
+    assert options["weight_decay"] > 0  # else AdamP's wd_ratio mechanism is switched off
 
 
 # -------------------------------------------------------------------------------- muon
@@ -274,19 +279,22 @@ def test_muon_steps_equal_torch_muon_plus_adamw() -> None:
 
 
 def test_muon_conv_weights_are_flattened_matrices() -> None:
-    """A conv weight gets exactly torch.optim.Muon's step on its (out, in*k*k) matrix."""
+    """A hidden conv weight gets exactly torch.optim.Muon's step on its (out, in*k*k)
+    matrix; the first conv (the input layer) gets torch.optim.AdamW's step."""
     ours_model = make_model(TinyConvNet)
     ref_model = copy.deepcopy(ours_model)
     ours = BASELINES["muon"](ours_model, lr=2e-2)
-    convs = [ref_model.conv1.weight, ref_model.conv2.weight]
+    convs = [ref_model.conv2.weight]
     twins = [w.detach().reshape(w.shape[0], -1).clone().requires_grad_() for w in convs]
     muon = torch.optim.Muon(twins, lr=2e-2, weight_decay=0.1, momentum=0.95,
                             nesterov=True, adjust_lr_fn="match_rms_adamw")
-    rest = [{"params": g["params"], "weight_decay": g["weight_decay"]}
-            for g in param_groups(ref_model, 0.1) if g["role"] != "matrix"]
+    rest = [{"params": [ref_model.conv1.weight], "weight_decay": 0.1}]
+    rest += [{"params": g["params"], "weight_decay": g["weight_decay"]}
+             for g in param_groups(ref_model, 0.1) if g["role"] != "matrix"]
     adamw = torch.optim.AdamW(rest, lr=2e-2, betas=(0.9, 0.95), eps=1e-8)
     assert [g["role"] for g in ours.param_groups][0] == "matrix"
-    assert all(p.ndim == 4 for p in by_role(ours, "matrix")["params"])
+    assert by_role(ours, "matrix")["params"] == [ours_model.conv2.weight]
+    assert by_role(ours, "embedding")["params"] == [ours_model.conv1.weight]
     for batch in make_batches(TinyConvNet, 4):
         backward(ours_model, batch, ours)
         ours.step()
@@ -300,13 +308,14 @@ def test_muon_conv_weights_are_flattened_matrices() -> None:
             for w, twin in zip(convs, twins, strict=True):
                 w.copy_(twin.view(w.shape))
         assert_same_params(ours_model, ref_model)
-    assert ours.state[ours_model.conv1.weight]["momentum_buffer"].shape == (4, 3, 3, 3)
+    assert ours.state[ours_model.conv2.weight]["momentum_buffer"].shape == (6, 4, 3, 3)
+    assert set(ours.state[ours_model.conv1.weight]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
 def test_muon_channels_last_conv_weights_match_contiguous() -> None:
     model = make_model(TinyConvNet)
     cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    assert not cl_model.conv1.weight.is_contiguous()
+    assert not cl_model.conv2.weight.is_contiguous()
     ours, cl = BASELINES["muon"](model, lr=2e-2), BASELINES["muon"](cl_model, lr=2e-2)
     for batch in make_batches(TinyConvNet, 3):
         for m, opt in ((model, ours), (cl_model, cl)):
@@ -407,7 +416,7 @@ def snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 def test_scale_first_step_normalises_each_output_unit(normalization: str) -> None:
     lr = 1e-2
     model = make_model(TinyLM)
-    opt = BASELINES["scale"](model, lr=lr, normalization=normalization)
+    opt = BASELINES["scale"](model, lr=lr, normalization=normalization, adam_lr_ratio=1.0)
     (batch,) = make_batches(TinyLM, 1)
     backward(model, batch, opt)
     before = snapshot(model)
@@ -469,12 +478,14 @@ def test_scale_momentum_only_on_the_readout() -> None:
 def test_scale_vectors_take_torch_adamw_steps() -> None:
     ours_model = make_model(TinyLM)
     ref_model = copy.deepcopy(ours_model)
-    ours = BASELINES["scale"](ours_model, lr=1e-2, adam_lr=3e-3, adam_betas=[0.8, 0.99],
+    ours = BASELINES["scale"](ours_model, lr=1e-2, adam_lr_ratio=0.3, adam_betas=[0.8, 0.99],
                               adam_eps=1e-7, weight_decay=0.05)
-    assert by_role(ours, "vector")["lr"] == 3e-3 and by_role(ours, "matrix")["lr"] == 1e-2
+    assert by_role(ours, "vector")["lr"] == pytest.approx(3e-3, rel=1e-15)
+    assert by_role(ours, "matrix")["lr"] == 1e-2
     vectors = [p for g in param_groups(ref_model, 0.0) if g["role"] == "vector"
                for p in g["params"]]
-    ref = torch.optim.AdamW(vectors, lr=3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.0)
+    ref = torch.optim.AdamW(vectors, lr=by_role(ours, "vector")["lr"], betas=(0.8, 0.99),
+                            eps=1e-7, weight_decay=0.0)
     for batch in make_batches(TinyLM, 4):
         backward(ours_model, batch, ours)
         ours.step()
@@ -501,12 +512,79 @@ def test_scale_conv_rows_are_output_channels() -> None:
 
 def test_scale_state_dict_round_trip() -> None:
     round_trip("scale", TinyLM, lr=1e-2)
-    round_trip("scale", TinyConvNet, lr=1e-2, normalization="rms", adam_lr=3e-3)
+    round_trip("scale", TinyConvNet, lr=1e-2, normalization="rms", adam_lr_ratio=0.3)
 
 
 def test_scale_scheduler_scales_every_group() -> None:
     model = make_model(TinyLM)
-    opt = BASELINES["scale"](model, lr=1e-2, adam_lr=4e-3)
+    opt = BASELINES["scale"](model, lr=1e-2, adam_lr_ratio=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
     train(model, opt, make_batches(TinyLM, 2), sched)
-    assert [g["lr"] for g in opt.param_groups] == [1e-2 / 4] * 3 + [4e-3 / 4]
+    assert [g["lr"] for g in opt.param_groups] == [1e-2 / 4] * 3 + [5e-3 / 4]
+
+
+# ----------------------------------------------------------------- recipes' role routing
+
+
+class TiedLM(nn.Module):
+    """Readout tied to the embedding: no untied readout layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.fc = nn.Linear(8, 8)
+        self.readout = nn.Linear(8, 11, bias=False)
+        self.readout.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(torch.tanh(self.fc(self.embed(x).mean(dim=1))))
+
+
+def test_scale_refuses_a_model_without_untied_readout() -> None:
+    with pytest.raises(ValueError, match="untied readout"):
+        BASELINES["scale"](make_model(TiedLM))
+
+
+def _task_models() -> dict[str, tuple[nn.Module, str]]:
+    from tasks.gpt_lm import GPT
+    from tasks.grok_modadd import GrokTransformer
+    from tasks.resnet_cifar import ResNet
+    from tasks.vit_cifar import ViT
+
+    tf = {"depth": 1, "width": 16, "heads": 2}
+    return {
+        "gpt_lm": (GPT(vocab=11, context=8, **tf), "embed"),
+        "grok_modadd": (GrokTransformer(vocab=13, num_classes=11, **tf), "embed"),
+        "vit_cifar": (ViT(num_classes=10, **tf), "patch_embed"),
+        "resnet_cifar": (ResNet(num_classes=10, blocks=[1], width=4), "stem_conv"),
+    }
+
+
+@pytest.mark.parametrize("task", ["gpt_lm", "grok_modadd", "vit_cifar", "resnet_cifar"])
+def test_muon_input_layer_goes_to_adamw_for_every_task_model(task: str) -> None:
+    """The ViT patch embedding and the ResNet stem are AdamW's (role embedding); the GPT and
+    grokking inputs are embedding tables already; every other hidden matrix stays Muon's."""
+    from baselines import input_layer
+
+    model, name = _task_models()[task]
+    assert input_layer(model) is getattr(model, name)
+    opt = BASELINES["muon"](model)
+    muon = {id(p) for p in by_role(opt, "matrix")["params"]}
+    adamw = {id(p) for g in opt.param_groups if g["role"] != "matrix" for p in g["params"]}
+    first = getattr(model, name).weight
+    assert id(first) in adamw and id(first) not in muon
+    hidden = [p for g in param_groups(model, 0.1) if g["role"] == "matrix"
+              for p in g["params"] if p is not first]
+    assert hidden and {id(p) for p in hidden} == muon
+    assert id(model.readout.weight) in adamw
+
+
+def test_muon_adam_lr_ratio_sets_the_adamw_part() -> None:
+    """Keller Jordan's convention: Muon lr 0.02, AdamW part at 0.015 x lr = 3e-4."""
+    opt = BASELINES["muon"](make_model(TinyLM), lr=0.02, adjust_lr_fn="original",
+                            adam_lr_ratio=0.015)
+    assert by_role(opt, "matrix")["lr"] == 0.02
+    for role in ("embedding", "readout", "vector"):
+        assert by_role(opt, role)["lr"] == pytest.approx(3e-4, rel=1e-12)
+    with pytest.raises(ValueError, match="adam_lr_ratio"):
+        BASELINES["muon"](make_model(TinyLM), adam_lr_ratio=0.0)
