@@ -168,11 +168,14 @@ def _groups(summaries: list[dict]) -> dict[tuple[str, str, float], list[dict]]:
     return out
 
 
-def _md_tables(text: str) -> dict[str, list[dict[str, str]]]:
-    """Each '## task' section's first pipe table as a list of {header: cell} rows."""
+def _md_tables(text: str, which: str = "All settings") -> dict[str, list[dict[str, str]]]:
+    """Each '## task' section's '### <which>' pipe table as a list of {header: cell} rows."""
     tables = {}
     for section in text.split("\n## ")[1:]:
         name, _, body = section.partition("\n")
+        if f"### {which}" not in body:
+            continue
+        body = body.split(f"### {which}", 1)[1].split("\n### ", 1)[0]
         lines = [ln for ln in body.splitlines() if ln.startswith("|")]
         header = [c.strip() for c in lines[0].strip("|").split("|")]
         rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
@@ -206,7 +209,8 @@ def _check(cell: str, values: list[float], with_std: bool = True) -> None:
 
 
 def _row(table: list[dict[str, str]], opt: str, lr: float) -> dict[str, str]:
-    rows = [r for r in table if r["optimizer"].strip("*") == opt and r["lr"] == f"{lr:g}"]
+    rows = [r for r in table if r["optimizer"].strip("*").removesuffix(" ★") == opt
+            and r["lr"] == f"{lr:g}"]
     assert len(rows) == 1, (opt, lr, table)
     return rows[0]
 
@@ -217,7 +221,7 @@ def test_written_files(tree):
     root, _, written, _ = tree
     assert set(written) == {"summary.csv", "report.md", "summary.tex",
                             "plots/mnist-small_curves.png", "plots/mnist-small_lr.png",
-                            "plots/tinylm-small_curves.png"}
+                            "plots/tinylm-small_curves.png", "plots/performance_profile.png"}
     for rel, path in written.items():
         assert path == root / rel and path.is_file() and path.stat().st_size > 0
     assert not list(root.rglob("*.tmp"))
@@ -308,7 +312,8 @@ def test_report_tables(tree):
 def test_latex(tree):
     root, _, _, _ = tree
     tex = (root / "summary.tex").read_text()
-    assert tex.count(r"\begin{table}") == 2 and tex.count(r"\end{tabular}") == 2
+    # per task: the selected-settings table and the all-settings table
+    assert tex.count(r"\begin{table}") == 4 and tex.count(r"\end{tabular}") == 4
     assert r"$\pm$" in tex and r"\textbf{" in tex and r"val\_acc" in tex
     assert tex.isascii() and not re.search(r"(?<!\\)_", tex)  # symbols and _ escaped
 
@@ -317,7 +322,7 @@ def test_plots(tree):
     root, _, written, _ = tree
     pngs = sorted((root / "plots").glob("*.png"))
     assert [p.name for p in pngs] == ["mnist-small_curves.png", "mnist-small_lr.png",
-                                      "tinylm-small_curves.png"]
+                                      "performance_profile.png", "tinylm-small_curves.png"]
     assert not (root / "plots" / "tinylm-small_lr.png").exists()  # tinylm: one lr each
     for p in pngs:
         assert p.read_bytes()[:8] == PNG_MAGIC
@@ -386,7 +391,7 @@ def test_console_script(tmp_path):
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert str(tmp_path / "report.md") in out.stdout
-    assert out.stdout.count(".png") == 3
+    assert out.stdout.count(".png") == 4
     assert "val_acc ≥ 0.7" in (tmp_path / "report.md").read_text()
 
 
