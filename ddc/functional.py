@@ -6,6 +6,7 @@ See ``docs/ddc.md`` for how they fit together. Shapes are noted per function.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -43,18 +44,30 @@ def adam_update(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Ten
     return exp_avg.div(denom).mul_(-lr / bias_correction1)
 
 
-def orthogonalize_svd(matrix: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+def orthogonalize_svd(matrix: torch.Tensor, rtol: float = 1e-6, atol: float = 0.0) -> torch.Tensor:
     """Exact orthogonal polar factor ``U Vᵀ`` of ``matrix = U S Vᵀ``, computed in float64.
 
-    Singular values below ``rtol`` times the largest count as zero and are dropped. Their
-    singular vectors are round-off noise (a dead ReLU unit gives an exactly zero gradient
-    column), and the polar factor's sensitivity to round-off grows like 1/σ_min: with
+    Singular values below ``rtol`` times the largest, or below ``atol``, count as zero and
+    are dropped. Their singular vectors are round-off noise (a dead ReLU unit gives an
+    exactly zero gradient column; upstream of a zero-initialised readout every gradient is
+    round-off), and the polar factor's sensitivity to round-off grows like 1/σ_min: with
     the cut-off it is at most ``1/rtol`` (1e-10 relative in float64). Newton–Schulz also
-    leaves such directions near zero. With that, the factor is equivariant to orthogonal
-    maps on either side to round-off; the tests use it."""
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    keep = (s > rtol * s.max()).to(u.dtype) if s.numel() else s
-    return ((u * keep) @ vh).to(matrix.dtype)
+    leaves such directions near zero (its input is divided by ``‖X‖ + eps``, so a matrix
+    far below ``eps`` stays far below one); DDC passes Muon's ``eps`` as ``atol``. With that,
+    the factor is equivariant to orthogonal maps on either side to round-off; the tests
+    use it."""
+    x = matrix.double()
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    if s.numel():
+        keep = ((s > rtol * s.max()) & (s > atol)).to(u.dtype)
+    else:
+        keep = s
+    ortho = (u * keep) @ vh
+    # An exactly zero row or column (a dead unit's gradient) has an exactly zero polar
+    # factor row / column; the SVD leaves round-off there, which would revive the unit
+    # through ReLU's kink at a sign nobody chose. (Newton–Schulz keeps them exactly zero.)
+    ortho = ortho * (x != 0).any(dim=1, keepdim=True) * (x != 0).any(dim=0, keepdim=True)
+    return ortho.to(matrix.dtype)
 
 
 def orthogonalize_newton_schulz(matrix: torch.Tensor, ns_coefficients: tuple[float, float, float],
@@ -78,7 +91,7 @@ def muon_update(grad: torch.Tensor, momentum_buffer: torch.Tensor, lr: float, mo
     update = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
     matrix = update.reshape(update.shape[0], -1)
     if orthogonalizer == "svd":
-        ortho = orthogonalize_svd(matrix)
+        ortho = orthogonalize_svd(matrix, atol=eps)
     else:
         ortho = orthogonalize_newton_schulz(matrix, ns_coefficients, ns_steps, eps)
     adjusted_lr = muon_adjusted_lr(lr, adjust_lr_fn, matrix.shape)
@@ -87,9 +100,10 @@ def muon_update(grad: torch.Tensor, momentum_buffer: torch.Tensor, lr: float, mo
 
 def min_norm_log_scales(reduced_sq: list[torch.Tensor], axes: list[list[tuple[int, int]]],
                         sizes: list[int], log_scales: list[torch.Tensor], tol: float,
-                        max_iter: int) -> tuple[list[torch.Tensor], int]:
-    """Kempf–Ness: the log-scales moving a point to the minimum-norm point of its orbit
-    under a torus of scale gauges, by exact block-coordinate descent.
+                        max_iter: int, degenerate_norm: float = 1.0,
+                        zero_level: float = 0.0) -> tuple[list[torch.Tensor], int, list[int]]:
+    """Kempf–Ness: the log-scales moving a point to the canonical point of its orbit under
+    a torus of scale gauges, by a damped Newton method.
 
     The point is given by one tensor per parameter, ``reduced_sq[p]``: its squared entries
     summed over every axis no gauge scales, leaving one or two gauged axes.
@@ -97,52 +111,127 @@ def min_norm_log_scales(reduced_sq: list[torch.Tensor], axes: list[list[tuple[in
     axis and the exponent (+1 or -1). Gauge ``g`` has ``sizes[g]`` coordinates; its
     coordinate ``i`` multiplies the slices ``i`` of its members by ``exp(sign · s_g[i])``.
 
-    The squared norm of the scaled point is convex in ``s`` and separable within one
-    gauge, so each gauge has a closed-form update given the others:
-    ``s_g += ¼ (log B − log A)``, ``A`` and ``B`` the scaled squared norms of the slices
-    that grow (+1) and shrink (−1) with ``s_g``. Sweeps repeat until the largest update is
-    below ``tol`` (in log-scale units) or ``max_iter`` sweeps. At the minimum every gauge
-    is *balanced*: ``A = B`` coordinate by coordinate (the moment map vanishes).
+    Canonical point (see ``docs/ddc.md``, "Degenerate orbits"): the minimiser of the convex
+    function ``F(s) = ‖S(s)·θ‖² − 2 Σ_i κ_i s_i``. For a coordinate whose growing (+1) and
+    shrinking (−1) slices are both non-zero, ``κ_i = 0``: at the minimum the coordinate is
+    *balanced*, ``A_i = B_i`` (A, B the scaled squared norms of the two sides), which is
+    the minimum-norm point. Where one side is exactly zero the orbit has no minimum-norm
+    point (the norm decreases forever along it); there ``κ_i = ±degenerate_norm²`` and the
+    minimum puts the non-zero side at squared norm ``degenerate_norm²``. Which side is zero
+    is itself gauge-invariant, so the rule is. "Zero" means ``√(A_i B_i)`` (invariant under
+    the coordinate's own scaling) at most ``zero_level · degenerate_norm²``: a readout centred
+    after a logit shift is zero only up to round-off. A coordinate with both sides exactly
+    zero has nothing to scale and keeps its value.
 
-    Starts from ``log_scales`` (warm start, not modified); returns the new log-scales and
-    the number of sweeps taken. Everything is float64.
+    Newton: gradient ``∂F/∂s_i = 2(A_i − B_i − κ_i)``, Hessian applied matrix-free (diagonal
+    ``4(A_i + B_i)`` plus the couplings through parameters scaled along two axes), each
+    Newton system solved by Jacobi-preconditioned conjugate gradients, then a backtracking
+    line search on ``F``. Stops when the largest Newton step is below ``tol`` (log-scale
+    units) or after ``max_iter`` Newton steps. Deep chains of overlapping gauges, which make
+    coordinate-wise balancing crawl (hundreds of sweeps), take a handful of Newton steps.
+
+    Starts from ``log_scales`` (warm start, not modified); returns the new log-scales, the
+    number of Newton steps taken and the gauges still moving by more than ``tol`` when
+    ``max_iter`` ran out (empty when the solve converged). Everything is float64.
     """
     s = [x.clone() for x in log_scales]
-    members_of: list[list[tuple[int, int]]] = [[] for _ in sizes]  # gauge -> (param, axis position)
-    for p, param_axes in enumerate(axes):
-        for pos, (gauge, _) in enumerate(param_axes):
-            members_of[gauge].append((p, pos))
-    tiny = torch.finfo(torch.float64).tiny
-    for sweep in range(1, max_iter + 1):
-        largest = 0.0
-        for g, members in enumerate(members_of):
-            grow = torch.zeros(sizes[g], dtype=torch.float64, device=s[g].device)
-            shrink = torch.zeros_like(grow)
-            for p, pos in members:
-                norms = _scaled_slice_norms(reduced_sq[p], axes[p], s, pos)
-                if axes[p][pos][1] > 0:
-                    grow += norms
-                else:
-                    shrink += norms
-            # A dead unit (all-zero slices on one side) has no finite minimum: leave it.
-            delta = 0.25 * (torch.log(shrink + tiny) - torch.log(grow + tiny))
-            delta = torch.where((grow > 0) & (shrink > 0), delta, torch.zeros_like(delta))
-            s[g] += delta
-            largest = max(largest, float(delta.abs().max()) if delta.numel() else 0.0)
+    if not sizes:
+        return s, 0, []
+    level = degenerate_norm ** 2
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+
+    def scaled(state: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for x, param_axes in zip(reduced_sq, axes):
+            factors = [torch.exp(2 * sign * state[g]) for g, sign in param_axes]
+            out.append(factors[0] * x if len(factors) == 1 else factors[0][:, None] * x * factors[1][None, :])
+        return out
+
+    def sides(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        grow = torch.zeros(offsets[-1], dtype=torch.float64, device=s[0].device)
+        shrink = torch.zeros_like(grow)
+        for x, param_axes in zip(xs, axes):
+            for pos, (g, sign) in enumerate(param_axes):
+                norms = x if x.ndim == 1 else x.sum(dim=1 - pos)
+                (grow if sign > 0 else shrink)[offsets[g]:offsets[g + 1]] += norms
+        return grow, shrink
+
+    # Which coordinates are degenerate does not depend on s (scaling never makes zero non-zero).
+    grow0, shrink0 = sides(reduced_sq)
+    degenerate = (grow0 * shrink0).sqrt() <= zero_level * level
+    kappa = torch.where(grow0 >= shrink0, torch.full_like(grow0, level), -torch.full_like(grow0, level))
+    kappa = torch.where(degenerate, kappa, torch.zeros_like(kappa))
+    active = (grow0 > 0) | (shrink0 > 0)
+
+    def flat(state: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(state)
+
+    def split(vector: torch.Tensor) -> list[torch.Tensor]:
+        return [vector[offsets[g]:offsets[g + 1]] for g in range(len(sizes))]
+
+    def objective(state: list[torch.Tensor]) -> float:
+        return float(sum(x.sum() for x in scaled(state)) - 2 * (kappa * flat(state)).sum())
+
+    def hessian_vector(xs: list[torch.Tensor], diag: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = diag * v
+        parts = split(v)
+        for x, param_axes in zip(xs, axes):
+            if len(param_axes) == 2:
+                (g, a), (h, b) = param_axes
+                out[offsets[g]:offsets[g + 1]] += 4 * a * b * (x @ parts[h])
+                out[offsets[h]:offsets[h + 1]] += 4 * a * b * (x.T @ parts[g])
+        return out
+
+    for newton in range(1, max_iter + 1):
+        xs = scaled(s)
+        grow, shrink = sides(xs)
+        grad = torch.where(active, 2 * (grow - shrink - kappa), torch.zeros_like(grow))
+        diag = 4 * (grow + shrink)
+        precond = torch.where(active, 1 / diag.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(diag))
+        step = _conjugate_gradient(lambda v: hessian_vector(xs, diag, v), -grad, precond,
+                                   max_iter=max(50, 4 * len(sizes)))
+        largest = float(step.abs().max())
         if largest <= tol:
-            return s, sweep
-    return s, max_iter
+            return s, newton, []
+        # Backtracking line search: the exponentials make full Newton steps from far away
+        # overshoot. Small steps are taken whole: there the decrease of F is below its
+        # round-off, so comparing values of F would only stall the solve.
+        t = 1.0
+        if largest > 0.1:
+            f0, slope = objective(s), float(grad @ step)
+            while objective([a + t * b for a, b in zip(s, split(step))]) > f0 + 1e-4 * t * slope and t > 1e-6:
+                t *= 0.5
+        s = [a + t * b for a, b in zip(s, split(step))]
+    return s, max_iter, [g for g, part in enumerate(split(step)) if part.numel() and float(part.abs().max()) * t > tol]
 
 
-def _scaled_slice_norms(reduced_sq: torch.Tensor, param_axes: list[tuple[int, int]],
-                        log_scales: list[torch.Tensor], pos: int) -> torch.Tensor:
-    """Squared norms of the slices along gauged axis ``pos`` after scaling every axis."""
-    factors = [torch.exp(2 * sign * log_scales[gauge]) for gauge, sign in param_axes]
-    if len(factors) == 1:
-        return factors[0] * reduced_sq
-    if pos == 0:
-        return factors[0] * (reduced_sq @ factors[1])
-    return factors[1] * (reduced_sq.T @ factors[0])
+def _conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor,
+                        precond: torch.Tensor, max_iter: int, rtol: float = 1e-14) -> torch.Tensor:
+    """Preconditioned conjugate gradients for ``apply(x) = rhs`` (symmetric positive
+    semi-definite; coordinates where ``precond`` is zero stay zero)."""
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    z = precond * r
+    p = z.clone()
+    rz = float(r @ z)
+    stop = rtol * float(rhs.abs().max())
+    for _ in range(max_iter):
+        if float(r.abs().max()) <= stop:
+            break
+        ap = apply(p)
+        curvature = float(p @ ap)
+        if curvature <= 0:
+            break
+        alpha = rz / curvature
+        x += alpha * p
+        r -= alpha * ap
+        z = precond * r
+        rz_new = float(r @ z)
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return x
 
 
 def remove_rotation_component(deltas: list[torch.Tensor], points: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import warnings
+
 import torch
 from torch import nn
 from torch.optim import Optimizer
@@ -51,6 +53,7 @@ class _Frame:
         self.centred: set[int] = set()                 # parameter indices centred on axis 0
         self.scale_axes: dict[int, list[tuple[int, int, int]]] = {}   # p -> [(axis, gauge, sign)]
         self.rotation_of: dict[int, RotationMember] = {}
+        self.warned_cap = False                        # the balancing cap warning is given once
 
         for gauge in gauges:
             if not isinstance(gauge, (ScaleGauge, RotationGauge, LogitShift)):
@@ -102,8 +105,11 @@ class _Frame:
         return factor
 
     def solve_scales(self, points: list[torch.Tensor], warm: list[torch.Tensor], tol: float,
-                     max_iter: int) -> tuple[list[torch.Tensor], int]:
-        """Log-scales moving ``points`` (one per gauged parameter) to their balanced point."""
+                     max_iter: int, degenerate_norm: float = 1.0,
+                     zero_level: float = 0.0) -> tuple[list[torch.Tensor], int]:
+        """Log-scales moving ``points`` (one per gauged parameter) to their canonical point
+        (:func:`ddc.functional.min_norm_log_scales`). Warns once per gauge set when the
+        solve stops at ``max_iter`` without reaching ``tol``."""
         order = sorted(self.scale_axes)
         reduced, axes = [], []
         for i in order:
@@ -113,7 +119,17 @@ class _Frame:
             reduced.append(x.sum(other) if other else x)
             axes.append([(g, sign) for _, g, sign in self.scale_axes[i]])
         sizes = [g.size for g in self.scale_gauges]
-        return F.min_norm_log_scales(reduced, axes, sizes, warm, tol, max_iter)
+        scales, steps, unsettled = F.min_norm_log_scales(reduced, axes, sizes, warm, tol, max_iter,
+                                                         degenerate_norm, zero_level)
+        if unsettled and not self.warned_cap:
+            self.warned_cap = True
+            named = ", ".join(repr(self.scale_gauges[g]) for g in unsettled[:4])
+            more = f" and {len(unsettled) - 4} more" if len(unsettled) > 4 else ""
+            warnings.warn(f"DDC: balancing stopped at balance_max_iter={max_iter} Newton steps before "
+                          f"reaching balance_tol={tol:g} for {named}{more}; equivariance then holds only "
+                          f"to that residual. Raise balance_max_iter (warned once).", RuntimeWarning,
+                          stacklevel=3)
+        return scales, steps
 
 
 def _pool_over_blocks(x: torch.Tensor, member: RotationMember) -> torch.Tensor:
@@ -147,9 +163,13 @@ class DDC(Optimizer):
         dead_mode: ``"freeze"`` (default): updates never move along gauge orbits, and
             the scale-gauge coordinates stay exactly where they are; ``"free"``: the base
             step's own component along the orbits is kept (still equivariant).
-        balance_tol, balance_max_iter: stopping rule of the minimum-norm (balancing)
-            solve, in log-scale units; ``None`` picks 1e-12 for float64 and 1e-6
-            otherwise.
+        balance_tol, balance_max_iter: stopping rule of the balancing solve (Newton steps),
+            in log-scale units; ``None`` picks 1e-12 for float64 and 1e-6 otherwise. If
+            the cap is reached DDC warns once, naming the gauges.
+        degenerate_norm: where one side of a scale gauge coordinate is exactly zero (a
+            zero-initialised readout or down projection, a dead unit) its orbit has no
+            minimum-norm point; the canonical point then gives the non-zero side this norm
+            (see ``docs/ddc.md``, "Degenerate orbits").
     """
 
     def __init__(
@@ -171,7 +191,8 @@ class DDC(Optimizer):
         orthogonalizer: str = "newton_schulz",
         dead_mode: str = "freeze",
         balance_tol: float | None = None,
-        balance_max_iter: int = 100,
+        balance_max_iter: int = 50,
+        degenerate_norm: float = 1.0,
     ) -> None:
         if base not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {base!r}")
@@ -192,6 +213,8 @@ class DDC(Optimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if balance_max_iter < 1:
             raise ValueError(f"balance_max_iter must be at least 1, got {balance_max_iter}")
+        if not degenerate_norm > 0.0:
+            raise ValueError(f"degenerate_norm must be positive, got {degenerate_norm}")
 
         if isinstance(params, nn.Module):
             model = params
@@ -207,6 +230,7 @@ class DDC(Optimizer):
         self.orthogonalizer = orthogonalizer
         self.balance_tol = balance_tol
         self.balance_max_iter = balance_max_iter
+        self.degenerate_norm = degenerate_norm
         self.gauges = list(gauges or [])
         self._frame = _Frame(self.gauges)
         owned = {p for group in self.param_groups for p in group["params"]}
@@ -306,6 +330,8 @@ class DDC(Optimizer):
         # A gauged parameter without a gradient still moves with its gauge partners.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         tol, max_iter = self._balance_tol(), self.balance_max_iter
+        # A side of a scale coordinate counts as zero below √eps of the compute precision.
+        zero_level = torch.finfo(params[0].dtype).eps ** 0.5
         freeze = self.dead_mode == "freeze"
 
         # 1. Canonical frame: centre the readout, then balance the scale gauges.
@@ -317,7 +343,8 @@ class DDC(Optimizer):
             grads[i] = grads[i] - grads[i].mean(dim=0, keepdim=True)
         sweeps_before = 0
         if frame.scale_gauges:
-            self._log_scales, sweeps_before = frame.solve_scales(points, self._log_scales, tol, max_iter)
+            self._log_scales, sweeps_before = frame.solve_scales(points, self._log_scales, tol, max_iter,
+                                                                      self.degenerate_norm, zero_level)
         scales = [frame.scale_tensor(i, self._log_scales, points[i]) for i in range(len(params))]
         for i, s in enumerate(scales):
             if s is not None:
@@ -351,7 +378,7 @@ class DDC(Optimizer):
         sweeps_after = 0
         if freeze and frame.scale_gauges:
             zeros = [torch.zeros_like(s) for s in self._log_scales]
-            back, sweeps_after = frame.solve_scales(new_points, zeros, tol, max_iter)
+            back, sweeps_after = frame.solve_scales(new_points, zeros, tol, max_iter, self.degenerate_norm, zero_level)
             for i in range(len(params)):
                 s = frame.scale_tensor(i, back, new_points[i])
                 if s is not None:

@@ -1,0 +1,96 @@
+"""Contract 6: degenerate orbits. From zero-initialised readouts, attention output or MLP
+down projections, and from dead units, a scale orbit has no minimum-norm point; DDC's
+documented canonical point (docs/ddc.md, "Degenerate orbits") keeps the step exactly
+equivariant (float64, 10 steps, both bases) and no gain or scale runs away."""
+
+import copy
+
+import pytest
+import torch
+
+from ddc import DDC
+from ddc.functional import min_norm_log_scales
+from ddc_models import ReluMLP, TinyTransformer, classification_loss, equivariance_deviation, make_batches
+
+STEPS = 10
+TOLERANCE = 1e-8
+BASES = [("adam", {}), ("muon", {"orthogonalizer": "svd"})]
+
+
+def zeroed(model, names):
+    with torch.no_grad():
+        for name in names:
+            layer = getattr(model, name)
+            layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
+    return model
+
+
+def dead_units_mlp():
+    """Unit 2 of the first layer has an all-zero incoming row (and bias): it is dead; unit
+    5 of the second layer's input has an all-zero outgoing column."""
+    model = ReluMLP().double()
+    with torch.no_grad():
+        model.fc_in.weight[2].zero_()
+        model.fc_in.bias[2].zero_()
+        model.fc_hidden.weight[:, 5].zero_()
+    return model
+
+
+CASES = {
+    "zero-readout-swiglu": lambda: zeroed(TinyTransformer(mlp="swiglu").double(), ["readout"]),
+    "zero-readout-relu": lambda: zeroed(TinyTransformer(mlp="relu", rope=None).double(), ["readout"]),
+    "zero-o-down-swiglu": lambda: zeroed(TinyTransformer(mlp="swiglu").double(), ["o", "down"]),
+    "zero-o-down-relu": lambda: zeroed(TinyTransformer(mlp="relu", norm="rmsnorm").double(), ["o", "down"]),
+    "dead-units": dead_units_mlp,
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("base,options", BASES, ids=[b for b, _ in BASES])
+@pytest.mark.parametrize("case", CASES)
+def test_degenerate_orbits_are_exactly_equivariant(case, base, options):
+    model = CASES[case]()
+    batches = make_batches(model, STEPS)
+    make = lambda m, gauges: DDC(m, gauges=gauges, base=base, lr=1e-2, weight_decay=0.1, **options)
+    deviation = equivariance_deviation(model, make, classification_loss, batches)
+    assert deviation <= TOLERANCE, f"{case}: DDC-{base} deviates by {deviation:.2e}"
+
+
+def test_zero_readout_gain_stays_bounded():
+    """Zero readout: the final norm's orbit has no minimum-norm point at the start. Over 100
+    steps the gains stay of order one (the issue's failure mode was gain ≈ 4.5e6)."""
+    model = zeroed(TinyTransformer(mlp="swiglu").double(), ["readout", "o", "down"])
+    optimizer = DDC(model, lr=1e-2, weight_decay=0.1)
+    for batch in make_batches(model, 100, seed=4):
+        optimizer.zero_grad()
+        classification_loss(model, batch)[0].backward()
+        optimizer.step()
+    for norm in (model.norm1, model.norm2, model.norm_f):
+        assert float(norm.weight.detach().abs().max()) < 10.0
+    assert max(float(s.abs().max()) for s in optimizer._log_scales) < 10.0
+
+
+def test_degenerate_rule_puts_the_live_side_at_the_reference_norm():
+    """One coordinate with only its growing side (a norm gain over a zero readout column)
+    and one with only its shrinking side: each live side ends at degenerate_norm²."""
+    reduced = [torch.tensor([4.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 9.0], dtype=torch.float64)]
+    axes = [[(0, +1)], [(0, -1)]]
+    for rho in (1.0, 0.5):
+        scales, _, unsettled = min_norm_log_scales(reduced, axes, [2], [torch.zeros(2, dtype=torch.float64)],
+                                                   1e-13, 50, degenerate_norm=rho)
+        assert not unsettled
+        s = scales[0]
+        torch.testing.assert_close(4.0 * torch.exp(2 * s[0]), torch.tensor(rho ** 2, dtype=torch.float64))
+        torch.testing.assert_close(9.0 * torch.exp(-2 * s[1]), torch.tensor(rho ** 2, dtype=torch.float64))
+    # and the canonical point is the same from any point of the orbit
+    shifted = [reduced[0] * torch.exp(torch.tensor([2 * 0.7, 0.0], dtype=torch.float64)),
+               reduced[1] * torch.exp(torch.tensor([0.0, 2 * 0.3], dtype=torch.float64))]
+    s2 = min_norm_log_scales(shifted, axes, [2], [torch.zeros(2, dtype=torch.float64)], 1e-13, 50)[0][0]
+    s1 = min_norm_log_scales(reduced, axes, [2], [torch.zeros(2, dtype=torch.float64)], 1e-13, 50)[0][0]
+    torch.testing.assert_close(s2, s1 - torch.tensor([0.7, -0.3], dtype=torch.float64), rtol=0, atol=1e-12)
