@@ -7,17 +7,25 @@ Examples::
     ddc-bench --multirun experiment=quickstart optimizer=adamw,ddc seed=0,1
     ddc-bench --cfg job task=gpt_lm          # print the composed config, run nothing
 
-Errors the user can fix (a wrong type, a finished run in the way, missing data, a missing
-package) are printed as one line, without a traceback, and the command exits with status 1
-(set ``HYDRA_FULL_ERROR=1`` to get the traceback). Hydra's own errors (an unknown
-``task=``/``optimizer=``/``hardware=`` option, an unknown key) are Hydra's messages, which
-list the choices. In a local ``--multirun``, a failing or diverging run does not stop the
-sweep: every run is attempted and the exit status is 1 if any failed.
+Errors the user can fix (a wrong type, a finished run of another config in the way, a
+run folder in use, missing data, a missing package) are printed as one line, without a
+traceback, and the command exits with status 1 (set ``HYDRA_FULL_ERROR=1`` to get the
+traceback). Hydra's own errors (an unknown ``task=``/``optimizer=``/``hardware=`` option,
+an unknown key) are Hydra's messages, which list the choices.
+
+A run whose folder already holds it, finished with the same config, is skipped with one
+line; an interrupted run with a checkpoint is resumed (``resume=auto``). So launching a
+sweep again finishes what is missing and exits 0 when every run is then finished. In a
+local ``--multirun``, a failing or diverging run does not stop the sweep: every run is
+attempted and the exit status is 1 if any failed. SIGTERM or SIGINT stops the command
+after a checkpoint, with exit status 75 (:data:`ddc_bench.train.EXIT_PREEMPTED`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -25,12 +33,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ddc_bench.checkpoint import CheckpointError
 from ddc_bench.config import CONFIG_DIR, ConfigError, validate
+from ddc_bench.distributed import DistributedError
 from ddc_bench.loggers import LoggerError
-from ddc_bench.results import RunExistsError
+from ddc_bench.results import ResultsDirError, RunExistsError, RunLockedError
 
 #: Errors reported as one line: their messages say what to change.
-USER_ERRORS = (ConfigError, RunExistsError, FileNotFoundError, LoggerError, ImportError)
+USER_ERRORS = (ConfigError, RunExistsError, RunLockedError, ResultsDirError, CheckpointError,
+               DistributedError, FileNotFoundError, LoggerError, ImportError)
+#: The sweep configs that need hydra-submitit-launcher (the ``cluster`` extra).
+SUBMITIT_SWEEPS = ("slurm", "submitit_local")
 
 
 class _Session:
@@ -48,12 +61,19 @@ class _Session:
 
 def _task_function(cfg: DictConfig) -> dict[str, Any] | None:
     """Validate the composed config, then train one run (one Hydra job)."""
-    from ddc_bench.train import run  # lazy: keeps `ddc-bench --help` fast
+    from ddc_bench.train import EXIT_PREEMPTED, AlreadyFinished, Preempted, run  # lazy: fast --help
 
     hydra_cfg = HydraConfig.get()
     try:
         validate(cfg, hydra_cfg.runtime.choices)
         summary = run(cfg, overrides=list(hydra_cfg.overrides.task))
+    except AlreadyFinished as done:  # nothing to do: not a failure
+        print(f"[ddc-bench] {done}", flush=True)
+        _Session.statuses.append("skipped")
+        return None
+    except Preempted as stopped:
+        print(f"[ddc-bench] {stopped}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)  # also ends a local sweep: the signal was meant for it all
     except USER_ERRORS as err:
         if not _Session.local or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -62,7 +82,8 @@ def _task_function(cfg: DictConfig) -> dict[str, Any] | None:
         _Session.failures.append(message)
         _Session.statuses.append("failed")
         return None
-    _Session.statuses.append(summary["status"])
+    # Under DDP only rank 0 has the summary; the other ranks trained the same run.
+    _Session.statuses.append(summary["status"] if summary is not None else "finished")
     return summary
 
 
@@ -71,8 +92,33 @@ _hydra_app = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR),
                         config_name="config")(_task_function)
 
 
+def _argument_error(argv: list[str]) -> str | None:
+    """One-line errors for command lines Hydra would answer with a traceback."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if multirun and any(a in ("-c", "--cfg") or a.startswith("--cfg=") for a in argv):
+        return ("--cfg prints the config of one run and cannot be combined with --multirun; "
+                "drop --multirun and give one value per key")
+    sweeps = [a.split("=", 1)[1] for a in argv if a.startswith("sweep=")]
+    for sweep in sweeps:
+        if sweep not in SUBMITIT_SWEEPS:
+            continue
+        if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+            return (f"sweep={sweep} needs hydra-submitit-launcher: "
+                    f"pip install 'ddc-bench[cluster]'")
+        if not multirun:
+            return f"sweep={sweep} launches a --multirun: add --multirun"
+        if sweep == "slurm" and shutil.which("sbatch") is None:
+            return ("sweep=slurm needs Slurm, but there is no sbatch command here; run on a "
+                    "Slurm login node, or try the sweep locally with sweep=submitit_local")
+    return None
+
+
 def main() -> None:
     """Entry point of the ``ddc-bench`` console script."""
+    problem = _argument_error(sys.argv[1:])
+    if problem is not None:
+        print(f"ddc-bench: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     _Session.local = True
     _Session.failures.clear()
     _Session.statuses.clear()

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -63,11 +64,19 @@ class BenchConfig:
     #: Optimizer steps; ``None`` → the task's own budget (``task.steps``).
     steps: Optional[int] = None
     results_dir: str = "results"
-    #: The ``<variant>`` folder of the run; ``None`` → ``lr<lr>``.
+    #: The ``<variant>`` folder of the run; ``None`` → ``lr<lr>`` plus the overridden keys.
     run_name: Optional[str] = None
+    #: Multiplies ``optimizer.lr`` (a learning-rate sweep that works for every optimizer).
+    lr_mult: float = 1.0
     #: Steps between evaluations; ``None`` → about 10 evaluations per run.
     eval_every: Optional[int] = None
     log_every: int = 10
+    #: Steps between checkpoints; ``None`` → at each evaluation; 0 → only on a signal and
+    #: at the end.
+    checkpoint_every: Optional[int] = None
+    #: ``auto``: continue a run folder that holds a checkpoint, else start; ``true``: must
+    #: continue; ``false``: start afresh (an unfinished folder is moved aside).
+    resume: Union[bool, Literal["auto"]] = "auto"
     #: Max global gradient norm; ``None`` or 0 → no clipping.
     grad_clip: Optional[float] = 1.0
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -147,8 +156,19 @@ def _check_dataclass(node: Mapping[str, Any], schema: type, prefix: str) -> None
             raise _fail(full, value, _type_name(tp))
 
 
+#: The largest seed NumPy accepts (``np.random.seed``: 32-bit).
+MAX_SEED = 2**32 - 1
+
+
 def _check_ranges(cfg: Mapping[str, Any]) -> None:
     """Value ranges the types cannot express."""
+    if not 0 <= cfg["seed"] <= MAX_SEED:
+        raise _fail("seed", cfg["seed"], f"an int in [0, {MAX_SEED}]")
+    if not cfg["lr_mult"] > 0 or not math.isfinite(cfg["lr_mult"]):
+        raise _fail("lr_mult", cfg["lr_mult"], "a positive number")
+    if cfg["checkpoint_every"] is not None and cfg["checkpoint_every"] < 0:
+        raise _fail("checkpoint_every", cfg["checkpoint_every"],
+                    "a non-negative int (0: only on a signal and at the end) or null")
     positive = {"steps": cfg["steps"], "eval_every": cfg["eval_every"], "log_every": cfg["log_every"]}
     for key, value in positive.items():
         if value is not None and value < 1:
@@ -294,6 +314,33 @@ def _coerce_text(node: DictConfig, defaults: Mapping[str, Any]) -> None:
             node[key] = str(value)
 
 
+def _check_task_sizes(task: Mapping[str, Any]) -> None:
+    """Sizes must be positive: every int (or list of ints) under ``task.model``, and
+    ``task.data.eval_examples``; ``task.model.mlp_ratio`` must be > 0 (a model with no
+    blocks or no width trains nothing meaningful)."""
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, Mapping):
+            for sub, value in node.items():
+                walk(value, f"{key}.{sub}")
+        elif isinstance(node, (list, tuple)):
+            if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in node):
+                raise _fail(key, list(node), "a list of positive ints")
+        elif isinstance(node, int) and not isinstance(node, bool) and node < 1:
+            raise _fail(key, node, "a positive int")
+
+    walk(task.get("model") or {}, "task.model")
+    ratio = (task.get("model") or {}).get("mlp_ratio")
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio <= 0:
+        raise _fail("task.model.mlp_ratio", ratio, "a positive number")
+    examples = (task.get("data") or {}).get("eval_examples")
+    if isinstance(examples, int) and not isinstance(examples, bool) and examples < 1:
+        raise _fail("task.data.eval_examples", examples, "a positive int or null (all)")
+    for key in ("batch_size", "steps"):
+        value = task.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise _fail(f"task.{key}", value, "a positive int")
+
+
 # --------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------
@@ -322,3 +369,5 @@ def validate(cfg: DictConfig, choices: Mapping[str, Any], config_dir: Path = CON
             continue  # e.g. a group node built in code; nothing to compare against
         _check_group(plain[group], group, choice, config_dir)
         _coerce_text(cfg[group], load_group_defaults(group, choice, config_dir))
+    if isinstance(plain.get("task"), Mapping):
+        _check_task_sizes(plain["task"])

@@ -8,37 +8,131 @@ A results root holds one folder per run::
         summary.json     written once, at the end: the run is finished when it exists
 
 ``<variant>`` is ``run_name`` when given, else ``lr<lr>`` (learning rate as written in the
-config), so learning-rate sweeps land side by side. Every write is atomic (temporary
-file in the same folder, then ``os.replace``).
+config) followed by ``,key=value`` for every other key the user overrode or swept
+(:func:`variant_name`; e.g. ``lr0.001,optimizer.weight_decay=0.1``), so a sweep over any
+key lands in distinct folders. ``run_name`` must stay inside ``results_dir``. Every write
+is atomic (temporary file in the same folder, fsync, then ``os.replace``).
+
+Next to the results, a run folder holds ``checkpoint.pt`` (and ``checkpoint.prev.pt``, the
+one before), written every ``checkpoint_every`` steps, on SIGTERM/SIGINT and at the end
+(see :mod:`ddc_bench.checkpoint`); while a run is live, ``seed<S>.lock`` next to its folder
+names the process that owns it (:class:`RunLock`).
 
 ``metrics.jsonl`` lines always hold ``step`` (optimizer steps done), ``train_time_s``
 (training seconds so far, evaluation excluded) and ``lr``; training lines add ``loss``
 and ``units_per_s``; evaluation lines add ``train_eval_<m>`` and ``val_<m>`` for each
 metric ``m`` of the task (``loss``, ``acc``, ``ppl``) and ``gap_loss`` (val − train).
 
-``summary.json`` keys: ``task``, ``task_size``, ``optimizer``, ``lr``, ``weight_decay``,
-``seed``, ``variant``, ``steps`` (planned), ``steps_done``, ``status``
-(``finished`` | ``diverged``), ``diverged`` (bool), ``final`` and ``best`` (metric name →
-value, from evaluation lines), ``target`` (``metric``, ``value``, ``step``, ``time_s``;
-``step`` is null when never reached), ``wall_time_s``, ``train_time_s``,
-``step_time_ms``, ``units_per_s``, ``unit``, ``peak_memory_mb``, ``overrides``,
-``provenance`` (``git_commit``, ``git_dirty``, ``packages``, ``device``, ``python``,
-``hostname``, ``started_at``).
+``summary.json`` follows :class:`Summary` (the one schema that the runner, the loggers,
+the report and the tests use).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
+import re
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Optional, TypedDict
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+#: The checkpoint before the latest one (kept so that two are on disk).
+PREV_CHECKPOINT_FILE = "checkpoint.prev.pt"
+#: The W&B run id of the run, so that a resumed run logs to the same W&B run.
+WANDB_ID_FILE = "wandb_id"
+
+
+# --------------------------------------------------------------------------------------
+# The summary schema
+# --------------------------------------------------------------------------------------
+
+class Target(TypedDict):
+    """The time/steps-to-target goal and when it was first reached (``None``: never)."""
+
+    metric: str
+    value: float
+    step: Optional[int]
+    time_s: Optional[float]
+
+
+class Provenance(TypedDict):
+    """Where a run came from (:func:`ddc_bench.provenance.collect`)."""
+
+    git_commit: Optional[str]
+    git_dirty: Optional[bool]
+    packages: dict[str, Optional[str]]
+    device: str
+    python: str
+    hostname: str
+    started_at: str
+
+
+class Hardware(TypedDict):
+    """How the run was executed."""
+
+    device: str
+    autocast: Optional[str]
+    compile: bool
+    grad_accum: int
+    #: torch CPU threads the run used (per process).
+    threads: int
+    #: Processes of a DDP run (1: no DDP).
+    world_size: int
+    #: Whether every DDP rank ended with bitwise identical parameters (``None``: no DDP).
+    replicas_identical: Optional[bool]
+
+
+class Summary(TypedDict):
+    """``summary.json``: written once, last; a run is finished when it exists.
+
+    ``lr`` is the effective peak learning rate (``base_lr * lr_mult``); ``variant_keys``
+    are the overridden or swept config keys that name the ``<variant>`` folder (keys that
+    form the rest of the path, and hardware/logger/progress keys, excluded).
+    ``resumed_from`` lists the steps at which the run was resumed from a checkpoint.
+    """
+
+    task: str
+    task_size: str
+    optimizer: str
+    lr: float
+    base_lr: float
+    lr_mult: float
+    weight_decay: Optional[float]
+    seed: int
+    variant: str
+    variant_keys: dict[str, Any]
+    steps: int
+    steps_done: int
+    status: str  # "finished" | "diverged"
+    diverged: bool
+    final: dict[str, float]
+    best: dict[str, float]
+    target: Optional[Target]
+    wall_time_s: float
+    train_time_s: float
+    step_time_ms: Optional[float]
+    units_per_s: Optional[float]
+    unit: str
+    peak_memory_mb: float
+    overrides: list[str]
+    resumed_from: list[int]
+    provenance: Provenance
+    task_info: dict[str, Any]
+    hardware: Hardware
+
+
+#: Every key of ``summary.json``.
+SUMMARY_KEYS: frozenset[str] = frozenset(Summary.__annotations__)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -50,15 +144,85 @@ class RunExistsError(FileExistsError):
     """Raised when a run folder already holds a finished run."""
 
 
+class RunLockedError(RuntimeError):
+    """Another live process owns the run folder."""
+
+
+class ResultsDirError(ValueError):
+    """``results_dir`` or ``run_name`` cannot hold the run (one-line message)."""
+
+
 def run_dir(results_dir: str | os.PathLike, task: str, size: str, optimizer: str,
             variant: str, seed: int) -> Path:
-    """The folder of one run (see the module docstring for the layout)."""
-    return Path(results_dir) / f"{task}-{size}" / optimizer / variant / f"seed{seed}"
+    """The folder of one run (see the module docstring for the layout).
+
+    Raises :class:`ResultsDirError` when ``variant`` (e.g. a ``run_name``) would place the
+    folder outside ``results_dir`` (``../x``, an absolute path).
+    """
+    root = Path(results_dir)
+    folder = root / f"{task}-{size}" / optimizer / variant / f"seed{seed}"
+    parts = Path(variant).parts
+    if not parts or Path(variant).is_absolute() or any(p in ("..", ".") for p in parts) \
+            or len(parts) != 1:
+        raise ResultsDirError(
+            f"invalid run_name {variant!r}: it must be a single folder name inside results_dir "
+            f"(no '/', '..' or absolute path)")
+    return folder
 
 
 def default_variant(lr: float) -> str:
     """The variant folder name for a run without ``run_name``: ``lr<lr>``."""
     return f"lr{lr:g}"
+
+
+#: Longest variant folder name; longer ones are cut and end in a hash (filesystems allow 255 bytes).
+MAX_VARIANT_LEN = 200
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def variant_name(lr: float, variant_keys: Mapping[str, Any]) -> str:
+    """``lr<lr>``, then ``,key=value`` for each variant key in sorted order (Hydra's
+    override-dirname style), sanitised into one safe folder name.
+
+    Characters other than letters, digits and ``._=,+-`` become ``_``; a name longer than
+    :data:`MAX_VARIANT_LEN` is cut and ends in a hash of the full name, so distinct keys
+    always give distinct folders.
+    """
+    name = default_variant(lr)
+    if variant_keys:
+        name += "," + ",".join(f"{k}={_format_value(variant_keys[k])}" for k in sorted(variant_keys))
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
+    if len(name) > MAX_VARIANT_LEN:
+        import hashlib
+
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = name[:MAX_VARIANT_LEN - 13] + "-" + digest
+    return name
+
+
+def check_results_dir(results_dir: str | os.PathLike) -> None:
+    """Raise :class:`ResultsDirError` unless ``results_dir`` is (or can become) a writable
+    folder: checked before any data or model is built."""
+    path = Path(results_dir).expanduser()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is a file" if probe == path else f"is below {probe}, which is a file"
+        raise ResultsDirError(f"results_dir={results_dir} {what}; point results_dir at a folder")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ResultsDirError(
+            f"results_dir={results_dir} is not writable ({probe} does not allow writing); "
+            f"point results_dir at a writable folder")
 
 
 def is_finished(path: str | os.PathLike) -> bool:
@@ -107,22 +271,45 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then
-    rename), with the usual file mode (``0666 & ~umask``; a bare mkstemp file is 0600)."""
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every OS opens folders)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file that replaces ``path`` atomically when the block ends without error.
+
+    The data go to a temporary file in the same folder, which is flushed, fsynced and
+    renamed over ``path``; on an error (or an interrupt) the temporary file is removed and
+    ``path`` keeps its old content. The file gets the usual mode (``0666 & ~umask``; a
+    bare mkstemp file is 0600).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically; see :func:`atomic_writer`."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -140,15 +327,31 @@ class MetricsWriter:
 
     Each record is written as one complete line and flushed, so a crash leaves every line
     before it intact (appending a line is the atomic unit for a log that grows).
+    ``truncate_to`` (a resumed run: :meth:`offset` as saved in its checkpoint) first cuts
+    the file back to that byte offset, dropping the lines written after the checkpoint,
+    which the resumed run writes again identically.
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, truncate_to: int | None = None) -> None:
         self.path = Path(folder) / METRICS_FILE
+        if truncate_to is not None:
+            with open(self.path, "ab") as f:
+                if f.tell() < truncate_to:
+                    raise ValueError(
+                        f"{self.path} is shorter ({f.tell()} bytes) than its checkpoint records "
+                        f"({truncate_to} bytes): it was changed after the checkpoint")
+                f.truncate(truncate_to)
         self._file = open(self.path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record as a JSON line and flush it."""
         self._file.write(json.dumps(_clean(record)) + "\n")
         self._file.flush()
+
+    def offset(self) -> int:
+        """Bytes written so far (saved in checkpoints: see ``truncate_to``)."""
+        self._file.flush()
+        return self._file.tell()
 
     def close(self) -> None:
         self._file.close()
@@ -185,3 +388,83 @@ def iter_finished_runs(root: str | os.PathLike) -> Iterator[Path]:
     """Every folder under ``root`` that holds a finished run, in sorted order."""
     for summary in sorted(Path(root).rglob(SUMMARY_FILE)):
         yield summary.parent
+
+
+def has_checkpoint(path: str | os.PathLike) -> bool:
+    """True when the run folder ``path`` holds a checkpoint (the latest or the one before)."""
+    path = Path(path)
+    return (path / CHECKPOINT_FILE).is_file() or (path / PREV_CHECKPOINT_FILE).is_file()
+
+
+def lock_path(folder: str | os.PathLike) -> Path:
+    """The lock file of a run folder: ``seed<S>.lock`` next to it (outside it, so that
+    moving an interrupted folder aside never moves a live lock)."""
+    folder = Path(folder)
+    return folder.with_name(f"{folder.name}.lock")
+
+
+class RunLock:
+    """An exclusive lock on one run folder, held for the whole run.
+
+    The lock is ``fcntl.flock`` on :func:`lock_path`: the kernel releases it when its
+    process dies, however it dies, so a lock left by a killed run is never mistaken for a
+    live one (stale locks need no clean-up). The file records the owner's pid and host;
+    a second process aimed at the same folder stops with :class:`RunLockedError` naming
+    the folder and that owner. Released (and the file removed) by :meth:`release`.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = lock_path(folder)
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock or raise :class:`RunLockedError` at once (never waits)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                owner = self._owner()
+                raise RunLockedError(
+                    f"{self.folder} is in use by another run ({owner}); wait for it to end "
+                    f"or choose another results_dir or run_name") from None
+            # The holder before us may have removed the file after we opened it: then we
+            # locked an unlinked inode, and must retry on the file now at the path.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def _owner(self) -> str:
+        with contextlib.suppress(OSError):
+            text = self.path.read_text().strip()
+            if text:
+                return text
+        return "owner unknown"
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (idempotent)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still holding it: see the inode check in acquire
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,37 +1,46 @@
-"""The training loop: one function, :func:`run`, readable top to bottom (nanoGPT style).
+"""The training loop, readable top to bottom (nanoGPT style): :func:`run`.
 
 ``run(cfg)`` trains one (task, optimizer, seed) combination described by a composed config
-(see ``configs/config.yaml``) and writes its run folder through :mod:`ddc_bench.results`:
-``config.yaml`` first, ``metrics.jsonl`` as it goes, ``summary.json`` last (a run is
-finished when its summary exists). It returns the summary.
+(see ``configs/config.yaml``) and writes its run folder through :mod:`ddc_bench.results`.
+It has four parts, in this order:
 
-The loop, per optimizer step:
+1. **Plan** (:func:`ddc_bench.plan.make_plan`): every config value resolved and checked,
+   before any data, model or folder exists.
+2. **Set-up**: the task, model, optimizer and LR schedule, together the
+   :class:`~ddc_bench.state.RunState`; DDC's gauge declarations are verified on the first
+   batch. Then the run folder: locked (:class:`~ddc_bench.results.RunLock`), and either
+   skipped (already finished with this config), resumed (it holds a checkpoint) or
+   started afresh (leftovers of an interrupted run without checkpoint are moved aside).
+3. **Steps**: per optimizer step, :func:`train_step`: fetch the next batch, forward and
+   backward it in ``hardware.grad_accum`` micro-batches (DDP synchronises gradients on the
+   last one), stop as *diverged* on a non-finite loss, clip, step the optimizer and the
+   schedule, stop as *diverged* on non-finite parameters. Then :func:`after_step`, the one
+   place where logging, evaluation, hooks and checkpointing happen.
+4. **Summary** (:class:`ddc_bench.results.Summary`), written last: the run is finished.
 
-1. fetch the task's next batch; split it into ``hardware.grad_accum`` micro-batches;
-2. forward + backward each micro-batch (under autocast on ``cuda_bf16``), weighting each
-   micro-batch loss by its share of the batch so the gradient equals the full-batch one;
-3. stop as *diverged* on a non-finite loss, else clip, step the optimizer and the LR
-   schedule, and stop as *diverged* if a parameter became non-finite;
-4. every ``log_every`` steps a training line, every ``eval_every`` steps (and at the end)
-   an evaluation line on the fixed train subset and on held-out data.
-
-Only items 1–3 count as training time (``train_time_s``; evaluation and logging are
-excluded, CUDA is synchronized before each clock read). ``step_time_ms`` and
-``units_per_s`` in the summary are steady-state: they also leave out the first step, which
-pays one-time costs such as ``torch.compile``.
+SIGTERM and SIGINT (what Slurm and Ctrl-C send) are caught: at the next step boundary the
+run writes a checkpoint, prints where and how to resume, and :class:`Preempted` is raised
+(the command exits with :data:`EXIT_PREEMPTED`). Only step work counts as training time
+(``train_time_s``; evaluation, logging and checkpoints are excluded, CUDA is synchronized
+before each clock read); ``step_time_ms`` and ``units_per_s`` are steady-state (each
+session's first step, which pays one-time costs such as ``torch.compile``, is left out).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import math
+import os
 import random
 import re
 import resource
+import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,43 +50,42 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from ddc_bench import provenance, results
+from ddc_bench import checkpoint, distributed, provenance, results
 from ddc_bench.config import ConfigError
 from ddc_bench.loggers import make_logger, require_logger
-from ddc_bench.optimizers import build_optimizer
-from ddc_bench.schedule import build_scheduler, lr_factor, warmup_steps_for
+from ddc_bench.optimizers import DDC_NAMES, build_optimizer
+from ddc_bench.plan import (DEFAULT_THREADS, RunPlan, TaskSpec, diff_keys, fingerprint,
+                            make_plan, resolve_threads, task_spec)
+from ddc_bench.schedule import build_scheduler, lr_factor
+from ddc_bench.state import Progress, RunState
 
-#: torch's CPU thread count at import (one per core): what ``hardware.threads=0`` means.
-DEFAULT_THREADS = torch.get_num_threads()
+__all__ = ["run", "Preempted", "AlreadyFinished", "EXIT_PREEMPTED", "StepHook", "DEFAULT_THREADS"]
+
+#: Exit status of a run stopped by SIGTERM/SIGINT after writing its checkpoint
+#: (``EX_TEMPFAIL``: "try again later", which is what resuming does).
+EXIT_PREEMPTED = 75
+
+#: A hook called at every training-log and evaluation record, on rank 0, as
+#: ``hook(state, step, record)`` before the record is written: it may add keys to
+#: ``record`` (they go to ``metrics.jsonl``, and from evaluation records into the
+#: summary's ``final`` and ``best``). This is where diagnostics plug in.
+StepHook = Callable[["RunState", int, dict[str, Any]], None]
+
+#: Test hook: the run sends itself SIGTERM (a real signal) after this many steps.
+SIGNAL_AT_STEP_ENV = "DDC_BENCH_SIGNAL_AT_STEP"
+
+
+class Preempted(Exception):
+    """The run was stopped by a signal after writing a checkpoint (one-line message)."""
+
+
+class AlreadyFinished(results.RunExistsError):
+    """The run folder already holds this run, finished with the same config: nothing to do."""
+
 
 # --------------------------------------------------------------------------------------
-# Small helpers (device, seeding, batches, memory, clocks)
+# Small helpers (seeding, batches, memory, clocks, signals)
 # --------------------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"invalid value for 'hardware.device': {name!r} ({err})") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"hardware.device={name} but CUDA is not available here (use hardware=cpu or hardware=auto)"
-        )
-    return device
-
-
-def resolve_autocast(name: str | None) -> torch.dtype | None:
-    """The autocast dtype of a hardware profile (``None``: full precision)."""
-    if name is None:
-        return None
-    if name == "bfloat16":
-        return torch.bfloat16
-    # float16 would need loss scaling (GradScaler), which the loop deliberately omits.
-    raise ConfigError(f"invalid value for 'hardware.autocast': {name!r} (expected bfloat16 or null)")
-
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every GPU)."""
@@ -103,22 +111,26 @@ def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[to
 
 
 def accumulate_gradients(task: Any, net: nn.Module, batch: tuple[torch.Tensor, ...], parts: int,
-                         device: torch.device,
-                         autocast: Any = contextlib.nullcontext) -> float:
+                         device: torch.device, autocast: Any = contextlib.nullcontext,
+                         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> float:
     """Forward and backward ``batch`` in ``parts`` micro-batches; return the batch's mean loss.
 
     Each micro-batch's mean loss is weighted by its share of the batch's units (samples or
     tokens), so the accumulated gradient equals the gradient of the full-batch mean loss,
-    also when the batch does not split evenly.
+    also when the batch does not split evenly. ``no_sync`` (DDP's ``net.no_sync``) wraps
+    every micro-batch but the last, so gradients are all-reduced once per step.
     """
     units = task.batch_units(batch)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    for micro in split_batch(batch, parts):
+    micros = split_batch(batch, parts)
+    for i, micro in enumerate(micros):
         weight = task.batch_units(micro) / units
         micro = to_device(micro, device)
-        with autocast():
-            loss, _ = task.loss(net, micro)
-        (loss * weight).backward()
+        skip_sync = no_sync() if no_sync is not None and i < len(micros) - 1 else contextlib.nullcontext()
+        with skip_sync:
+            with autocast():
+                loss, _ = task.loss(net, micro)
+            (loss * weight).backward()
         loss_sum += loss.detach().double() * weight
     return loss_sum.item()  # one device sync per step; also feeds the divergence check
 
@@ -164,19 +176,16 @@ def _better(metric: str, new: float, old: float) -> bool:
     return new > old if results.higher_is_better(metric) else new < old
 
 
-def _target_metric(target: Mapping[str, Any], record: Mapping[str, Any]) -> str | None:
-    """The evaluation-record key a task target refers to (``val_acc`` or ``acc`` → ``val_acc``)."""
-    for key in (target["metric"], f"val_{target['metric']}"):
-        if key in record:
-            return key
-    return None
-
-
 def _build_task(task_cfg: Any, *, num_workers: int) -> Any:
     """``tasks.build_task``, imported on first use (tasks pull in torchvision/datasets)."""
     from tasks import build_task
 
     return build_task(task_cfg, num_workers=num_workers)
+
+
+def _task_spec(task_cfg: Any) -> TaskSpec:
+    """The plan's view of the task (a seam the tests replace along with ``_build_task``)."""
+    return task_spec(task_cfg)
 
 
 def _hydra_overrides() -> list[str]:
@@ -192,230 +201,469 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _missing_dirs(paths: Sequence[Any]) -> list[Path]:
+    """The topmost not-yet-existing folder of each path (what a failed build may leave)."""
+    out = []
+    for p in paths:
+        if not p:
+            continue
+        path = Path(str(p)).expanduser().absolute()
+        top = None
+        while not path.exists() and path.parent != path:
+            top, path = path, path.parent
+        if top is not None:
+            out.append(top)
+    return out
+
+
+def _remove_empty_tree(top: Path) -> None:
+    """Remove ``top`` if it holds nothing but empty folders (never a file)."""
+    if not top.is_dir():
+        return
+    for folder in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        top.rmdir()
+
+
+def build_task_cleanly(task_cfg: Any, num_workers: int) -> Any:
+    """Build the task; a bad value or an unreachable download becomes one
+    :class:`ConfigError` line, and data folders the failed build created empty are removed."""
+    data = task_cfg.get("data") or {}
+    created = _missing_dirs([data.get("root"), data.get("cache_dir")])
+    # huggingface_hub logs every retry of an unreachable Hub; the failure is reported below.
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        return _build_task(task_cfg, num_workers=num_workers)
+    except (ValueError, TypeError) as err:  # a bad task config value (e.g. task.size=huge)
+        raise ConfigError(f"task={task_cfg.get('name')}: {_first_line(err)}") from None
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # URLError, ConnectionError, ...: no network or no access
+        raise ConfigError(
+            f"task={task_cfg.get('name')}: could not fetch the data ({_first_line(err)}); "
+            f"check the network, or use data that is already on disk") from None
+    except BaseException:
+        for top in created:
+            _remove_empty_tree(top)
+        raise
+    finally:
+        hub_log.setLevel(level)
+        for top in created:  # also after the errors converted above
+            if top.exists() and not any(p.is_file() for p in top.rglob("*")):
+                _remove_empty_tree(top)
+
+
+class StopSignals:
+    """Catches SIGTERM and SIGINT while a run trains: the first one is recorded in
+    :attr:`received` (the loop stops at the next step boundary, with a checkpoint); a
+    second one stops the process at once (exit status :data:`EXIT_PREEMPTED`). Handlers can
+    only be installed in the main thread; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"[ddc-bench] second {name}: stopping now, without a checkpoint", file=sys.stderr,
+                  flush=True)
+            os._exit(EXIT_PREEMPTED)
+        self.received = name
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
 # --------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------
 
-def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+def run(cfg: DictConfig, overrides: list[str] | None = None,
+        hooks: Sequence[StepHook] = ()) -> results.Summary:
     """Train one run described by ``cfg`` and write its folder; return its summary.
 
     ``cfg`` is a composed, validated config (``ddc_bench.config.validate``). ``overrides``
-    are recorded in the summary (default: the current Hydra job's overrides). Divergence
-    is not an error: the run stops, its summary says ``status: diverged``, and this returns
-    normally so a sweep goes on. Raises :class:`ddc_bench.results.RunExistsError` when the
-    run folder already holds a finished run (nothing is touched then).
+    are recorded in the summary and name the run's variant folder (default: the current
+    Hydra job's overrides). ``hooks``: see :data:`StepHook`. Divergence is not an error:
+    the run stops, its summary says ``status: diverged``, and this returns normally so a
+    sweep goes on. Raises :class:`AlreadyFinished` when the folder already holds this run
+    finished (nothing is touched), :class:`ddc_bench.results.RunExistsError` when it holds
+    a finished run of another config, :class:`ddc_bench.results.RunLockedError` when
+    another process owns it, and :class:`Preempted` after SIGTERM/SIGINT.
     """
     started_at = dt.datetime.now(dt.timezone.utc)
     wall_start = time.perf_counter()
     overrides = _hydra_overrides() if overrides is None else list(overrides)
 
-    # ---- hardware -------------------------------------------------------------------
-    hw = cfg.hardware
-    device = resolve_device(hw.device)
-    autocast_dtype = resolve_autocast(hw.autocast)
-    for key, low in (("grad_accum", 1), ("threads", 0), ("num_workers", 0)):
-        if hw[key] < low:
-            raise ConfigError(f"invalid value for 'hardware.{key}': {hw[key]} (expected an int >= {low})")
-    grad_accum = int(hw.grad_accum)
-    # 0 restores torch's default, which matters when a sweep runs several runs in one process.
-    torch.set_num_threads(int(hw.threads) or DEFAULT_THREADS)
+    # ---- 1. plan: every config error now, before anything is built ---------------------
+    plan = make_plan(cfg, overrides, spec=_task_spec(cfg.task))
+    if plan.lr == 0:
+        print(f"[ddc-bench] warning: the learning rate is 0 (optimizer.lr={plan.base_lr:g}, "
+              f"lr_mult={plan.lr_mult:g}): the parameters will not change", file=sys.stderr)
+    if plan.world.main and results.is_finished(plan.folder):
+        _refuse_finished(plan)  # before the expensive set-up
+    require_logger(plan.logger_cfg)  # e.g. wandb missing: fail now, not after creating the folder
+
+    distributed.init(plan.world, plan.device, plan.ddp_timeout_s)
+    try:
+        return _train(plan, hooks, started_at, wall_start)
+    finally:
+        distributed.shutdown()
+
+
+def _refuse_finished(plan: RunPlan) -> None:
+    """Raise :class:`AlreadyFinished` (same config) or ``RunExistsError`` (another one)."""
+    config_file = plan.folder / results.CONFIG_FILE
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
+    except Exception:  # noqa: BLE001 - an unreadable config cannot be compared
+        old = None
+    new = fingerprint(plan)
+    differ = None if not isinstance(old, dict) else diff_keys(
+        {k: v for k, v in old.items() if k in new}, new)
+    if differ == []:
+        raise AlreadyFinished(f"{plan.folder} already holds this run, finished; skipped "
+                              f"(finished runs are never overwritten)")
+    detail = f" (differs in {', '.join(differ[:5])})" if differ else ""
+    raise results.RunExistsError(
+        f"{plan.folder} already holds a finished run of another config{detail}; choose "
+        f"another results_dir or run_name (finished runs are never overwritten)")
+
+
+def _train(plan: RunPlan, hooks: Sequence[StepHook], started_at: dt.datetime,
+           wall_start: float) -> results.Summary:
+    world, device = plan.world, plan.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: standard for fp32 training
         torch.backends.cudnn.allow_tf32 = True
 
     def autocast() -> contextlib.AbstractContextManager:  # a fresh context per use
-        if autocast_dtype is None:
+        if plan.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        return torch.autocast(device_type=device.type, dtype=plan.autocast_dtype)
 
-    # ---- task, model, optimizer, schedule ---------------------------------------------
-    opt_cfg: dict[str, Any] = OmegaConf.to_container(cfg.optimizer, resolve=True)  # type: ignore[assignment]
-    opt_name, lr, weight_decay = opt_cfg["name"], float(opt_cfg["lr"]), opt_cfg.get("weight_decay")
-    variant = cfg.run_name or results.default_variant(lr)
-    if cfg.task.get("size") is not None:
-        # Refuse a finished run before the expensive setup (data loading); this raises
-        # RunExistsError for a finished run and does nothing otherwise.
-        folder = results.run_dir(cfg.results_dir, cfg.task.name, cfg.task.size, opt_name,
-                                 variant, cfg.seed)
-        if results.is_finished(folder):
-            results.prepare_run_dir(folder)
-    require_logger(cfg.logger)  # e.g. wandb missing: fail now, not after creating the folder
-
-    seed_everything(cfg.seed)  # before build_model: the initialisation draws from torch's RNG
-    try:
-        task = _build_task(cfg.task, num_workers=int(hw.num_workers))
-    except (ValueError, TypeError) as err:  # a bad task config value (e.g. task.size=huge)
-        raise ConfigError(f"task={cfg.task.get('name')}: {err}") from err
-    task_size = str(getattr(task, "size", None) or cfg.task.get("size"))
-    steps = int(cfg.steps or task.steps)
-    eval_every = int(cfg.eval_every or max(1, steps // 10))
-    log_every = int(cfg.log_every)
-
+    # ---- 2. set-up: task, model, optimizer, schedule ----------------------------------
+    seed_everything(plan.seed)  # before build_model: the initialisation draws from torch's RNG
+    task = build_task_cleanly(plan.cfg.task, plan.num_workers)
     model = task.build_model().to(device)
     params = [p for p in model.parameters() if p.requires_grad]
+    threads = resolve_threads(plan.threads_setting, sum(p.numel() for p in params))
+    torch.set_num_threads(threads)  # also restores the default between runs of one sweep
     try:
-        optimizer = build_optimizer(model, opt_cfg)  # from the plain model, before compiling
+        optimizer = build_optimizer(model, {"name": plan.optimizer_name, **plan.optimizer_options})
     except (ValueError, TypeError, KeyError) as err:  # a bad option (e.g. optimizer.lr=-1)
-        raise ConfigError(f"optimizer={opt_name}: {err}") from err
-    sched = cfg.schedule
-    warmup = warmup_steps_for(steps, sched.warmup_fraction, sched.warmup_steps)
-    schedule_args = dict(total_steps=steps, warmup_steps=warmup, kind=sched.kind,
-                         min_lr_ratio=sched.min_lr_ratio)
-    scheduler = build_scheduler(optimizer, **schedule_args)
-    # The compiled module shares parameters with `model`; the optimizer keeps the plain one.
-    net = torch.compile(model) if hw.compile else model
+        raise ConfigError(f"optimizer={plan.optimizer_name}: {_first_line(err)}") from None
+    scheduler = build_scheduler(optimizer, **plan.schedule)
+    state = RunState(model, optimizer, scheduler)
+    if plan.optimizer_name in DDC_NAMES:
+        _verify_gauges(plan, task, model)
+    # DDP wraps the module for forward/backward; the optimizer and checkpoints use `model`.
+    net: nn.Module = model
+    if world.active:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = torch.compile(net) if plan.compile else net
 
-    # ---- run folder -------------------------------------------------------------------
-    folder = results.run_dir(cfg.results_dir, task.name, task_size, opt_name, variant, cfg.seed)
-    moved = results.prepare_run_dir(folder)  # raises RunExistsError for a finished run
+    # ---- the run folder: lock, then resume or start afresh -------------------------------
+    lock = results.RunLock(plan.folder).acquire() if world.main else None
+    logger = None
+    summary: results.Summary | None = None
+    try:
+        mode = _open_run_folder(plan) if world.main else None
+        mode = distributed.broadcast(world, mode)
+        metrics_offset = None
+        if mode == "resume":
+            payload, path = checkpoint.load(plan.folder)
+            _check_resumable(plan, payload, path)
+            state.restore(payload)
+            state.progress.resumed_from.append(state.progress.step)
+            metrics_offset = payload["metrics_offset"]
+            if world.main:
+                print(f"[ddc-bench] resuming {plan.folder} from step {state.progress.step} ({path.name})")
+        prov = provenance.collect(device, started_at)
+        if world.main:
+            print(f"[ddc-bench] {plan.task.name}-{plan.task.size} {plan.optimizer_name} {plan.variant} "
+                  f"seed={plan.seed}: {plan.steps} steps on {prov['device']}, threads={threads}"
+                  + (f", {world.size} DDP processes" if world.active else "")
+                  + f" -> {plan.folder}")
+            logger = make_logger(plan.logger_cfg, name=f"{plan.optimizer_name}-{plan.variant}-seed{plan.seed}",
+                                 group=f"{plan.task.name}-{plan.task.size}", config=plan.resolved,
+                                 run_folder=plan.folder)
+
+        # Wall time over every session of the run (a resumed run adds to its old total).
+        wall_base = state.progress.wall_time
+
+        def wall_clock() -> float:
+            return wall_base + time.perf_counter() - wall_start
+
+        # ---- 3. steps ---------------------------------------------------------------------
+        reset_peak_memory(device)
+        with contextlib.ExitStack() as stack:
+            metrics = (stack.enter_context(results.MetricsWriter(plan.folder, truncate_to=metrics_offset))
+                       if world.main else None)
+            stop = stack.enter_context(StopSignals())
+            show_bar = plan.progress and world.main and sys.stderr.isatty()
+            bar = stack.enter_context(tqdm(total=plan.steps, initial=state.progress.step,
+                                           disable=not show_bar, dynamic_ncols=True,
+                                           desc=f"{plan.optimizer_name} seed{plan.seed}"))
+            _loop(plan, state, task, net, params, autocast, metrics, logger, hooks, stop, bar,
+                  wall_clock)
+
+        # ---- 4. summary -----------------------------------------------------------------
+        identical = distributed.replicas_identical(world, model)
+        if world.main:
+            summary = _summary(plan, state, task, prov, threads, identical, wall_clock())
+            results.write_json(plan.folder / results.SUMMARY_FILE, summary)
+        distributed.barrier(world)
+    finally:
+        if logger is not None:
+            logger.finish(summary)  # summary is None when the run raised
+        if lock is not None:
+            lock.release()
+
+    p = state.progress
+    if world.main:
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in p.last_eval.items()) or "(no evaluation)"
+        print(f"[ddc-bench] {p.status} {plan.folder}: steps={p.step}/{plan.steps} "
+              f"train_time={p.train_time:.1f}s {shown}")
+    return summary  # type: ignore[return-value]  # rank 0's; None on the other ranks
+
+
+def _open_run_folder(plan: RunPlan) -> str:
+    """Rank 0, holding the lock: ``"resume"`` when the folder holds a checkpoint (and
+    ``resume`` is not false), else ``"fresh"`` after preparing an empty folder (moving an
+    interrupted run aside). Raises for a finished run or when ``resume=true`` finds no
+    checkpoint."""
+    folder = plan.folder
+    if results.is_finished(folder):  # finished while we were setting up
+        _refuse_finished(plan)
+    checkpoint.remove_partial(folder) if folder.is_dir() else None
+    if plan.resume is not False and results.has_checkpoint(folder):
+        return "resume"
+    if plan.resume is True:
+        raise checkpoint.CheckpointError(
+            f"resume=true but {folder} holds no checkpoint to resume from; drop resume=true "
+            f"to start the run")
+    moved = results.prepare_run_dir(folder)
     if moved is not None:
         print(f"[ddc-bench] moved the interrupted run found at {folder} to {moved}")
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    results.atomic_write_text(folder / results.CONFIG_FILE, OmegaConf.to_yaml(resolved))
-    prov = provenance.collect(device, started_at)
-    print(f"[ddc-bench] {task.name}-{task_size} {opt_name} {variant} seed={cfg.seed}: "
-          f"{steps} steps on {prov['device']} -> {folder}")
+    results.atomic_write_text(folder / results.CONFIG_FILE, OmegaConf.to_yaml(plan.resolved))
+    return "fresh"
 
-    # ---- state of the run -------------------------------------------------------------
-    steps_done = 0
-    status = "finished"
-    train_time = 0.0                          # seconds of training, evaluation excluded
-    # Steady-state speed leaves out step 1, which pays one-time costs (lazy kernel setup,
-    # torch.compile, cuDNN autotuning); train_time_s includes it (time-to-target is honest).
-    steady = {"time": 0.0, "units": 0, "steps": 0}
-    window = {"loss": 0.0, "n": 0, "units": 0, "time": 0.0}   # since the last training line
-    last_eval: dict[str, float] = {}
-    best: dict[str, float] = {}
-    target = task.target
-    target_hit: dict[str, Any] = {"step": None, "time_s": None}
 
-    def evaluate() -> dict[str, float]:
-        """Metrics on the fixed train subset and on held-out data, prefixed by split."""
-        model.eval()
-        with torch.no_grad(), autocast():
-            train_m = task.evaluate(net, "train", device)
-            val_m = task.evaluate(net, "val", device)
-        model.train()
-        record = {f"train_eval_{k}": float(v) for k, v in train_m.items()}
-        record.update({f"val_{k}": float(v) for k, v in val_m.items()})
-        if "loss" in train_m and "loss" in val_m:
-            record["gap_loss"] = float(val_m["loss"]) - float(train_m["loss"])
-        return record
+def _check_resumable(plan: RunPlan, payload: dict[str, Any], path: Path) -> None:
+    """A checkpoint must belong to this config: resuming another would mix two runs."""
+    differ = diff_keys(payload["fingerprint"], fingerprint(plan))
+    if differ:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was written by a different config (differs in "
+            f"{', '.join(differ[:5])}); run with the original values, or resume=false to "
+            f"start afresh (the old folder is moved aside)")
 
-    reset_peak_memory(device)
-    batches: Iterator[tuple[torch.Tensor, ...]] = iter(task.train_batches(cfg.seed))
-    logger = make_logger(cfg.logger, name=f"{opt_name}-{variant}-seed{cfg.seed}",
-                         group=f"{task.name}-{task_size}", config=resolved, run_folder=folder)
-    show_bar = bool(cfg.progress) and sys.stderr.isatty()
-    summary: dict[str, Any] | None = None
-    try:
-        with results.MetricsWriter(folder) as metrics, \
-                tqdm(total=steps, disable=not show_bar, dynamic_ncols=True,
-                     desc=f"{opt_name} seed{cfg.seed}") as bar:
 
-            def emit(record: dict[str, Any]) -> None:
-                metrics.write(record)
-                logger.log(record)
+def _verify_gauges(plan: RunPlan, task: Any, model: nn.Module) -> None:
+    """DDC relies on the model's declared gauges being exact symmetries: check them on the
+    first training batch (a separate stream; the run's RNG is left untouched)."""
+    from ddc import verify_gauges
+    from ddc.verify import GaugeDeclarationError
 
-            model.train()
-            for step in range(steps):
-                # -- one optimizer step (timed) -------------------------------------------
-                sync(device)
-                t0 = time.perf_counter()
-                batch = next(batches)
-                units = task.batch_units(batch)
-                loss_value = accumulate_gradients(task, net, batch, grad_accum, device, autocast)
-                if not math.isfinite(loss_value):
-                    status = "diverged"
-                    bar.write(f"[ddc-bench] diverged: loss {loss_value} at step {step + 1}; stopping")
-                    break
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                steps_done = step + 1
-                if not params_finite(params):
-                    status = "diverged"
-                    bar.write(f"[ddc-bench] diverged: non-finite parameters after step {steps_done}; "
-                              "stopping")
-                    break
-                sync(device)
-                elapsed = time.perf_counter() - t0
-                train_time += elapsed
-                if steps_done > 1:
-                    steady["time"] += elapsed
-                    steady["units"] += units
-                    steady["steps"] += 1
-                window["loss"] += loss_value
-                window["n"] += 1
-                window["units"] += units
-                window["time"] += elapsed
-                bar.update(1)
+    with torch.random.fork_rng(devices=[plan.device] if plan.device.type == "cuda" else []):
+        batch = next(iter(task.train_batches(plan.seed, rank=plan.world.rank,
+                                             world_size=plan.world.size)))
+        try:
+            verify_gauges(model, lambda m, b: task.loss(m, b)[0], to_device(batch, plan.device))
+        except GaugeDeclarationError as err:
+            raise ConfigError(f"optimizer={plan.optimizer_name}: the model of task {plan.task.name} "
+                              f"declares a gauge that is not an exact symmetry: {_first_line(err)}") from None
 
-                # -- logging and evaluation (not timed) -----------------------------------
-                lr_now = lr * lr_factor(step, **schedule_args)  # the lr this step used
-                if steps_done % log_every == 0 or steps_done == steps:
-                    emit({"step": steps_done, "train_time_s": train_time, "lr": lr_now,
-                          "loss": window["loss"] / window["n"],
-                          "units_per_s": window["units"] / max(window["time"], 1e-12)})
-                    bar.set_postfix(loss=f"{window['loss'] / window['n']:.4g}")
-                    window = {"loss": 0.0, "n": 0, "units": 0, "time": 0.0}
-                if steps_done % eval_every == 0 or steps_done == steps:
-                    last_eval = evaluate()
-                    emit({"step": steps_done, "train_time_s": train_time, "lr": lr_now,
-                          **last_eval})
-                    for key, value in last_eval.items():
-                        if key == "gap_loss":  # a difference, not a score: no "best"
-                            continue
-                        if math.isfinite(value) and (key not in best or _better(key, value, best[key])):
-                            best[key] = value
-                    if target is not None and target_hit["step"] is None:
-                        key = _target_metric(target, last_eval)
-                        if key is None:  # a typo must not read as "never reached"
-                            raise ConfigError(
-                                f"task.target.metric={target['metric']!r} is not an evaluation "
-                                f"metric of task {task.name} (have: {', '.join(last_eval)})")
-                        value = last_eval[key]
-                        reached = value >= target["value"] if target["mode"] == "max" else value <= target["value"]
-                        if reached:
-                            target_hit = {"step": steps_done, "time_s": train_time}
 
-        # ---- summary ----------------------------------------------------------------------
-        summary = {
-            "task": task.name,
-            "task_size": task_size,
-            "optimizer": opt_name,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "seed": int(cfg.seed),
-            "variant": variant,
-            "steps": steps,
-            "steps_done": steps_done,
-            "status": status,
-            "diverged": status == "diverged",
-            "final": last_eval,
-            "best": best,
-            "target": None if target is None else {
-                "metric": target["metric"], "value": target["value"], **target_hit},
-            "wall_time_s": time.perf_counter() - wall_start,
-            "train_time_s": train_time,
-            "step_time_ms": 1000 * steady["time"] / steady["steps"] if steady["steps"] else None,
-            "units_per_s": steady["units"] / steady["time"] if steady["time"] > 0 else None,
-            "unit": task.unit_name,
-            "peak_memory_mb": peak_memory_mb(device),
-            "overrides": overrides,
-            "provenance": prov,
-            "task_info": task.describe(),
-            "hardware": {"device": str(device), "autocast": hw.autocast,
-                         "compile": bool(hw.compile), "grad_accum": grad_accum,
-                         "threads": torch.get_num_threads()},
-        }
-        results.write_json(folder / results.SUMMARY_FILE, summary)
-    finally:
-        logger.finish(summary)  # summary is None when the run raised
+def train_step(plan: RunPlan, state: RunState, task: Any, net: nn.Module,
+               params: list[nn.Parameter], batch: tuple[torch.Tensor, ...], autocast: Any) -> float:
+    """One optimizer step on ``batch``; returns the batch's mean loss (averaged over ranks).
 
-    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in last_eval.items()) or "(no evaluation)"
-    print(f"[ddc-bench] {status} {folder}: steps={steps_done}/{steps} "
-          f"train_time={train_time:.1f}s {shown}")
-    return summary
+    Returns a non-finite loss without stepping when the loss is NaN/inf; the caller also
+    checks the parameters afterwards.
+    """
+    no_sync = getattr(net, "no_sync", None) if plan.world.active else None
+    loss_value = accumulate_gradients(task, net, batch, plan.grad_accum, plan.device, autocast,
+                                      no_sync=no_sync)
+    loss_value = distributed.mean(plan.world, loss_value, plan.device)
+    if not math.isfinite(loss_value):
+        return loss_value
+    if plan.grad_clip:
+        clip = getattr(state.optimizer, "clip_grad_norm_", None)
+        if callable(clip):  # an optimizer that clips in its own frame (DDC)
+            clip(plan.grad_clip)
+        else:
+            nn.utils.clip_grad_norm_(params, plan.grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return loss_value
+
+
+def _loop(plan: RunPlan, state: RunState, task: Any, net: nn.Module, params: list[nn.Parameter],
+          autocast: Any, metrics: results.MetricsWriter | None, logger: Any,
+          hooks: Sequence[StepHook], stop: StopSignals, bar: Any,
+          wall_clock: Callable[[], float]) -> None:
+    """Steps from ``state.progress.step`` to ``plan.steps`` (or divergence, or a signal)."""
+    world, device, p = plan.world, plan.device, state.progress
+    batches: Iterator[tuple[torch.Tensor, ...]] = iter(task.train_batches(
+        plan.seed, start=p.step, rank=world.rank, world_size=world.size))
+    signal_at = int(os.environ.get(SIGNAL_AT_STEP_ENV, "0") or 0)
+
+    def emit(record: dict[str, Any]) -> None:
+        for hook in hooks:
+            hook(state, p.step, record)
+        metrics.write(record)
+        logger.log(record)
+
+    def save() -> Path | None:
+        if not world.main:
+            return None
+        p.wall_time = wall_clock()
+        return checkpoint.save(plan.folder, {**state.payload(), "fingerprint": fingerprint(plan),
+                                             "metrics_offset": metrics.offset()})
+
+    net.train()
+    session_steps = 0
+    while p.step < plan.steps:
+        if distributed.any_rank(world, stop.received is not None, device):
+            path = save()
+            distributed.barrier(world)
+            signame = stop.received or "a signal on another rank"
+            raise Preempted(
+                f"stopped by {signame} at step {p.step}/{plan.steps}; checkpoint "
+                f"{path or plan.folder}; run the same command again to resume (resume=auto)")
+        # -- one optimizer step (timed) -------------------------------------------------
+        sync(device)
+        t0 = time.perf_counter()
+        batch = next(batches)
+        units = task.batch_units(batch) * world.size
+        loss_value = train_step(plan, state, task, net, params, batch, autocast)
+        if not math.isfinite(loss_value):
+            p.status = "diverged"
+            bar.write(f"[ddc-bench] diverged: loss {loss_value} at step {p.step + 1}; stopping")
+            break
+        p.step += 1
+        if not params_finite(params):
+            p.status = "diverged"
+            bar.write(f"[ddc-bench] diverged: non-finite parameters after step {p.step}; stopping")
+            break
+        sync(device)
+        elapsed = time.perf_counter() - t0
+        p.train_time += elapsed
+        session_steps += 1
+        if session_steps > 1:
+            p.steady_time += elapsed
+            p.steady_units += units
+            p.steady_steps += 1
+        p.window_loss += loss_value
+        p.window_n += 1
+        p.window_units += units
+        p.window_time += elapsed
+        bar.update(1)
+        # -- everything else (not timed) ------------------------------------------------
+        if world.main:
+            after_step(plan, state, task, net, autocast, emit, bar)
+        if plan.checkpoint_every and p.step % plan.checkpoint_every == 0 and p.step < plan.steps:
+            save()
+        if signal_at and p.step == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+    if p.status == "running":
+        p.status = "finished"
+        save()  # the final state: the finished run's weights stay with its results
+
+
+def after_step(plan: RunPlan, state: RunState, task: Any, net: nn.Module, autocast: Any,
+               emit: Callable[[dict[str, Any]], None], bar: Any) -> None:
+    """Rank 0's work after a step: the training line every ``log_every`` steps and the
+    evaluation every ``eval_every`` steps (and both at the last step), each passed through
+    the hooks and written; best metrics and the target are updated from evaluations."""
+    p = state.progress
+    step = p.step
+    lr_now = plan.lr * lr_factor(step - 1, **plan.schedule)  # the lr this step used
+    if step % plan.log_every == 0 or step == plan.steps:
+        emit({"step": step, "train_time_s": p.train_time, "lr": lr_now,
+              "loss": p.window_loss / p.window_n,
+              "units_per_s": p.window_units / max(p.window_time, 1e-12)})
+        bar.set_postfix(loss=f"{p.window_loss / p.window_n:.4g}")
+        p.reset_window()
+    if step % plan.eval_every == 0 or step == plan.steps:
+        record = {"step": step, "train_time_s": p.train_time, "lr": lr_now,
+                  **evaluate(task, state.model, plan.device, autocast)}
+        emit(record)
+        p.last_eval = {k: v for k, v in record.items() if k not in ("step", "train_time_s", "lr")}
+        for key, value in p.last_eval.items():
+            if key == "gap_loss":  # a difference, not a score: no "best"
+                continue
+            if isinstance(value, (int, float)) and math.isfinite(value) \
+                    and (key not in p.best or _better(key, value, p.best[key])):
+                p.best[key] = value
+        target = plan.task.target
+        if target is not None and p.target_step is None and plan.target_key in p.last_eval:
+            value = p.last_eval[plan.target_key]
+            reached = value >= target["value"] if target["mode"] == "max" else value <= target["value"]
+            if reached:
+                p.target_step, p.target_time = step, p.train_time
+
+
+def evaluate(task: Any, model: nn.Module, device: torch.device, autocast: Any) -> dict[str, float]:
+    """Metrics on the fixed train subset and on held-out data, prefixed by split (the plain
+    module: under DDP only rank 0 evaluates, outside any collective)."""
+    model.eval()
+    with torch.no_grad(), autocast():
+        train_m = task.evaluate(model, "train", device)
+        val_m = task.evaluate(model, "val", device)
+    model.train()
+    record = {f"train_eval_{k}": float(v) for k, v in train_m.items()}
+    record.update({f"val_{k}": float(v) for k, v in val_m.items()})
+    if "loss" in train_m and "loss" in val_m:
+        record["gap_loss"] = float(val_m["loss"]) - float(train_m["loss"])
+    return record
+
+
+def _summary(plan: RunPlan, state: RunState, task: Any, prov: dict[str, Any], threads: int,
+             identical: bool | None, wall_time: float) -> results.Summary:
+    p, target = state.progress, plan.task.target
+    return results.Summary(
+        task=plan.task.name, task_size=plan.task.size, optimizer=plan.optimizer_name,
+        lr=plan.lr, base_lr=plan.base_lr, lr_mult=plan.lr_mult, weight_decay=plan.weight_decay,
+        seed=plan.seed, variant=plan.variant, variant_keys=plan.variant_keys, steps=plan.steps,
+        steps_done=p.step, status=p.status, diverged=p.status == "diverged",
+        final=p.last_eval, best=p.best,
+        target=None if target is None else results.Target(
+            metric=target["metric"], value=target["value"], step=p.target_step,
+            time_s=p.target_time),
+        wall_time_s=wall_time, train_time_s=p.train_time,
+        step_time_ms=1000 * p.steady_time / p.steady_steps if p.steady_steps else None,
+        units_per_s=p.steady_units / p.steady_time if p.steady_time > 0 else None,
+        unit=task.unit_name, peak_memory_mb=peak_memory_mb(plan.device),
+        overrides=plan.overrides, resumed_from=p.resumed_from,
+        provenance=prov,  # type: ignore[typeddict-item]
+        task_info=task.describe(),
+        hardware=results.Hardware(
+            device=str(plan.device), autocast=plan.cfg.hardware.autocast,
+            compile=plan.compile, grad_accum=plan.grad_accum, threads=threads,
+            world_size=plan.world.size, replicas_identical=identical),
+    )

@@ -23,6 +23,13 @@ from torch import nn
 Batch = tuple[torch.Tensor, ...]
 
 
+def shard(tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous share of ``tensor`` along dim 0 (``torch.tensor_split``)."""
+    if world_size == 1:
+        return tensor
+    return torch.tensor_split(tensor, world_size)[rank]
+
+
 class Task(ABC):
     """A training problem. Built from a task config by ``tasks.build_task``."""
 
@@ -36,8 +43,19 @@ class Task(ABC):
         """A freshly initialised model (initialisation draws from torch's global RNG)."""
 
     @abstractmethod
-    def train_batches(self, seed: int) -> Iterator[Batch]:
-        """An endless stream of training batches (CPU tensors), shuffled by ``seed``."""
+    def train_batches(self, seed: int, *, start: int = 0, rank: int = 0,
+                      world_size: int = 1) -> Iterator[Batch]:
+        """An endless stream of training batches (CPU tensors), shuffled by ``seed``.
+
+        The stream is a pure function of its arguments (it never reads global RNG state),
+        which is what exact resume and DDP rely on:
+
+        * ``start``: begin at batch ``start`` (0-based), i.e. yield bitwise the batches a
+          fresh stream yields from its ``start``-th on, without loading the skipped ones;
+        * ``rank`` / ``world_size``: yield only this rank's share of each global batch,
+          chunk ``rank`` of ``world_size`` contiguous chunks (:func:`shard`); the ranks'
+          shares are disjoint and together make the global batch.
+        """
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.base import Batch, Task
+from tasks.base import Batch, Task, shard
 from tasks.config import choice, meta_param_count, resolve_config
 from tasks.corpus import SOURCES, load_corpus
 from tasks.transformer import MLPS, NORMS, Block, init_transformer_, make_norm
 
 VOCAB_SIZE = 256  # byte-level
+#: The metrics :meth:`GPTLMTask.evaluate` returns.
+METRICS = ("loss", "ppl")
 
 DEFAULTS: dict[str, Any] = {
     "model": {
@@ -113,7 +115,6 @@ class GPTLMTask(Task):
 
     name = "gpt_lm"
     unit_name = "tokens"
-    primary_metric = ("val_loss", "min")
 
     def __init__(self, cfg: dict[str, Any], *, num_workers: int = 0) -> None:
         self.config = resolve_config(cfg, task=self.name, defaults=DEFAULTS, presets=PRESETS)
@@ -155,13 +156,17 @@ class GPTLMTask(Task):
         starts = torch.linspace(0, last, n).round().long()
         return self._windows(data, starts)
 
-    def train_batches(self, seed: int) -> Iterator[Batch]:
-        """Endless random windows, positions drawn by a generator seeded by ``seed``."""
+    def train_batches(self, seed: int, *, start: int = 0, rank: int = 0,
+                      world_size: int = 1) -> Iterator[Batch]:
+        """Endless random windows, positions drawn by a generator seeded by ``seed``
+        (``start``, ``rank``, ``world_size``: see :meth:`tasks.base.Task.train_batches`)."""
         g = torch.Generator().manual_seed(seed)
         high = len(self.train_data) - self.context  # starts in [0, len - context - 1]
+        for _ in range(start):  # the skipped batches' draws: microseconds each, no data
+            torch.randint(0, high, (self.batch_size,), generator=g)
         while True:
             starts = torch.randint(0, high, (self.batch_size,), generator=g)
-            yield self._windows(self.train_data, starts)
+            yield self._windows(self.train_data, shard(starts, rank, world_size))
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = batch

@@ -26,12 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.base import Batch, Task
+from tasks.base import Batch, Task, shard
 from tasks.config import choice, meta_param_count, resolve_config
 from tasks.transformer import MLPS, NORMS, Block, init_transformer_, make_norm
 
 OPS = ("add", "sub", "mul", "div")
 SEQ_LEN = 4  # [a, OP, b, EQ]
+#: The metrics :meth:`GrokModAddTask.evaluate` returns.
+METRICS = ("loss", "acc")
 EVAL_CHUNK = 4096
 
 DEFAULTS: dict[str, Any] = {
@@ -134,7 +136,6 @@ class GrokModAddTask(Task):
 
     name = "grok_modadd"
     unit_name = "samples"
-    primary_metric = ("val_acc", "max")
 
     def __init__(self, cfg: dict[str, Any], *, num_workers: int = 0) -> None:
         self.config = resolve_config(cfg, task=self.name, defaults=DEFAULTS, presets=PRESETS)
@@ -171,21 +172,28 @@ class GrokModAddTask(Task):
                                causal=m["causal"], norm=m["norm"], mlp=m["mlp"],
                                mlp_ratio=m["mlp_ratio"], dropout=m["dropout"], bias=m["bias"])
 
-    def train_batches(self, seed: int) -> Iterator[Batch]:
+    def train_batches(self, seed: int, *, start: int = 0, rank: int = 0,
+                      world_size: int = 1) -> Iterator[Batch]:
         """Batches of exactly ``batch_size`` examples: a seeded permutation of the training
         set is consumed in order and renewed when it runs out, so every example is seen
-        once per epoch. With ``batch_size`` equal to the training set: full batch."""
+        once per epoch. With ``batch_size`` equal to the training set: full batch.
+        (``start``, ``rank``, ``world_size``: see :meth:`tasks.base.Task.train_batches`.)"""
         n = len(self.train_y)
         if self.batch_size >= n:
+            x, y = shard(self.train_x, rank, world_size), shard(self.train_y, rank, world_size)
             while True:
-                yield self.train_x, self.train_y
+                yield x, y
         g = torch.Generator().manual_seed(seed)
         queue = torch.empty(0, dtype=torch.long)
+        step = 0
         while True:
             if len(queue) < self.batch_size:
                 queue = torch.cat([queue, torch.randperm(n, generator=g)])
             idx, queue = queue[:self.batch_size], queue[self.batch_size:]
-            yield self.train_x[idx], self.train_y[idx]
+            if step >= start:  # earlier batches are skipped: index bookkeeping only
+                idx = shard(idx, rank, world_size)
+                yield self.train_x[idx], self.train_y[idx]
+            step += 1
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         tokens, answers = batch

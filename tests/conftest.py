@@ -61,7 +61,6 @@ class FakeTask:
         self.steps = steps
         self.dtype = dtype
         self.target = target
-        self.primary_metric = "val_acc"
         g = torch.Generator().manual_seed(1234)
         centers = torch.randn(4, 8, generator=g) * 3
         labels = torch.randint(0, 4, (512,), generator=g)
@@ -72,11 +71,16 @@ class FakeTask:
     def build_model(self) -> nn.Module:
         return FakeModel().to(self.dtype)
 
-    def train_batches(self, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    def train_batches(self, seed: int, *, start: int = 0, rank: int = 0,
+                      world_size: int = 1) -> Iterator[tuple[torch.Tensor, ...]]:
         g = torch.Generator().manual_seed(seed)
+        step = 0
         while True:
             idx = torch.randint(0, len(self.train_x), (self.batch_size,), generator=g)
-            yield self.train_x[idx], self.train_y[idx]
+            if step >= start:
+                idx = torch.tensor_split(idx, world_size)[rank]
+                yield self.train_x[idx], self.train_y[idx]
+            step += 1
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict]:
         x, y = batch
@@ -99,12 +103,26 @@ class FakeTask:
         return {"train_examples": len(self.train_x)}
 
 
+def fake_spec(task: FakeTask) -> Any:
+    """The run plan's view of ``task`` (read when the plan is made, so tests may change
+    ``task.target`` or ``task.steps`` after the fixture ran)."""
+    from ddc_bench.plan import TaskSpec
+
+    return TaskSpec(name=task.name, size=task.size, steps=task.steps, batch_size=task.batch_size,
+                    target=task.target, metrics=("loss", "acc"))
+
+
+def use_fake_task(monkeypatch: pytest.MonkeyPatch, task: FakeTask) -> FakeTask:
+    """Make ``ddc_bench.train`` plan and build ``task`` for every run."""
+    monkeypatch.setattr("ddc_bench.train._build_task", lambda cfg, num_workers=0: task)
+    monkeypatch.setattr("ddc_bench.train._task_spec", lambda cfg: fake_spec(task))
+    return task
+
+
 @pytest.fixture
 def fake_task(monkeypatch: pytest.MonkeyPatch):
     """Make ``ddc_bench.train`` build :class:`FakeTask` (returned, to adjust) for every run."""
-    task = FakeTask()
-    monkeypatch.setattr("ddc_bench.train._build_task", lambda cfg, num_workers=0: task)
-    return task
+    return use_fake_task(monkeypatch, FakeTask())
 
 
 def base_config(tmp_path: Path, **top: Any) -> DictConfig:

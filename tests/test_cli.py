@@ -176,34 +176,35 @@ def test_missing_cifar_is_one_line(tmp_path):
 # Runs through the command
 # --------------------------------------------------------------------------------------
 
-def test_run_writes_results_and_refuses_to_overwrite(tmp_path):
+def test_run_writes_results_and_skips_it_when_launched_again(tmp_path):
     args = [*TINY, "steps=3", "seed=2", "results_dir=res", "optimizer=adamw"]
     proc = ddc_bench(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    folder = results.run_dir(tmp_path / "res", "grok_modadd", "tiny", "adamw", "lr0.001", 2)
-    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "metrics.jsonl",
-                                                        "summary.json"]
+    folder = results.run_dir(tmp_path / "res", "grok_modadd", "tiny", "adamw", "lr0.001,steps=3", 2)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "config.yaml",
+                                                        "metrics.jsonl", "summary.json"]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps_done"] == 3
-    assert summary["overrides"] == args
+    assert summary["overrides"] == args and summary["variant_keys"] == {"steps": 3}
     assert summary["target"]["metric"] == "val_acc"  # grok_modadd's default target
+    assert "threads=1" in proc.stdout  # auto: one thread for a tiny model
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("[ddc-bench] finished res/grok_modadd-tiny/adamw/lr0.001/seed2")
+    assert last.startswith("[ddc-bench] finished res/grok_modadd-tiny/adamw/lr0.001,steps=3/seed2")
     assert "val_acc=" in last
     # Hydra wrote nothing into the working directory: only the results folder is there.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
 
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     again = ddc_bench(*args, cwd=tmp_path)
-    assert again.returncode == 1
-    assert "already holds a finished run" in _one_line(again.stderr)
+    assert again.returncode == 0, again.stderr
+    assert "already holds this run, finished; skipped" in _one_line(again.stdout)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
 def test_divergence_exits_zero(tmp_path):
     proc = ddc_bench(*TINY, "steps=20", "optimizer.lr=1e30", "results_dir=res", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    folder = results.run_dir(tmp_path / "res", "grok_modadd", "tiny", "adamw", "lr1e+30", 0)
+    folder = results.run_dir(tmp_path / "res", "grok_modadd", "tiny", "adamw", "lr1e+30,steps=20", 0)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["diverged"] is True and summary["status"] == "diverged"
     assert summary["steps_done"] < 20
@@ -225,13 +226,43 @@ def test_multirun_lands_in_one_results_dir(tmp_path):
         build_report(tmp_path / "sweep")
 
 
-def test_multirun_goes_on_after_a_failed_run_and_exits_nonzero(tmp_path):
-    # seed=0 is finished already: that run fails with one line, seed=1 still runs.
+def test_a_sweep_launched_again_skips_finished_runs_and_exits_zero(tmp_path):
     first = ddc_bench(*TINY, "steps=2", "results_dir=res", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     proc = ddc_bench("--multirun", "seed=0,1", *TINY, "steps=2", "results_dir=res", cwd=tmp_path)
-    assert proc.returncode == 1
-    assert "already holds a finished run" in _one_line(proc.stderr)
-    assert "sweep done: 1 failed, 1 finished" in proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    assert "already holds this run, finished; skipped" in proc.stdout
+    assert "sweep done: 1 skipped, 1 finished" in proc.stdout
     assert results.is_finished(
-        results.run_dir(tmp_path / "res", "grok_modadd", "tiny", "adamw", "lr0.001", 1))
+        results.run_dir(tmp_path / "res", "grok_modadd", "tiny", "adamw", "lr0.001,steps=2", 1))
+
+
+def test_multirun_goes_on_after_a_failed_run_and_exits_nonzero(tmp_path):
+    proc = ddc_bench("--multirun", "task.data.op=pow,add", *TINY, "steps=2", "results_dir=res",
+                     cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "task.data.op" in _one_line(proc.stderr)
+    assert "sweep done: 1 failed, 1 finished" in proc.stdout
+
+
+def test_a_weight_decay_sweep_gives_distinct_folders(tmp_path):
+    proc = ddc_bench("--multirun", "optimizer.weight_decay=0,0.1", *TINY, "steps=2",
+                     "results_dir=res", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = sorted(results.iter_finished_runs(tmp_path / "res"))
+    assert [r.parent.name for r in runs] == ["lr0.001,optimizer.weight_decay=0,steps=2",
+                                            "lr0.001,optimizer.weight_decay=0.1,steps=2"]
+    keys = [json.loads((r / "summary.json").read_text())["variant_keys"] for r in runs]
+    assert keys == [{"optimizer.weight_decay": 0, "steps": 2},
+                    {"optimizer.weight_decay": 0.1, "steps": 2}]
+
+
+def test_lr_mult_scales_the_learning_rate(tmp_path):
+    proc = ddc_bench(*TINY, "steps=2", "lr_mult=2", "results_dir=res", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = results.iter_finished_runs(tmp_path / "res")
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["lr"], summary["base_lr"], summary["lr_mult"]) == (2e-3, 1e-3, 2.0)
+    assert summary["variant_keys"] == {"lr_mult": 2.0, "steps": 2}
+    lrs = [r["lr"] for r in results.read_metrics(run) if "loss" in r]
+    assert lrs and max(lrs) <= 2e-3 and max(lrs) > 1e-3  # the lr actually used

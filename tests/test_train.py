@@ -9,21 +9,15 @@ import time
 
 import pytest
 import torch
-from conftest import FakeTask, base_config
+from conftest import FakeTask, base_config, use_fake_task
 
 from ddc_bench import results, train
 from ddc_bench.config import ConfigError
 from ddc_bench.loggers import LoggerError
 from ddc_bench.schedule import build_scheduler, lr_factor, warmup_steps_for
 
-SUMMARY_KEYS = {
-    "task", "task_size", "optimizer", "lr", "weight_decay", "seed", "variant", "steps",
-    "steps_done", "status", "diverged", "final", "best", "target", "wall_time_s",
-    "train_time_s", "step_time_ms", "units_per_s", "unit", "peak_memory_mb", "overrides",
-    "provenance",
-}
-PROVENANCE_KEYS = {"git_commit", "git_dirty", "packages", "device", "python", "hostname",
-                   "started_at"}
+SUMMARY_KEYS = set(results.Summary.__annotations__)
+PROVENANCE_KEYS = set(results.Provenance.__annotations__)
 
 
 def _folder(cfg, lr="lr0.001", seed=0):
@@ -98,8 +92,7 @@ def test_grad_accumulation_matches_full_batch(parts):
 def test_grad_accumulation_run_equals_full_batch_run(tmp_path, monkeypatch):
     finals = []
     for accum in (1, 4):
-        task = FakeTask(dtype=torch.float64)
-        monkeypatch.setattr(train, "_build_task", lambda cfg, num_workers=0: task)
+        use_fake_task(monkeypatch, FakeTask(dtype=torch.float64))
         cfg = base_config(tmp_path / f"a{accum}", steps=6, **{"hardware.grad_accum": accum})
         finals.append(train.run(cfg, overrides=[])["final"])
     assert finals[0] == pytest.approx(finals[1], rel=1e-9)
@@ -118,17 +111,21 @@ def test_grad_accum_larger_than_batch_is_an_error(tmp_path, fake_task):
 def test_run_writes_config_metrics_and_summary(tmp_path, fake_task):
     cfg = base_config(tmp_path, steps=20, log_every=5, seed=3)
     summary = train.run(cfg, overrides=["steps=20"])
-    folder = _folder(cfg, seed=3)
+    # An overridden key other than optimizer.lr names the variant folder, after lr<lr>.
+    assert summary["variant"] == "lr0.001,steps=20" and summary["variant_keys"] == {"steps": 20}
+    folder = _folder(cfg, lr=summary["variant"], seed=3)
     assert results.is_finished(folder)
     assert (folder / results.CONFIG_FILE).read_text().startswith("seed: 3")
 
     on_disk = json.loads((folder / results.SUMMARY_FILE).read_text())
-    assert SUMMARY_KEYS <= set(on_disk)
+    assert SUMMARY_KEYS == set(on_disk)  # exactly the schema
     assert PROVENANCE_KEYS <= set(on_disk["provenance"])
     assert torch.__version__.startswith(on_disk["provenance"]["packages"]["torch"])
     assert summary["status"] == "finished" and summary["diverged"] is False
     assert (summary["steps"], summary["steps_done"], summary["seed"]) == (20, 20, 3)
-    assert summary["variant"] == "lr0.001" and summary["overrides"] == ["steps=20"]
+    assert summary["overrides"] == ["steps=20"]
+    assert (summary["lr"], summary["base_lr"], summary["lr_mult"]) == (1e-3, 1e-3, 1.0)
+    assert summary["hardware"]["threads"] == 1 and summary["hardware"]["world_size"] == 1
     assert summary["unit"] == "samples" and summary["units_per_s"] > 0
     assert summary["peak_memory_mb"] > 0 and summary["step_time_ms"] > 0
     assert set(summary["final"]) == {"train_eval_loss", "train_eval_acc", "val_loss",
@@ -211,8 +208,17 @@ def test_finished_run_is_never_overwritten(tmp_path, fake_task):
     train.run(cfg, overrides=[])
     folder = _folder(cfg)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(results.RunExistsError, match="already holds a finished run"):
+    with pytest.raises(train.AlreadyFinished, match="already holds this run, finished; skipped"):
         train.run(cfg, overrides=[])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_finished_run_of_another_config_is_refused(tmp_path, fake_task):
+    train.run(base_config(tmp_path, steps=3, run_name="x"), overrides=[])
+    folder = _folder(base_config(tmp_path), lr="x")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(results.RunExistsError, match=r"finished run of another config \(differs in steps\)"):
+        train.run(base_config(tmp_path, steps=4, run_name="x"), overrides=[])
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 

@@ -1,0 +1,264 @@
+"""Checkpoints, exact resume and pre-emption.
+
+* in-process: N steps in one go against N/2 + SIGTERM (a real signal, sent by the run to
+  itself through the ``DDC_BENCH_SIGNAL_AT_STEP`` test hook) + resume + N/2, for every
+  optimizer on ``gpt_lm`` tiny: identical ``metrics.jsonl`` values (timings aside) and
+  bitwise identical parameters and optimizer state;
+* the same through the ``ddc-bench`` command in real subprocesses for adamw, ddc, muon
+  (slow), and Ctrl-C (SIGINT) sent from outside at an arbitrary moment;
+* every task's data stream restarts exactly at any batch, and DDP shards partition it;
+* a missing, truncated or corrupt checkpoint, and one of another config, give one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from cifar_fixture import write_fake_cifar
+from conftest import DDC_BENCH_SCRIPT, PYTHON, base_config, compose, config_names, ddc_bench
+
+from ddc_bench import checkpoint, results, train
+from ddc_bench.config import validate
+
+#: Values that measure time, not computation: they differ between any two runs.
+TIMINGS = ("train_time_s", "units_per_s")
+STEPS, STOP_AT = 12, 5
+GPT = ["task=gpt_lm", "task.size=tiny", "hardware=cpu", "hardware.threads=1", "progress=false",
+       f"steps={STEPS}", "log_every=1", "eval_every=4", "checkpoint_every=0"]
+
+
+def _values(folder: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in results.read_metrics(folder)]
+
+
+def _assert_same_state(a: Path, b: Path) -> None:
+    """Bitwise equal parameters, buffers and optimizer state in two final checkpoints."""
+    pa, _ = checkpoint.load(a)
+    pb, _ = checkpoint.load(b)
+    assert pa["step"] == pb["step"] == STEPS
+    for key in pa["model"]:
+        assert torch.equal(pa["model"][key], pb["model"][key]), key
+    sa, sb = pa["optimizer"]["state"], pb["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for key, value in sa[i].items():
+            other = sb[i][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+    for key in set(pa["optimizer"]) - {"state", "param_groups"}:  # e.g. DDC's log-scale frame
+        va, vb = pa["optimizer"][key], pb["optimizer"][key]
+        assert all(torch.equal(x, y) for x, y in zip(va, vb)) if isinstance(va, list) else va == vb
+
+
+def _run_in_process(overrides: list[str], monkeypatch: pytest.MonkeyPatch, signal_at: int = 0):
+    if signal_at:
+        monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, str(signal_at))
+    else:
+        monkeypatch.delenv(train.SIGNAL_AT_STEP_ENV, raising=False)
+    cfg, choices = compose(overrides)
+    validate(cfg, choices)
+    return train.run(cfg, overrides=overrides)
+
+
+@pytest.mark.parametrize("optimizer", config_names("optimizer"))
+def test_sigterm_and_resume_is_bitwise_exact(optimizer, tmp_path, monkeypatch):
+    common = [*GPT, f"optimizer={optimizer}"]
+    whole = _run_in_process([*common, f"results_dir={tmp_path / 'a'}"], monkeypatch)
+    split = [*common, f"results_dir={tmp_path / 'b'}"]
+    with pytest.raises(train.Preempted, match=f"stopped by SIGTERM at step {STOP_AT}/{STEPS}"):
+        _run_in_process(split, monkeypatch, signal_at=STOP_AT)
+    folder_a = results.run_dir(tmp_path / "a", "gpt_lm", "tiny", optimizer, whole["variant"], 0)
+    folder_b = results.run_dir(tmp_path / "b", "gpt_lm", "tiny", optimizer, whole["variant"], 0)
+    assert not results.is_finished(folder_b)
+    assert checkpoint.load(folder_b)[0]["step"] == STOP_AT
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    resumed = _run_in_process(split, monkeypatch)
+    assert resumed["resumed_from"] == [STOP_AT] and resumed["steps_done"] == STEPS
+    assert _values(folder_a) == _values(folder_b)
+    assert whole["final"] == resumed["final"] and whole["best"] == resumed["best"]
+    _assert_same_state(folder_a, folder_b)
+
+
+# --------------------------------------------------------------------------------------
+# Through the command, in real processes
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adamw", "ddc", "muon"])
+def test_command_sigterm_exit_and_resume_is_bitwise_exact(optimizer, tmp_path):
+    args = [*GPT, f"optimizer={optimizer}"]
+    whole = ddc_bench(*args, "results_dir=a", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    stopped = ddc_bench(*args, "results_dir=b", cwd=tmp_path,
+                        env={train.SIGNAL_AT_STEP_ENV: str(STOP_AT)})
+    assert stopped.returncode == train.EXIT_PREEMPTED, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    line = [ln for ln in stopped.stderr.splitlines() if ln.strip()]
+    assert len(line) == 1 and "stopped by SIGTERM at step 5/12" in line[0]
+    assert "run the same command again to resume" in line[0]
+    resumed = ddc_bench(*args, "results_dir=b", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    variant = json.loads(next((tmp_path / "a").rglob("summary.json")).read_text())["variant"]
+    folder_a = results.run_dir(tmp_path / "a", "gpt_lm", "tiny", optimizer, variant, 0)
+    folder_b = results.run_dir(tmp_path / "b", "gpt_lm", "tiny", optimizer, variant, 0)
+    assert _values(folder_a) == _values(folder_b)
+    _assert_same_state(folder_a, folder_b)
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = [str(DDC_BENCH_SCRIPT)] if DDC_BENCH_SCRIPT.exists() else [PYTHON, "-m", "ddc_bench.cli"]
+    return subprocess.Popen([*command, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.stat().st_size > 0):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_and_a_second_process_is_locked_out(tmp_path):
+    """A long run is interrupted from outside (SIGINT, at whatever step it reached); while
+    it runs, a second process aimed at the same folder stops with one line."""
+    args = ["task=grok_modadd", "task.size=tiny", "hardware=cpu", "progress=false",
+            "steps=1000000", "log_every=1", "eval_every=1000", "results_dir=res"]
+    first = _start(args, tmp_path)
+    folder = results.run_dir(tmp_path / "res", "grok_modadd", "tiny", "adamw",
+                             "lr0.001,eval_every=1000,log_every=1,steps=1000000", 0)
+    _wait_for(folder / results.METRICS_FILE, first)
+    second = ddc_bench(*args, cwd=tmp_path)
+    assert second.returncode == 1
+    lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(Path("res") / folder.relative_to(tmp_path / "res")) in lines[0]
+    assert "is in use by another run (pid" in lines[0]
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == train.EXIT_PREEMPTED, err
+    assert "Traceback" not in err and "stopped by SIGINT at step" in err
+    payload, _ = checkpoint.load(folder)
+    assert payload["step"] >= 1
+    assert not results.lock_path(folder).exists()  # released on the way out
+
+
+# --------------------------------------------------------------------------------------
+# Data streams
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar(root, "cifar10", n_train=40, n_test=20)  # 2 batches of 16 an epoch
+    return root
+
+
+@pytest.mark.parametrize("task_name", config_names("task"))
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_every_task_stream_restarts_exactly_and_shards_partition_it(task_name, num_workers,
+                                                                     cifar_root):
+    from tasks import build_task
+
+    cfg = {"name": task_name, "size": "tiny"}
+    if task_name in ("vit_cifar", "resnet_cifar"):
+        cfg["data"] = {"root": str(cifar_root)}
+    elif num_workers:
+        pytest.skip("only the CIFAR tasks use DataLoader workers")
+    if task_name == "grok_modadd":
+        cfg["batch_size"] = 8  # below the training set: a real shuffled stream, not full batch
+    task = build_task(cfg, num_workers=num_workers)
+    n = 7  # crosses CIFAR's and grok's epoch boundaries
+    fresh = iter(task.train_batches(5))
+    reference = [next(fresh) for _ in range(n)]
+    for start in (1, 3, n - 1):
+        torch.manual_seed(123)  # the global RNG must not matter
+        resumed = iter(task.train_batches(5, start=start))
+        for k in range(start, n):
+            batch = next(resumed)
+            assert all(torch.equal(a, b) for a, b in zip(batch, reference[k])), (start, k)
+    shards = [iter(task.train_batches(5, start=2, rank=r, world_size=2)) for r in range(2)]
+    for k in range(2, n):
+        parts = [next(s) for s in shards]
+        for i, whole in enumerate(reference[k]):
+            assert torch.equal(torch.cat([p[i] for p in parts]), whole)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint faults: one line, never a silent mix
+# --------------------------------------------------------------------------------------
+
+def _interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    cfg = base_config(tmp_path, steps=6, checkpoint_every=0)
+    monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, "3")
+    with pytest.raises(train.Preempted):
+        train.run(cfg, overrides=[])
+    monkeypatch.delenv(train.SIGNAL_AT_STEP_ENV)
+    folder = results.run_dir(cfg.results_dir, "fake", "tiny", "adamw", "lr0.001", 0)
+    return cfg, folder
+
+
+def test_checkpoints_are_atomic_and_two_are_kept(tmp_path, fake_task):
+    cfg = base_config(tmp_path, steps=6, checkpoint_every=2)
+    train.run(cfg, overrides=[])
+    folder = results.run_dir(cfg.results_dir, "fake", "tiny", "adamw", "lr0.001", 0)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["checkpoint.prev.pt", "checkpoint.pt", "config.yaml", "metrics.jsonl",
+                     "summary.json"]
+    assert checkpoint.load(folder)[0]["step"] == 6
+    assert torch.load(folder / results.PREV_CHECKPOINT_FILE, weights_only=True)["step"] == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_checkpoint_is_one_line_and_resume_false_starts_afresh(
+        damage, tmp_path, fake_task, monkeypatch):
+    cfg, folder = _interrupted(tmp_path, monkeypatch)
+    path = folder / results.CHECKPOINT_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a checkpoint" * 64)
+    metrics_before = (folder / results.METRICS_FILE).read_bytes()
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        train.run(cfg, overrides=[])
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "resume=false" in message
+    assert (folder / results.METRICS_FILE).read_bytes() == metrics_before  # untouched
+    cfg.resume = False
+    summary = train.run(cfg, overrides=[])
+    assert summary["status"] == "finished" and summary["resumed_from"] == []
+    aside = folder.with_name("seed0.interrupted-1")
+    assert (aside / results.METRICS_FILE).read_bytes() == metrics_before  # kept, moved aside
+
+
+def test_missing_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, fake_task, monkeypatch):
+    """A crash between save's two renames leaves only checkpoint.prev.pt: resume from it."""
+    cfg = base_config(tmp_path, steps=6, checkpoint_every=2)
+    monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, "5")
+    with pytest.raises(train.Preempted):
+        train.run(cfg, overrides=[])
+    monkeypatch.delenv(train.SIGNAL_AT_STEP_ENV)
+    folder = results.run_dir(cfg.results_dir, "fake", "tiny", "adamw", "lr0.001", 0)
+    (folder / results.CHECKPOINT_FILE).unlink()  # latest (step 5) gone; prev is step 4
+    summary = train.run(cfg, overrides=[])
+    assert summary["resumed_from"] == [4] and summary["steps_done"] == 6
+    steps = [r["step"] for r in results.read_metrics(folder) if "loss" in r]
+    assert steps == sorted(set(steps))  # lines after step 4 were cut, then written once
+
+
+def test_resume_true_without_checkpoint_and_another_config_are_refused(tmp_path, fake_task,
+                                                                       monkeypatch):
+    cfg = base_config(tmp_path, steps=6, resume=True)
+    with pytest.raises(checkpoint.CheckpointError, match="resume=true but .* holds no checkpoint"):
+        train.run(cfg, overrides=[])
+    cfg, folder = _interrupted(tmp_path / "x", monkeypatch)
+    cfg.grad_clip = 0.5  # same folder, different computation
+    with pytest.raises(checkpoint.CheckpointError, match=r"different config \(differs in grad_clip\)"):
+        train.run(cfg, overrides=[])
