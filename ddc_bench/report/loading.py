@@ -20,7 +20,7 @@ from ddc_bench import results
 from ddc_bench.results import higher_is_better
 
 #: Leading columns of summary.csv, in order; metric columns follow, then the rest.
-ID_COLUMNS = ["task", "task_size", "optimizer", "variant", "setting", "lr", "base_lr",
+ID_COLUMNS = ["task", "task_size", "optimizer", "variant", "variant_keys", "lr", "base_lr",
               "lr_mult", "weight_decay", "seed", "status", "diverged", "steps", "steps_done"]
 TAIL_COLUMNS = ["target_metric", "target_value", "target_step", "target_time_s",
                 "step_time_ms", "units_per_s", "unit", "train_time_s", "wall_time_s",
@@ -84,15 +84,24 @@ def _target_from_metrics(records: list[dict[str, Any]], target: dict[str, float]
     return None
 
 
-def setting_label(variant_keys: Any, variant: Any, lr: Any) -> str:
-    """What distinguishes a setting from the optimizer's others, for people: the swept keys
-    (``lr_mult=2, optimizer.weight_decay=0.1``); for summaries without ``variant_keys``,
-    a ``run_name`` folder, or else the learning rate."""
-    if isinstance(variant_keys, dict) and variant_keys:
-        return ", ".join(f"{k}={_fmt_key_value(variant_keys[k])}" for k in sorted(variant_keys))
-    if finite(lr) and variant not in (None, results.default_variant(float(lr))):
-        return str(variant)
-    return f"lr={float(lr):g}" if finite(lr) else str(variant)
+def setting_labels(task_df: pd.DataFrame) -> pd.Series:
+    """What distinguishes each run's setting from the others of its task, for people: the
+    swept keys whose values differ between the task's runs (``lr_mult=2,
+    optimizer.weight_decay=0.1``; keys every run shares, such as ``steps=600``, are left
+    out); for summaries without ``variant_keys``, a ``run_name`` folder, or else the lr."""
+    keys = [json.loads(v) if isinstance(v, str) else {} for v in task_df["variant_keys"]]
+    names = sorted({k for d in keys for k in d})
+    varying = [k for k in names if len({json.dumps(d.get(k)) for d in keys}) > 1]
+    labels = []
+    for d, variant, lr in zip(keys, task_df["variant"], task_df["lr"]):
+        if varying:
+            labels.append(", ".join(f"{k}={_fmt_key_value(d.get(k))}" for k in varying))
+        elif finite(lr) and variant not in (None, results.default_variant(float(lr))) \
+                and not d:
+            labels.append(str(variant))  # a run_name folder
+        else:
+            labels.append(f"lr={float(lr):g}" if finite(lr) else str(variant))
+    return pd.Series(labels, index=task_df.index, dtype=object)
 
 
 def _fmt_key_value(value: Any) -> str:
@@ -102,8 +111,8 @@ def _fmt_key_value(value: Any) -> str:
 def _flatten(summary: dict[str, Any], target_override: dict[str, float],
              records: list[dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {k: summary.get(k) for k in ID_COLUMNS}
-    row["setting"] = setting_label(summary.get("variant_keys"), summary.get("variant"),
-                                   summary.get("lr"))
+    keys = summary.get("variant_keys")
+    row["variant_keys"] = json.dumps(keys, sort_keys=True) if isinstance(keys, dict) else None
     # Summaries from before lr_mult: the lr is the base lr, the multiplier 1.
     if row["base_lr"] is None:
         row["base_lr"] = summary.get("lr")

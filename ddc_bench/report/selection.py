@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ddc_bench.report.loading import GROUP_KEYS, metric_sort_key
+from ddc_bench.report.loading import GROUP_KEYS, metric_sort_key, setting_labels
 from ddc_bench.report.stats import Comparison, seed_stats, welch
 from ddc_bench.results import higher_is_better
 
@@ -76,6 +76,7 @@ def aggregate_task(task_df: pd.DataFrame) -> pd.DataFrame:
     value_cols += [f"final_{m}" for m in tests]
     if gap:
         value_cols.append(gap)
+    task_df = task_df.assign(setting=setting_labels(task_df))
     out = []
     for key, g in task_df.groupby(GROUP_KEYS, dropna=False, sort=True):
         ok = g[~g["diverged"].astype(bool)]
@@ -110,27 +111,33 @@ def select_best(agg: pd.DataFrame, metric: str | None) -> dict[str, Any]:
 
     The best mean (over seeds) of ``final_<metric>`` among the optimizer's settings without
     a diverged seed (all of its settings when each has one); settings with no finite mean
-    are never chosen. An optimizer whose every setting has no finite mean gets none.
+    are never chosen; ties (an accuracy that saturates) are broken by the mean final
+    validation loss. An optimizer whose every setting has no finite mean gets none.
     """
     col = f"final_{metric}__mean"
     chosen: dict[str, Any] = {}
     if metric is None or col not in agg:
         return chosen
-    higher = higher_is_better(metric)
     for opt, g in agg.groupby("optimizer", sort=True):
         clean = g[g["diverged"] == 0]
         pool = clean if clean[col].notna().any() else g
-        scores = pool[col].dropna()
-        if len(scores):
-            chosen[str(opt)] = scores.idxmax() if higher else scores.idxmin()
+        pool = pool[pool[col].notna()]
+        if len(pool):
+            chosen[str(opt)] = min(pool.index, key=lambda i: _sort_key(agg, i, metric))
     return chosen
+
+
+def _sort_key(agg: pd.DataFrame, idx: Any, metric: str) -> tuple[float, float]:
+    """Smaller is better: the metric (negated when higher is better), then val_loss."""
+    value = float(agg.loc[idx, f"final_{metric}__mean"])
+    tie = agg.loc[idx, "final_val_loss__mean"] if "final_val_loss__mean" in agg else np.nan
+    tie = float(tie) if pd.notna(tie) else np.inf
+    return (-value if higher_is_better(metric) else value, tie)
 
 
 def rank_selected(agg: pd.DataFrame, chosen: dict[str, Any], metric: str) -> list[str]:
     """Optimizers by their selected setting's mean, best first."""
-    col = f"final_{metric}__mean"
-    return sorted(chosen, key=lambda o: agg.loc[chosen[o], col],
-                  reverse=higher_is_better(metric))
+    return sorted(chosen, key=lambda o: _sort_key(agg, chosen[o], metric))
 
 
 def compare_to_best(task_df: pd.DataFrame, agg: pd.DataFrame, chosen: dict[str, Any],
