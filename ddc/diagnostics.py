@@ -409,10 +409,13 @@ def fit_rate(scales: Sequence[float], values: Sequence[float], confidence: float
 # ---------------------------------------------------------------------------------------
 
 
-def _scale_hook(t: torch.Tensor | float) -> Callable:
+def _scale_hook(t: torch.Tensor) -> Callable:
     # Scaling a Linear's output by t == scaling its rows and bias by t (the channel's whole
-    # input), which commutes with every declared gauge (see docs/diagnostics.md).
-    return lambda module, args, out: out * t
+    # input), which commutes with every declared gauge (see docs/diagnostics.md). ``t`` holds
+    # one scale per sample (the probe batch is repeated once per scale).
+    def hook(module, args, out):
+        return out * t.reshape(-1, *([1] * (out.ndim - 1)))
+    return hook
 
 
 def _contribution(layer: ChannelLayer, out: torch.Tensor) -> torch.Tensor:
@@ -421,25 +424,25 @@ def _contribution(layer: ChannelLayer, out: torch.Tensor) -> torch.Tensor:
     return out - bias if bias is not None else out
 
 
-def _mean_sq(x: torch.Tensor) -> float:
-    """Mean over tokens (all leading axes) of the squared norm over the feature axis."""
-    return float(x.double().pow(2).sum(-1).mean())
+def _mean_sq_per_scale(x: torch.Tensor, n_scales: int) -> list[float]:
+    """Per scale (contiguous chunk of the batch), the mean over tokens of the squared norm
+    over the feature axis."""
+    per_token = x.double().pow(2).sum(-1)
+    return per_token.reshape(n_scales, -1).mean(1).tolist()
 
 
-def _forward_readings(model: nn.Module, layer: ChannelLayer, t: float,
-                      inputs: torch.Tensor) -> tuple[float, float]:
-    """Forward second moment and directional (model) Fisher at scale ``t``.
+def _forward_readings(model: nn.Module, layer: ChannelLayer, t: torch.Tensor,
+                      inputs: torch.Tensor, n_scales: int) -> tuple[list[float], list[float]]:
+    """Forward second moment and directional (model) Fisher at every scale.
 
-    One forward pass in forward-mode AD: ``t`` is a dual number with tangent ``t``, so the
-    logits' tangent is ``ż = dz/dε`` along ``t → t(1 + ε)``, the layer's radial direction.
+    ``inputs`` is the probe batch repeated once per scale and ``t`` the per-sample scale.
+    One forward pass in forward-mode AD: ``t`` is dual with tangent ``t``, so the logits'
+    tangent is ``ż = dz/dε`` along ``t → t(1 + ε)``, the layer's radial direction.
     Fisher = mean over positions of ``Var_{y~softmax(z)}(ż_y)``.
     """
     captured: dict[str, torch.Tensor] = {}
-    ref = next(model.parameters())
     with fwAD.dual_level():
-        t_dual = fwAD.make_dual(torch.tensor(t, dtype=ref.dtype, device=ref.device),
-                                torch.tensor(t, dtype=ref.dtype, device=ref.device))
-        handles = [m.register_forward_hook(_scale_hook(t_dual)) for m in layer.inputs]
+        handles = [m.register_forward_hook(_scale_hook(fwAD.make_dual(t, t))) for m in layer.inputs]
         handles.append(layer.output.register_forward_hook(
             lambda mod, args, out: captured.__setitem__("out", fwAD.unpack_dual(out).primal)))
         try:
@@ -453,15 +456,16 @@ def _forward_readings(model: nn.Module, layer: ChannelLayer, t: float,
     p = torch.softmax(z.double(), dim=-1)
     zdot = zdot.double()
     centred = zdot - (p * zdot).sum(-1, keepdim=True)
-    fisher = float((p * centred * centred).sum(-1).mean())
-    return _mean_sq(_contribution(layer, captured["out"])), fisher
+    fisher = (p * centred * centred).sum(-1).reshape(n_scales, -1).mean(1).tolist()
+    return _mean_sq_per_scale(_contribution(layer, captured["out"]), n_scales), fisher
 
 
-def _backward_reading(model: nn.Module, layer: ChannelLayer, t: float, inputs: torch.Tensor,
-                      targets: torch.Tensor) -> float:
-    """Backward second moment at scale ``t``: mean over tokens of ``‖∂L/∂x‖²`` where ``x`` is
-    the residual stream entering the layer and only the path through this layer counts
-    (``L`` = summed cross-entropy, so per-token gradients do not shrink with batch size)."""
+def _backward_readings(model: nn.Module, layer: ChannelLayer, t: torch.Tensor,
+                       inputs: torch.Tensor, targets: torch.Tensor, n_scales: int) -> list[float]:
+    """Backward second moment at every scale: mean over tokens of ``‖∂L/∂x‖²`` where ``x``
+    is the residual stream entering the layer and only the path through this layer counts
+    (``L`` = summed cross-entropy, so per-token gradients do not shrink with batch size;
+    samples do not interact in eval mode, so each scale's chunk gets its own gradient)."""
     aliases: list[torch.Tensor] = []
 
     def detach_input(module, args):
@@ -487,7 +491,9 @@ def _backward_reading(model: nn.Module, layer: ChannelLayer, t: float, inputs: t
     for g in grads:
         if g is not None:
             total = g if total is None else total + g
-    return 0.0 if total is None else _mean_sq(total)
+    if total is None:
+        return [0.0] * n_scales
+    return _mean_sq_per_scale(total, n_scales)
 
 
 @torch.no_grad()
@@ -502,26 +508,35 @@ def dead_direction_rates(model: nn.Module, inputs: torch.Tensor, targets: torch.
     the matching class indices (a language model's ``(B, T)`` next tokens, or a
     classifier's ``(B,)`` labels). For each layer and each ``t`` in ``scales`` every channel
     of that layer alone is scaled by ``t`` (the rest of the model is the checkpoint), and
-    the three observables are measured; the cell's rate is fitted over ``scales``. The
-    model runs in eval mode; attention uses PyTorch's math kernel (forward-mode AD).
+    the three observables are measured; the cell's rate is fitted over ``scales``.
+
+    Cost: per channel layer, one forward pass in forward-mode AD and one forward + backward
+    pass, each on the probe batch repeated ``len(scales)`` times (so memory grows with
+    ``len(scales)`` × batch: keep the probe batch small). The model runs in eval mode
+    (samples must not interact: BatchNorm uses its running statistics); attention uses
+    PyTorch's math kernel, which supports forward-mode AD.
     """
     scales = tuple(float(s) for s in scales)
     if len(scales) < 3 or any(not (s > 0) for s in scales):
         raise ValueError(f"scales must be at least 3 positive numbers, got {list(scales)}")
     if layers is None:
         layers = channel_layers(model, inputs, gauges)
+    # Every scale in one pass: the probe batch repeated once per scale, sample j of copy i
+    # scaled by scales[i] (samples never interact in eval mode).
+    n = len(scales)
+    ref = next(model.parameters())
+    stacked = inputs.repeat(n, *([1] * (inputs.ndim - 1)))
+    stacked_targets = targets.repeat(n, *([1] * (targets.ndim - 1)))
+    t = torch.tensor(scales, dtype=ref.dtype, device=ref.device).repeat_interleave(len(inputs))
     was_training = model.training
     model.eval()
     cells: list[RateCell] = []
     try:
         with sdpa_kernel([SDPBackend.MATH]):
             for layer in layers:
-                readings = {obs: [] for obs in OBSERVABLES}
-                for t in scales:
-                    fwd, fisher = _forward_readings(model, layer, t, inputs)
-                    readings["fwd"].append(fwd)
-                    readings["fisher"].append(fisher)
-                    readings["bwd"].append(_backward_reading(model, layer, t, inputs, targets))
+                fwd, fisher = _forward_readings(model, layer, t, stacked, n)
+                bwd = _backward_readings(model, layer, t, stacked, stacked_targets, n)
+                readings = {"fwd": fwd, "bwd": bwd, "fisher": fisher}
                 k = PREDICTED_ORDER[layer.kind]
                 for obs in OBSERVABLES:
                     fit = fit_rate(scales, readings[obs], criteria.confidence)
