@@ -36,8 +36,10 @@ from . import functional as F
 from .muon_kernels import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS as MUON_EPS
 from .gauges import Gauge, LogitShift, RotationGauge, RotationMember, ScaleGauge, from_blocks, to_blocks
 from .param_groups import param_groups
+from .verify import check_declarations, unwrap_model
 
 BASES = ("adam", "muon")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 DEAD_MODES = ("freeze", "free")
 ORTHOGONALIZERS = ("newton_schulz", "svd")
 
@@ -216,8 +218,9 @@ class DDC(Optimizer):
         if not degenerate_norm > 0.0:
             raise ValueError(f"degenerate_norm must be positive, got {degenerate_norm}")
 
+        model = None
         if isinstance(params, nn.Module):
-            model = params
+            model = unwrap_model(params)
             params = param_groups(model, weight_decay)
             if gauges is None:
                 gauges = model.gauges() if hasattr(model, "gauges") else []
@@ -225,6 +228,8 @@ class DDC(Optimizer):
                         nesterov=nesterov, ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps,
                         ns_eps=ns_eps, adjust_lr_fn=adjust_lr_fn)
         super().__init__(params, defaults)
+        for group in self.param_groups:  # reference for schedulers that cycle beta1 (see _muon_momentum)
+            group.setdefault("ddc_beta1_ref", group["betas"][0])
         self.base = base
         self.dead_mode = dead_mode
         self.orthogonalizer = orthogonalizer
@@ -232,36 +237,77 @@ class DDC(Optimizer):
         self.balance_max_iter = balance_max_iter
         self.degenerate_norm = degenerate_norm
         self.gauges = list(gauges or [])
+        if model is not None:
+            check_declarations(model, self.gauges)
         self._frame = _Frame(self.gauges)
         owned = {p for group in self.param_groups for p in group["params"]}
-        missing = [p for p in self._frame.params if p not in owned]
+        names = {p: n for n, p in model.named_parameters()} if model is not None else {}
+        missing = [p for p in self._frame.params if p not in owned and p.requires_grad]
         if missing:
-            raise ValueError(f"{len(missing)} gauge parameter(s) (first of shape "
-                             f"{tuple(missing[0].shape)}) are not among the optimizer's parameters")
-        self._log_scales = [
-            torch.zeros(g.size, dtype=torch.float64, device=g.members[0].param.device)
-            for g in self._frame.scale_gauges
-        ]
-        #: Sweeps the last balancing solves took (start of step, after the step); for diagnostics.
+            name = names.get(missing[0], f"of shape {tuple(missing[0].shape)}")
+            raise ValueError(f"gauge parameter {name} is trainable but not among the optimizer's parameters; "
+                             f"give DDC every trainable parameter its gauges act on (frozen ones, "
+                             f"requires_grad=False, may be left out: they stay fixed)")
+        if not self.gauges:
+            warnings.warn("DDC has no gauges (none declared, or the model has no gauges() method), so it "
+                          "is exactly its base optimizer; declare them, or pass gauges='auto' with an "
+                          "example_input", UserWarning, stacklevel=2)
+        # Each scale gauge's log-scales live in the per-parameter state of one of its members
+        # (one the optimizer owns), so every checkpointing path that saves per-parameter state
+        # (state_dict, torch.distributed.checkpoint) saves them too. A gauge whose members
+        # are all frozen keeps them here (they only warm-start its solve).
+        self._anchors: list[tuple[torch.Tensor | None, str]] = []
+        for gauge in self._frame.scale_gauges:
+            anchor = next((m for m in gauge.members if m.param in owned), None)
+            self._anchors.append((anchor.param, f"ddc_log_scales_axis{anchor.axis}") if anchor else (None, ""))
+        self._unanchored: dict[int, torch.Tensor] = {}
+        #: Newton steps the last balancing solves took (start of step, after the step); for diagnostics.
         self.last_balance_sweeps: tuple[int, int] = (0, 0)
 
     # ----------------------------------------------------------------------------- state
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus the scale frame (``ddc_log_scales``), so a resumed run
-        continues with bit-identical steps."""
-        state = super().state_dict()
-        state["ddc_log_scales"] = [s.clone() for s in self._log_scales]
-        return state
+    @property
+    def _log_scales(self) -> list[torch.Tensor]:
+        """The current scale frame: one float64 vector per scale gauge (zeros before the first step)."""
+        out = []
+        for g, ((param, key), gauge) in enumerate(zip(self._anchors, self._frame.scale_gauges)):
+            value = self.state[param].get(key) if param is not None and param in self.state else self._unanchored.get(g)
+            if value is None:
+                value = torch.zeros(gauge.size, dtype=torch.float64, device=gauge.members[0].param.device)
+            out.append(value)
+        return out
+
+    @_log_scales.setter
+    def _log_scales(self, values: list[torch.Tensor]) -> None:
+        for g, ((param, key), value) in enumerate(zip(self._anchors, values)):
+            if param is None:
+                self._unanchored[g] = value
+            else:
+                self.state[param][key] = value
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        log_scales = state_dict.pop("ddc_log_scales", None)
+        """torch's ``load_state_dict``, except that the log-scales stay float64 (torch would
+        cast them to the parameter's dtype), so a resumed run continues with identical steps."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        by_id = dict(zip(saved_ids, params))
+        scales = {(i, key): value for i, st in state_dict["state"].items() for key, value in st.items()
+                  if isinstance(key, str) and key.startswith("ddc_log_scales")}
         super().load_state_dict(state_dict)
-        if log_scales is not None:
-            if [s.numel() for s in log_scales] != [s.numel() for s in self._log_scales]:
-                raise ValueError("ddc_log_scales in the state dict do not match this optimizer's gauges")
-            self._log_scales = [s.to(old) for s, old in zip(log_scales, self._log_scales)]
+        for (i, key), value in scales.items():
+            if i in by_id:
+                p = by_id[i]
+                self.state[p][key] = value.detach().to(dtype=torch.float64, device=p.device).clone()
+
+    def _muon_momentum(self, group: dict[str, Any]) -> float:
+        """Muon's momentum for ``group``. Schedulers that cycle momentum (OneCycleLR,
+        CyclicLR) write ``betas[0]`` of an optimizer that has ``betas``; Muon's momentum then
+        follows in proportion of ``1 − momentum``: ``1 − m = (1 − m₀)(1 − β₁)/(1 − β₁,₀)``,
+        with ``β₁,₀`` the value at construction (so without such a scheduler, ``m = m₀``)."""
+        beta1, ref = group["betas"][0], group.setdefault("ddc_beta1_ref", group["betas"][0])
+        if beta1 == ref:
+            return group["momentum"]
+        return 1 - (1 - group["momentum"]) * (1 - beta1) / (1 - ref)
 
     def _uses_muon(self, group: dict[str, Any], p: torch.Tensor) -> bool:
         if self.base != "muon":
@@ -277,7 +323,7 @@ class DDC(Optimizer):
         if self._uses_muon(group, p):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            return F.muon_update(grad, state["momentum_buffer"], group["lr"], group["momentum"],
+            return F.muon_update(grad, state["momentum_buffer"], group["lr"], self._muon_momentum(group),
                                  group["nesterov"], self.orthogonalizer, group["ns_coefficients"],
                                  group["ns_steps"], group["ns_eps"], group["adjust_lr_fn"])
         if "step" not in state:
@@ -315,52 +361,80 @@ class DDC(Optimizer):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(self._base_update(p, group, p.grad))
 
-        if frame.params and any(p.grad is not None for p in frame.params):
+        if any(p.grad is not None for i, p in enumerate(frame.params) if i in group_of):
             self._gauged_step(group_of)
         return loss
 
     def _balance_tol(self) -> float:
         if self.balance_tol is not None:
             return self.balance_tol
-        return 1e-12 if self._frame.params[0].dtype == torch.float64 else 1e-6
+        return 1e-12 if self._work_dtype() == torch.float64 else 1e-6
 
-    def _gauged_step(self, group_of: dict[int, dict[str, Any]]) -> None:
+    def _work_dtype(self) -> torch.dtype:
+        """Precision of the frame, projections and gauged state: float64 if any gauged
+        parameter is float64, else float32 (bfloat16 and float16 parameters included)."""
+        return torch.float64 if any(p.dtype == torch.float64 for p in self._frame.params) else torch.float32
+
+    def _to_canonical(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None], dict[int, torch.Tensor],
+                                     list[torch.Tensor | None], int]:
+        """Step 1: the canonical points and gradients of every gauged parameter (in the
+        working precision), the readout means taken out, the scale factors ``S`` and the
+        number of Newton steps the balancing took. Updates the stored frame (warm start)."""
         frame = self._frame
-        params = frame.params
-        # A gauged parameter without a gradient still moves with its gauge partners.
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        tol, max_iter = self._balance_tol(), self.balance_max_iter
-        # A side of a scale coordinate counts as zero below √eps of the compute precision.
-        zero_level = torch.finfo(params[0].dtype).eps ** 0.5
-        freeze = self.dead_mode == "freeze"
-
-        # 1. Canonical frame: centre the readout, then balance the scale gauges.
-        points = [p.detach().clone() for p in params]
+        work = self._work_dtype()
+        points = [p.detach().to(work, copy=True) for p in frame.params]
+        grads = [p.grad.detach().to(work) if p.grad is not None else None for p in frame.params]
         means: dict[int, torch.Tensor] = {}
         for i in frame.centred:
             means[i] = points[i].mean(dim=0, keepdim=True)
             points[i] -= means[i]
-            grads[i] = grads[i] - grads[i].mean(dim=0, keepdim=True)
-        sweeps_before = 0
+            if grads[i] is not None:
+                grads[i] = grads[i] - grads[i].mean(dim=0, keepdim=True)
+        sweeps = 0
         if frame.scale_gauges:
-            self._log_scales, sweeps_before = frame.solve_scales(points, self._log_scales, tol, max_iter,
-                                                                      self.degenerate_norm, zero_level)
-        scales = [frame.scale_tensor(i, self._log_scales, points[i]) for i in range(len(params))]
+            self._log_scales, sweeps = frame.solve_scales(points, self._log_scales, self._balance_tol(),
+                                                          self.balance_max_iter, self.degenerate_norm,
+                                                          self._zero_level())
+        scales = [frame.scale_tensor(i, self._log_scales, points[i]) for i in range(len(frame.params))]
         for i, s in enumerate(scales):
             if s is not None:
                 points[i] = points[i] * s
-                grads[i] = grads[i] / s
+                if grads[i] is not None:
+                    grads[i] = grads[i] / s
+        return points, grads, means, scales, sweeps
+
+    def _zero_level(self) -> float:
+        # A side of a scale coordinate counts as zero below √eps of the working precision.
+        return torch.finfo(self._work_dtype()).eps ** 0.5
+
+    def _gauged_step(self, group_of: dict[int, dict[str, Any]]) -> None:
+        frame = self._frame
+        params = frame.params
+        freeze = self.dead_mode == "freeze"
+        points, grads, means, scales, sweeps_before = self._to_canonical()
+
+        # Parameters that move: owned by the optimizer, with a gradient, in a group with lr > 0.
+        # The others stay exactly where they are, as with torch's optimizers (frozen or
+        # grad-None parameters also keep their state; lr-0 groups advance it, as AdamW does).
+        stepped = [i in group_of and grads[i] is not None for i in range(len(params))]
+        moving = [stepped[i] and group_of[i]["lr"] != 0 for i in range(len(params))]
+        if not any(stepped):
+            return
 
         # 2-3. Weight decay and the base step, in canonical coordinates.
         deltas = []
         for i, p in enumerate(params):
+            if not stepped[i]:
+                deltas.append(torch.zeros_like(points[i]))
+                continue
             group = group_of[i]
             points[i].mul_(1 - group["lr"] * group["weight_decay"])
             member = frame.rotation_of.get(i)
             pooled = None
             if member is not None and not self._uses_muon(group, p):
                 pooled = _pool_over_blocks(grads[i] * grads[i], member)
-            deltas.append(self._base_update(p, group, grads[i], pooled))
+            delta = self._base_update(p, group, grads[i], pooled)
+            deltas.append(delta if moving[i] else torch.zeros_like(delta))
 
         # 4. Dead directions: no translation, no rotation, no rescaling.
         if freeze:
@@ -376,18 +450,68 @@ class DDC(Optimizer):
                     deltas[i] = from_blocks(d, m)
         new_points = [x + d for x, d in zip(points, deltas)]
         sweeps_after = 0
-        if freeze and frame.scale_gauges:
+        # Re-balancing rescales every member of a gauge; with a member that must stay fixed
+        # (frozen, no gradient, lr 0) the step skips it: still equivariant, not drift-free.
+        scaled_all_moving = all(moving[i] for i in frame.scale_axes)
+        if freeze and frame.scale_gauges and scaled_all_moving:
             zeros = [torch.zeros_like(s) for s in self._log_scales]
-            back, sweeps_after = frame.solve_scales(new_points, zeros, tol, max_iter, self.degenerate_norm, zero_level)
+            back, sweeps_after = frame.solve_scales(new_points, zeros, self._balance_tol(), self.balance_max_iter,
+                                                    self.degenerate_norm, self._zero_level())
             for i in range(len(params)):
                 s = frame.scale_tensor(i, back, new_points[i])
                 if s is not None:
                     new_points[i] = new_points[i] * s
 
-        # 5. Back to the model's coordinates.
+        # 5. Back to the model's coordinates (only the parameters that move are written).
         for i, p in enumerate(params):
+            if not moving[i]:
+                continue
             x = new_points[i] if scales[i] is None else new_points[i] / scales[i]
             if i in means:
                 x = x + means[i]
             p.copy_(x)
         self.last_balance_sweeps = (sweeps_before, sweeps_after)
+
+    # -------------------------------------------------------------------------- clipping
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's parameters, with the norm
+        measured in the canonical frame, so it is the same at every point of a gauge orbit.
+
+        Gauged gradients are measured as DDC's base step sees them (readout gradient
+        centred, divided by the scale frame ``S``; rotations do not change norms); other
+        gradients as they are. Every gradient is then multiplied by
+        ``min(1, max_norm / (total + 1e-6))``, exactly as torch does; multiplying the raw
+        gradient by a number multiplies the canonical one by the same number. Returns the
+        total norm (a tensor). ``foreach`` is accepted for torch's signature and ignored.
+        Call it after ``backward()`` and before ``step()`` (it also warm-starts the frame
+        solve of the coming step).
+        """
+        del foreach
+        max_norm, norm_type = float(max_norm), float(norm_type)
+        grads: dict[torch.Tensor, torch.Tensor] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads[p] = p.grad.detach()
+        if not grads:
+            return torch.tensor(0.0)
+        frame = self._frame
+        if any(p in grads for p in frame.params):
+            canonical = self._to_canonical()[1]
+            for p, g in zip(frame.params, canonical):
+                if p in grads and g is not None:
+                    grads[p] = g
+        device = next(iter(grads)).grad.device
+        norms = [torch.linalg.vector_norm(g.float() if g.dtype in _LOW_PRECISION else g, norm_type).to(device)
+                 for g in grads.values()]
+        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite, so it "
+                               f"cannot be clipped; pass error_if_nonfinite=False to clip anyway")
+        coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in grads:
+            p.grad.mul_(coefficient.to(p.grad.device, p.grad.dtype))
+        return total

@@ -97,3 +97,46 @@ def _remap(value: Any, mapping: dict[int, torch.Tensor]) -> Any:
     if hasattr(value, "__dataclass_fields__") and hasattr(value, "param"):
         return dataclasses.replace(value, param=_remap(value.param, mapping))
     return value
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside wrappers that add no parameters of their own: DistributedDataParallel
+    (``.module``), ``torch.compile``'s wrapper, FSDP1's wrapper. A wrapper is recognised by
+    structure, not by class: no ``gauges()`` method, exactly one child module, and that child
+    holds every parameter. FSDP2 (``fully_shard``) does not wrap, so it needs nothing."""
+    while not hasattr(model, "gauges"):
+        children = list(model.children())
+        if len(children) != 1:
+            break
+        child = children[0]
+        if {id(p) for p in child.parameters()} != {id(p) for p in model.parameters()} or not children:
+            break
+        model = child
+    return model
+
+
+def check_declarations(model: nn.Module, gauges: list[Gauge]) -> None:
+    """Structural checks of gauge declarations, cheap enough for every ``DDC(model)``.
+
+    Shapes are checked when a gauge is built; here: every gauge parameter belongs to
+    ``model``, and none is shared by two modules or owned by a module registered twice
+    (a tied readout, a layer applied at two places): a scaling, shift or rotation of a
+    shared tensor acts at every place that uses it, which none of the gauges allows for.
+    Raises :class:`GaugeDeclarationError` naming the gauge and the parameter.
+    """
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{module_name}.{pname}" if module_name else pname)
+    for gauge in gauges:
+        for p in gauge.parameters():
+            if id(p) not in names:
+                raise GaugeDeclarationError(f"{gauge!r} acts on a {tuple(p.shape)} parameter that is "
+                                            f"not a parameter of the model")
+            places = owners.get(id(p), [])
+            if len(places) > 1:
+                raise GaugeDeclarationError(
+                    f"{gauge!r} acts on {places[0]}, which the model also uses as {', '.join(places[1:])} "
+                    f"(tied or shared); a gauge on a shared tensor is not a symmetry"
+                )

@@ -190,7 +190,7 @@ def test_closure_and_zero_grad():
 
     first = optimizer.step(closure)
     second = optimizer.step(closure)
-    assert float(second) < float(first)
+    assert float(second.detach()) < float(first.detach())
     optimizer.zero_grad()
     assert all(p.grad is None for p in model.parameters())
 
@@ -228,12 +228,15 @@ def test_overlapping_gauges_on_one_axis_are_refused():
 
 # ------------------------------------------------------------------- contract 5: memory
 
-def state_bytes(optimizer):
+def state_bytes(optimizer, keys=None):
     return sum(t.numel() * t.element_size() for s in optimizer.state.values()
-               for t in s.values() if isinstance(t, torch.Tensor) and t.ndim > 0)
+               for k, t in s.items() if isinstance(t, torch.Tensor) and t.ndim > 0
+               and (keys is None or keys(k)))
 
 
 def test_state_is_no_larger_than_adamw_plus_vectors():
+    """Moments no larger than AdamW's; beyond them only one float64 vector per scale gauge
+    (its log-scales, kept in the per-parameter state of one of its members)."""
     model = TinyTransformer(width=16).double()
     batches = make_batches(model, 2)
     adamw_model, ddc_model = copy.deepcopy(model), copy.deepcopy(model)
@@ -241,9 +244,9 @@ def test_state_is_no_larger_than_adamw_plus_vectors():
     ddc = DDC(ddc_model)
     train(adamw_model, adamw, batches)
     train(ddc_model, ddc, batches)
-    vectors = sum(s.numel() * s.element_size() for s in ddc.state_dict()["ddc_log_scales"])
-    assert state_bytes(ddc) <= state_bytes(adamw)
-    assert vectors <= 8 * sum(g.size for g in ddc._frame.scale_gauges)
+    is_scale = lambda k: k.startswith("ddc_log_scales")
+    assert state_bytes(ddc, lambda k: not is_scale(k)) <= state_bytes(adamw)
+    assert state_bytes(ddc, is_scale) == 8 * sum(g.size for g in ddc._frame.scale_gauges)
 
 
 # ---------------------------------------------------------------- gauge verification
