@@ -391,7 +391,7 @@ def measure_overhead(task: Any, task_cfg: dict[str, Any], names: Sequence[str],
         b, h = statistics.median(bare), statistics.median(harness)
         rows.append({"task": task.name, "size": task.size, "optimizer": name, "steps": steps,
                      "bare_ms": b, "harness_ms": h, "overhead": h / b - 1,
-                     "method": "ddc_bench.train.run summary step_time_ms vs bare loop (means of steps 2..N)"})
+                     "method": "ddc_bench.train.run summary step_time_ms (batch fetch + train_step + finiteness check) vs bare loop (means of steps 2..N)"})
     return rows
 
 
