@@ -109,6 +109,59 @@ def _as_uint8_nchw(data: Any) -> torch.Tensor:
     return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
 
 
+#: scikit-learn's handwritten digits: 1797 grey 8 × 8 images of 0-9 that ship inside the
+#: scikit-learn package (no download), the real-image dataset of CPU-scale experiments.
+DIGITS = "digits"
+#: The digits' fixed validation split: this fraction of the images, drawn with this seed.
+DIGITS_VAL_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+#: Image geometry ``(channels, side)`` of every dataset.
+GEOMETRY = {"cifar10": (3, 32), "cifar100": (3, 32), DIGITS: (1, 8)}
+
+
+class ImageArray(torch.utils.data.Dataset):
+    """In-memory images in torchvision's layout (``data``: an ``(N, H, W, C)`` ``uint8``
+    array, ``targets``: a list of ints) returning ``(transform(image), label)``."""
+
+    def __init__(self, data: Any, targets: list[int]) -> None:
+        self.data, self.targets = data, targets
+        self.transform: Any = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.data[index]
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+def load_digits_split() -> tuple[ImageArray, ImageArray]:
+    """scikit-learn's digits as train and validation :class:`ImageArray` sets.
+
+    Pixel values 0-16 become ``uint8`` 0-255 (× 255/16, rounded). The split is fixed: a
+    permutation drawn with ``DIGITS_SPLIT_SEED`` puts ``round(0.2 × 1797) = 359`` images in
+    validation and the other 1438 in training (each split in the original order).
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - scikit-learn is a dependency
+        raise ImportError("task.data.dataset=digits needs scikit-learn (pip install scikit-learn)") from err
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).mul(255 / 16).round().to(torch.uint8).unsqueeze(-1)
+    labels = torch.from_numpy(digits.target).long()
+    n_val = round(len(labels) * DIGITS_VAL_FRACTION)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    val, train = order[:n_val].sort().values, order[n_val:].sort().values
+    return (ImageArray(images[train].numpy(), labels[train].tolist()),
+            ImageArray(images[val].numpy(), labels[val].tolist()))
+
+
+def image_stats(dataset: ImageArray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of ``dataset``'s pixels scaled to [0, 1]."""
+    pixels = torch.from_numpy(dataset.data).double().div(255).flatten(0, 2)
+    return tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist())
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy and accuracy."""
     loss = F.cross_entropy(logits.float(), labels)
@@ -117,13 +170,17 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 
 class CifarTask(Task):
-    """Image classification on CIFAR-10/100. Subclasses supply the model and presets.
+    """Image classification on CIFAR-10/100 (or, where a subclass accepts it, scikit-learn's
+    8 × 8 digits: ``data.dataset=digits``). Subclasses supply the model and presets and read
+    ``image_channels`` / ``image_size`` to shape it.
 
     Metrics: ``loss`` (mean cross-entropy) and ``acc``; ``unit_name = "samples"``.
     """
 
     unit_name = "samples"
     primary_metric = ("val_acc", "max")
+    #: The ``data.dataset`` values this task accepts (a subclass may add ``DIGITS``).
+    datasets: tuple[str, ...] = DATASETS
     defaults: dict[str, Any]
     presets: dict[str, dict[str, Any]]
 
@@ -134,23 +191,38 @@ class CifarTask(Task):
         self.steps: int = self.config["steps"]
         self.target = self.config["target"]
         self.num_workers = int(num_workers)
-        self.check_model_config(self.config["model"])  # before the (slow) data loading
         d = self.config["data"]
-        self.dataset = choice(d["dataset"], DATASETS, "data.dataset")
-        self.num_classes = NUM_CLASSES[self.dataset]
-        self.train_set, self.test_set = load_cifar(self.dataset, d["root"], bool(d["download"]))
+        self.dataset = choice(d["dataset"], self.datasets, "data.dataset")
+        self.image_channels, self.image_size = GEOMETRY[self.dataset]
+        self.check_model_config(self.config["model"])  # before the (slow) data loading
+        if self.dataset == DIGITS:
+            self.num_classes = 10
+            self.train_set, self.test_set = load_digits_split()
+        else:
+            self.num_classes = NUM_CLASSES[self.dataset]
+            self.train_set, self.test_set = load_cifar(self.dataset, d["root"], bool(d["download"]))
         if len(self.train_set) < self.batch_size:
             raise ValueError(
                 f"the training set has {len(self.train_set)} images, fewer than one batch "
                 f"({self.batch_size})"
             )
-        mean, std = STATS[self.dataset]
-        normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-        augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
-        self.train_set.transform = transforms.Compose((augment if d["augment"] else []) + normalize)
+        normalize = [transforms.ToTensor()]
+        if self.dataset == DIGITS:
+            # Statistics of the training split; shifts of one pixel and no flips (a
+            # mirrored digit is not the same digit). Crops act on the tensor.
+            mean, std = image_stats(self.train_set)
+            normalize.append(transforms.Normalize(mean, std))
+            augment = [transforms.RandomCrop(self.image_size, padding=1)]
+            train = normalize[:1] + (augment if d["augment"] else []) + normalize[1:]
+        else:
+            mean, std = STATS[self.dataset]
+            normalize.append(transforms.Normalize(mean, std))
+            augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+            train = (augment if d["augment"] else []) + normalize
+        self.train_set.transform = transforms.Compose(train)
         self.eval_transform = transforms.Compose(normalize)  # reference for the fast path
-        self._mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self._std = torch.tensor(std).view(1, 3, 1, 1)
+        self._mean = torch.tensor(mean).view(1, self.image_channels, 1, 1)
+        self._std = torch.tensor(std).view(1, self.image_channels, 1, 1)
         self._eval_sets = {
             "train": self._fixed_subset(self.train_set, d["eval_examples"]),
             "val": self._fixed_subset(self.test_set, d["eval_examples"]),
@@ -216,8 +288,11 @@ class CifarTask(Task):
 
     def data_facts(self) -> dict[str, Any]:
         """Dataset facts for ``describe()``."""
+        root = ("sklearn.datasets.load_digits (bundled, no download)" if self.dataset == DIGITS
+                else str(Path(self.config["data"]["root"]).expanduser().resolve()))
         return {
-            "dataset": self.dataset, "root": str(Path(self.config["data"]["root"]).expanduser().resolve()),
+            "dataset": self.dataset, "root": root,
+            "image": f"{self.image_channels}x{self.image_size}x{self.image_size}",
             "num_classes": self.num_classes, "train_size": len(self.train_set),
             "val_size": len(self.test_set), "eval_examples": len(self._eval_sets["val"][1]),
         }

@@ -1,7 +1,12 @@
 """``vit_cifar``: a Vision Transformer trained from scratch on CIFAR-10/100.
 
-Patch embedding by a ``Conv2d`` (patch 4 → 8 × 8 = 64 patches), a class token, a learned
-positional embedding, pre-norm blocks from :mod:`tasks.transformer` (bidirectional, no
+``task.data.dataset=digits`` trains it instead on scikit-learn's 8 × 8 grey digits (1797
+images bundled with the package, no download; fixed 1438/359 train/validation split, see
+:func:`tasks.cifar.load_digits_split`): the patch embedding then reads one channel, and
+``task.model.patch=2`` gives 4 × 4 = 16 patches (the default patch 4 gives 2 × 2).
+
+Patch embedding by a ``Conv2d`` (patch 4 → 8 × 8 = 64 patches on CIFAR), a class token, a
+learned positional embedding, pre-norm blocks from :mod:`tasks.transformer` (bidirectional, no
 RoPE), a final norm applied to the class token only, and ``self.readout``. Data and
 metrics come from :class:`tasks.cifar.CifarTask`.
 """
@@ -13,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.cifar import DATA_DEFAULTS, CifarTask
+from tasks.cifar import DATA_DEFAULTS, DATASETS, DIGITS, CifarTask
 from tasks.config import choice
 from tasks.transformer import MLPS, NORMS, Block, init_transformer_, make_norm
 
@@ -45,16 +50,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 class ViT(nn.Module):
-    """ViT for 32 × 32 images; the class token's final state goes through the readout."""
+    """ViT for square ``image_size`` images with ``channels`` channels (CIFAR: 32, 3); the
+    class token's final state goes through the readout."""
 
     def __init__(self, *, num_classes: int, depth: int, width: int, heads: int, patch: int = 4,
                  mlp_ratio: float = 4.0, norm: str = "layernorm", mlp: str = "gelu",
-                 dropout: float = 0.0, bias: bool = True) -> None:
+                 dropout: float = 0.0, bias: bool = True, image_size: int = IMAGE_SIZE,
+                 channels: int = 3) -> None:
         super().__init__()
-        if IMAGE_SIZE % patch:
-            raise ValueError(f"patch {patch} does not divide the image size {IMAGE_SIZE}")
-        n_patches = (IMAGE_SIZE // patch) ** 2
-        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch, stride=patch)
+        if image_size % patch:
+            raise ValueError(f"patch {patch} does not divide the image size {image_size}")
+        n_patches = (image_size // patch) ** 2
+        self.patch_embed = nn.Conv2d(channels, width, kernel_size=patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + 1, width))
         self.dropout = nn.Dropout(dropout)
@@ -70,7 +77,7 @@ class ViT(nn.Module):
         nn.init.normal_(self.pos_embed, 0.0, 0.02)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, classes) for normalised images (B, 3, 32, 32)."""
+        """Logits (B, classes) for normalised images (B, channels, image_size, image_size)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, patches, width)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x = self.dropout(x)
@@ -90,9 +97,10 @@ class ViT(nn.Module):
 
 
 class ViTCifarTask(CifarTask):
-    """CIFAR-10/100 classification with :class:`ViT`."""
+    """CIFAR-10/100 (or digits) classification with :class:`ViT`."""
 
     name = "vit_cifar"
+    datasets = DATASETS + (DIGITS,)
     defaults = DEFAULTS
     presets = PRESETS
 
@@ -102,12 +110,17 @@ class ViTCifarTask(CifarTask):
         if model_cfg["width"] % model_cfg["heads"]:
             raise ValueError(f"task.model.width {model_cfg['width']} is not divisible by "
                              f"task.model.heads {model_cfg['heads']}")
+        patch = model_cfg["patch"]
+        if not isinstance(patch, int) or patch < 1 or self.image_size % patch:
+            raise ValueError(f"task.model.patch must be a positive divisor of the image size "
+                             f"{self.image_size} ({self.dataset}), got {patch!r}")
 
     def build_model(self) -> ViT:
         m = self.config["model"]
         return ViT(num_classes=self.num_classes, depth=m["depth"], width=m["width"],
                    heads=m["heads"], patch=m["patch"], mlp_ratio=m["mlp_ratio"], norm=m["norm"],
-                   mlp=m["mlp"], dropout=m["dropout"], bias=m["bias"])
+                   mlp=m["mlp"], dropout=m["dropout"], bias=m["bias"],
+                   image_size=self.image_size, channels=self.image_channels)
 
     def describe(self) -> dict[str, Any]:
         m = self.config["model"]
