@@ -357,9 +357,14 @@ class DDC(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("DDC does not support sparse gradients")
-                # No gauge acts on p: exactly the base optimizer's step.
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(self._base_update(p, group, p.grad))
+                # No gauge acts on p: exactly the base optimizer's step (for bf16/fp16
+                # parameters computed, and its state kept, in float32; at lr 0 the state
+                # advances and nothing moves).
+                grad = p.grad.float() if p.grad.dtype in _LOW_PRECISION else p.grad
+                update = self._base_update(p, group, grad)
+                if group["lr"] != 0:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update.to(p.dtype))
 
         if any(p.grad is not None for i, p in enumerate(frame.params) if i in group_of):
             self._gauged_step(group_of)

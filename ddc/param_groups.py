@@ -6,8 +6,12 @@ tensors count as "hidden matrices".
 
 Roles:
 
-* ``matrix``    weights of ``nn.Linear`` / ``nn.ConvNd`` layers other than the readout:
-                the hidden matrices Muon orthogonalises.
+* ``matrix``    the hidden matrices Muon orthogonalises, recognised by what they do, not
+                by their module's class: a parameter with two or more dimensions whose name
+                ends in ``weight`` (``weight``, ``in_proj_weight``), in a module that is not
+                an embedding (``nn.Embedding``, ``nn.EmbeddingBag``), other than the readout:
+                ``nn.Linear`` and ``nn.ConvNd`` weights, ``nn.MultiheadAttention``'s packed
+                projection, Hugging Face's ``Conv1D`` (stored in × out).
 * ``embedding`` every other parameter with two or more dimensions: ``nn.Embedding``
                 tables, positional tables, class tokens, and a readout tied to an embedding.
 * ``readout``   the weight of the model's untied output layer (``model.readout``).
@@ -23,7 +27,7 @@ from typing import Any
 from torch import nn
 
 ROLES = ("matrix", "embedding", "readout", "vector")
-_MATRIX_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_EMBEDDING_MODULES = (nn.Embedding, nn.EmbeddingBag)
 
 
 def parameter_roles(model: nn.Module) -> dict[nn.Parameter, str]:
@@ -44,7 +48,7 @@ def parameter_roles(model: nn.Module) -> dict[nn.Parameter, str]:
                 role = "vector"
             elif param is readout_weight and not _is_tied(model, param, module):
                 role = "readout"
-            elif isinstance(module, _MATRIX_MODULES) and name == "weight":
+            elif name.endswith("weight") and not isinstance(module, _EMBEDDING_MODULES):
                 role = "matrix"
             else:
                 role = "embedding"

@@ -104,6 +104,27 @@ class TinyTransformer(nn.Module):
         return g
 
 
+class ReluChain(nn.Module):
+    """x → depth × (Linear → ReLU) → readout: every hidden layer sits in two unit gauges
+    (its rows in one, its columns in the previous one), the hardest case for balancing."""
+
+    def __init__(self, depth: int = 24, width: int = 8, d_in: int = 6, n_classes: int = 5) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(d_in, width)
+        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
+        self.readout = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc_in(x))
+        for layer in self.hidden:
+            h = F.relu(layer(h))
+        return self.readout(h)
+
+    def gauges(self):
+        layers = [self.fc_in, *self.hidden, self.readout]
+        return [UnitRescale([a], b) for a, b in zip(layers[:-1], layers[1:])] + [LogitShift(self.readout)]
+
+
 def classification_loss(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = batch
     logits = model(x)
@@ -120,6 +141,7 @@ def make_batches(model: nn.Module, n: int, seed: int = 0) -> list:
             y = torch.randint(0, vocab, (3, 7), generator=g)
         else:
             x = torch.randn(16, model.fc_in.in_features, generator=g, dtype=torch.float64)
+            x = x.to(model.fc_in.weight.dtype)
             y = torch.randint(0, model.readout.out_features, (16,), generator=g)
         batches.append((x, y))
     return batches
@@ -130,9 +152,12 @@ def gauges_by_kind(model: nn.Module, kind: type) -> list:
 
 
 def equivariance_deviation(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, batches: list,
-                           select: Callable[[nn.Module], list] | None = None, seed: int = 0) -> float:
+                           select: Callable[[nn.Module], list] | None = None, seed: int = 0,
+                           clip: Callable | None = None) -> float:
     """Run ``len(batches)`` steps from θ and from g·θ; return max relative deviation between
-    g·(trajectory from θ) and the trajectory from g·θ (largest over parameters)."""
+    g·(trajectory from θ) and the trajectory from g·θ (largest over parameters).
+    ``clip(model, optimizer)``, if given, runs between ``backward()`` and ``step()``, as a
+    training loop's gradient clipping does."""
     select = select or (lambda m: m.gauges())
     model_a = copy.deepcopy(model).double()
     model_b = copy.deepcopy(model_a)
@@ -145,6 +170,8 @@ def equivariance_deviation(model: nn.Module, make_optimizer: Callable, loss_fn: 
         for batch in batches:
             opt.zero_grad()
             loss_fn(m, batch)[0].backward()
+            if clip is not None:
+                clip(m, opt)
             opt.step()
     for gauge, element in zip(select(model_a), elements):
         gauge.act(element)
