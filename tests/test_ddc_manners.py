@@ -201,3 +201,91 @@ def test_trainable_gauge_parameter_missing_is_named():
     model = ReluMLP()
     with pytest.raises(ValueError, match=r"\(12, 6\) is trainable but not among the optimizer's parameters"):
         DDC([p for n, p in model.named_parameters() if n != "fc_in.weight"], gauges=model.gauges())
+
+
+# ----------------------------------------------------------------- wrapped models, roles
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group through a file store (no network)."""
+    import torch.distributed as dist
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_and_compiled_models_keep_their_gauges(process_group):
+    model = TinyTransformer().double()
+    expected = len(model.gauges())
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    assert len(DDC(ddp).gauges) == expected
+    assert len(DDC(torch.compile(model)).gauges) == expected
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's layer: ``y = x @ W + b`` with ``W`` stored in × out."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_muon_roles_follow_what_a_weight_does():
+    model = nn.Sequential(nn.Embedding(10, 8), Conv1D(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    mha = nn.MultiheadAttention(8, 2)
+    roles = parameter_roles(model)
+    assert roles[model[0].weight] == "embedding"
+    assert roles[model[1].weight] == "matrix" and roles[model[3].weight] == "matrix"
+    assert parameter_roles(mha)[mha.in_proj_weight] == "matrix"
+    opt = DDC(model, gauges=[], base="muon", lr=1e-2)
+    model(torch.randint(0, 10, (4,))).square().sum().backward()
+    opt.step()
+    assert "momentum_buffer" in opt.state[model[1].weight]
+
+
+def test_muon_momentum_follows_a_cycling_scheduler():
+    model = ReluMLP().double()
+    opt = DDC(model, base="muon", lr=1e-2, momentum=0.95, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=20, base_momentum=0.85,
+                                                max_momentum=0.95)
+    seen = set()
+    for batch in make_batches(model, 6):
+        opt.zero_grad()
+        classification_loss(model, batch)[0].backward()
+        opt.step()
+        sched.step()
+        group = opt.param_groups[0]
+        beta1 = group["betas"][0]
+        momentum = opt._muon_momentum(group)
+        assert 1 - momentum == pytest.approx((1 - 0.95) * (1 - beta1) / (1 - 0.9))
+        seen.add(round(momentum, 6))
+    assert len(seen) > 1, "the scheduler must move Muon's momentum"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+@pytest.mark.parametrize("base,options", BASES, ids=[b for b, _ in BASES])
+def test_distributed_checkpoint_round_trip_resumes_exactly(base, options):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    model = TinyTransformer(rope="interleaved").float()
+    batches = make_batches(model, 8)
+    make = lambda m: DDC(m, base=base, lr=1e-2, weight_decay=0.1, **options)
+    opt = make(model)
+    train(model, opt, batches[:4])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    assert any(k.startswith("ddc_log_scales") for st in saved_opt["state"].values() for k in st)
+    train(model, opt, batches[4:])
+
+    resumed = TinyTransformer(rope="interleaved").float()
+    resumed.load_state_dict(saved_model)
+    resumed_opt = make(resumed)
+    set_optimizer_state_dict(resumed, resumed_opt, saved_opt)
+    train(resumed, resumed_opt, batches[4:])
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
