@@ -100,9 +100,12 @@ def build_sgd(
     lr: float = 0.1,
     momentum: float = 0.9,
     nesterov: bool = False,
-    weight_decay: float = 5e-4,
+    weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
     """``torch.optim.SGD`` with heavy-ball momentum (sanity baseline).
+
+    Defaults: the transformer tasks' values of ``configs/optimizer/sgd.yaml`` (ResNets get
+    He et al.'s recipe from ``configs/recipe/sgd_resnet_cifar.yaml``).
 
     ``weight_decay`` is torch's coupled L2 term (added to the gradient), on parameters
     with two or more dimensions only.

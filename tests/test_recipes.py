@@ -27,6 +27,8 @@ PUBLISHED = {
              "ns_coefficients": [3.4445, -4.775, 2.0315], "adjust_lr_fn": "match_rms_adamw",
              "adam_betas": [0.9, 0.95], "adam_lr_ratio": 1.0, "lr": 1e-3,
              "weight_decay": 0.1},
+    # transformer tasks: measured grid (sgd.yaml); ResNet: He et al. 2016 (configs/recipe)
+    "sgd": {"lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0},
     # OptimAI-Lab/Minimalist_LLM_Pretraining scripts/130m_scale.sh and utils/args.py
     "scale": {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0, "normalization": "rms",
               "adam_lr_ratio": 20.0, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8},
