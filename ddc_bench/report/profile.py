@@ -104,7 +104,7 @@ def plot_profile(ratios: pd.DataFrame, areas: dict[str, float], colors: dict[str
     for i, opt in enumerate(order):
         rho = profile_curve(ratios[opt], taus)
         # Small vertical offsets keep coinciding curves visible.
-        offset = 0.006 * (i - (len(order) - 1) / 2)
+        offset = 0.004 * (i - (len(order) - 1) / 2)
         ax.step(taus, rho + offset, where="post", color=colors[opt], lw=1.8,
                 label=f"{opt} (area {areas[opt]:.3f})")
     ax.set_xscale("log")

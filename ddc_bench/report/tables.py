@@ -77,9 +77,10 @@ def _fmt_ci(mean: float, half: float) -> str:
 
 
 def _fmt_p(p: float) -> str:
+    """``p=0.12``, ``p=0.031``, ``p<0.001``."""
     if not _finite(p):
-        return "—"
-    return "<0.001" if p < 0.001 else f"{p:.3f}" if p < 0.1 else f"{p:.2f}"
+        return "p=—"
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}" if p < 0.1 else f"p={p:.2f}"
 
 
 def _target_of(task_df: pd.DataFrame) -> tuple[str, float] | None | str:
@@ -207,8 +208,8 @@ def selected_table(agg: pd.DataFrame, chosen: dict[str, Any], ranked: list[str],
         diffs.append(f"{cmp.diff:+.{d}f}" if _finite(cmp.diff) else "—")
         within = cmp.within_noise
         verdicts.append("too few seeds" if within is None else
-                        f"within seed noise (p={_fmt_p(cmp.p_value)})" if within else
-                        f"worse (p={_fmt_p(cmp.p_value)})")
+                        f"within seed noise ({_fmt_p(cmp.p_value)})" if within else
+                        f"worse ({_fmt_p(cmp.p_value)})")
     cells["Δ vs best"] = diffs
     cells["vs best (Welch t-test)"] = verdicts
     table, mask = _finish(cells, bold, rows.index)
