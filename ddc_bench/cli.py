@@ -37,7 +37,7 @@ from ddc_bench.checkpoint import CheckpointError
 from ddc_bench.config import CONFIG_DIR, ConfigError, validate
 from ddc_bench.distributed import DistributedError
 from ddc_bench.loggers import LoggerError
-from ddc_bench.results import ResultsDirError, RunExistsError, RunLockedError
+from ddc_bench.results import ResultsDirError, RunExistsError, RunLockedError, check_results_dir
 
 #: Errors reported as one line: their messages say what to change.
 USER_ERRORS = (ConfigError, RunExistsError, RunLockedError, ResultsDirError, CheckpointError,
@@ -98,6 +98,14 @@ def _argument_error(argv: list[str]) -> str | None:
     if multirun and any(a in ("-c", "--cfg") or a.startswith("--cfg=") for a in argv):
         return ("--cfg prints the config of one run and cannot be combined with --multirun; "
                 "drop --multirun and give one value per key")
+    # Hydra makes its folder under results_dir before any run starts: check it first.
+    for arg in argv:
+        if arg.startswith("results_dir="):
+            for value in arg.split("=", 1)[1].split(","):
+                try:
+                    check_results_dir(value)
+                except ResultsDirError as err:
+                    return str(err)
     sweeps = [a.split("=", 1)[1] for a in argv if a.startswith("sweep=")]
     for sweep in sweeps:
         if sweep not in SUBMITIT_SWEEPS:

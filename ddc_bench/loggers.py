@@ -6,14 +6,25 @@ the training loop; a tracker only mirrors it. ``logger=none`` mirrors nothing;
 when selected, and the usual ``WANDB_*`` environment variables are honoured (``WANDB_MODE``
 unless ``logger.mode`` is set, ``WANDB_DIR`` else the run folder, so that nothing lands in
 the working directory).
+
+A resumed run logs to the same W&B run: its id is kept in the run folder
+(``results.WANDB_ID_FILE``) and passed back with ``resume="allow"``. An online run without
+W&B credentials (``WANDB_API_KEY`` or a ``~/.netrc`` entry, as ``wandb login`` writes)
+fails before training with one line when there is no terminal to answer wandb's login
+prompt, instead of waiting on it.
 """
 
 from __future__ import annotations
 
+import netrc
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+from ddc_bench import results
 
 
 class LoggerError(RuntimeError):
@@ -58,7 +69,12 @@ class WandbLogger:
         }
         if logger_cfg.get("mode"):
             kwargs["mode"] = logger_cfg["mode"]  # else wandb reads WANDB_MODE itself
+        id_file = Path(run_folder) / results.WANDB_ID_FILE
+        if id_file.is_file():  # a resumed run: continue the same W&B run
+            kwargs.update(id=id_file.read_text().strip(), resume="allow")
         self.run = wandb.init(**kwargs)
+        if not id_file.is_file() and getattr(self.run, "id", None):
+            results.atomic_write_text(id_file, f"{self.run.id}\n")
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Log one metrics record at its ``step``."""
@@ -79,11 +95,35 @@ class WandbLogger:
         self.run.finish(exit_code=0 if summary is not None else 1)
 
 
+def _wandb_mode(logger_cfg: Mapping[str, Any]) -> str:
+    return str(logger_cfg.get("mode") or os.environ.get("WANDB_MODE") or "online")
+
+
+def wandb_credentials_found() -> bool:
+    """Whether W&B credentials are configured: ``WANDB_API_KEY``, or a netrc entry for the
+    W&B host (``WANDB_BASE_URL``, default api.wandb.ai), where ``wandb login`` stores them."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def require_logger(logger_cfg: Mapping[str, Any]) -> None:
     """Raise :class:`LoggerError` now if the selected tracker cannot be used."""
     kind = logger_cfg.get("name", "none")
     if kind == "wandb":
         _import_wandb()
+        mode = _wandb_mode(logger_cfg)
+        if mode not in ("offline", "disabled", "dryrun") and not wandb_credentials_found() \
+                and not sys.stdin.isatty():
+            raise LoggerError(
+                "logger=wandb is online but no W&B credentials were found and there is no "
+                "terminal to log in from; run `wandb login`, set WANDB_API_KEY, or log "
+                "locally with logger.mode=offline")
     elif kind != "none":
         raise LoggerError(f"unknown logger {kind!r}; known: none, wandb")
 

@@ -219,10 +219,13 @@ def check_results_dir(results_dir: str | os.PathLike) -> None:
     if probe.exists() and not probe.is_dir():
         what = "is a file" if probe == path else f"is below {probe}, which is a file"
         raise ResultsDirError(f"results_dir={results_dir} {what}; point results_dir at a folder")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+    try:  # a real write: permissions, read-only filesystems, quotas (root passes os.access)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
         raise ResultsDirError(
-            f"results_dir={results_dir} is not writable ({probe} does not allow writing); "
-            f"point results_dir at a writable folder")
+            f"results_dir={results_dir} is not writable ({probe}: {err.strerror or err}); "
+            f"point results_dir at a writable folder") from None
 
 
 def is_finished(path: str | os.PathLike) -> bool:

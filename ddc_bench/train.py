@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib.util
 import logging
 import math
 import os
@@ -238,6 +239,11 @@ def build_task_cleanly(task_cfg: Any, num_workers: int) -> Any:
     data = task_cfg.get("data") or {}
     created = _missing_dirs([data.get("root"), data.get("cache_dir")])
     # huggingface_hub logs every retry of an unreachable Hub; the failure is reported below.
+    # (Imported first: their imports set the level themselves.)
+    if data.get("source") == "hub":
+        for name in ("huggingface_hub", "datasets"):
+            if importlib.util.find_spec(name) is not None:
+                importlib.import_module(name)
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)

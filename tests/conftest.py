@@ -172,5 +172,6 @@ def ddc_bench(*args: str, cwd: Path, env: dict[str, str] | None = None,
     full_env.pop("HYDRA_FULL_ERROR", None)
     command = ([str(DDC_BENCH_SCRIPT)] if DDC_BENCH_SCRIPT.exists()
                else [PYTHON, "-m", "ddc_bench.cli"])
+    # No terminal on stdin, as under a scheduler: nothing may wait for an answer.
     return subprocess.run([*command, *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+                          stdin=subprocess.DEVNULL, text=True, timeout=timeout)
