@@ -100,8 +100,9 @@ def muon_update(grad: torch.Tensor, momentum_buffer: torch.Tensor, lr: float, mo
 
 def min_norm_log_scales(reduced_sq: list[torch.Tensor], axes: list[list[tuple[int, int]]],
                         sizes: list[int], log_scales: list[torch.Tensor], tol: float,
-                        max_iter: int, degenerate_norm: float = 1.0,
-                        zero_level: float = 0.0) -> tuple[list[torch.Tensor], int, list[int]]:
+                        max_iter: int, reference_norm: float = 1.0,
+                        zero_level: float = 0.0,
+                        levels: list[float] | None = None) -> tuple[list[torch.Tensor], int, list[int]]:
     """Kempf–Ness: the log-scales moving a point to the canonical point of its orbit under
     a torus of scale gauges, by a damped Newton method.
 
@@ -111,17 +112,21 @@ def min_norm_log_scales(reduced_sq: list[torch.Tensor], axes: list[list[tuple[in
     axis and the exponent (+1 or -1). Gauge ``g`` has ``sizes[g]`` coordinates; its
     coordinate ``i`` multiplies the slices ``i`` of its members by ``exp(sign · s_g[i])``.
 
-    Canonical point (see ``docs/ddc.md``, "Degenerate orbits"): the minimiser of the convex
-    function ``F(s) = ‖S(s)·θ‖² − 2 Σ_i κ_i s_i``. For a coordinate whose growing (+1) and
-    shrinking (−1) slices are both non-zero, ``κ_i = 0``: at the minimum the coordinate is
-    *balanced*, ``A_i = B_i`` (A, B the scaled squared norms of the two sides), which is
-    the minimum-norm point. Where one side is exactly zero the orbit has no minimum-norm
-    point (the norm decreases forever along it); there ``κ_i = ±degenerate_norm²`` and the
-    minimum puts the non-zero side at squared norm ``degenerate_norm²``. Which side is zero
-    is itself gauge-invariant, so the rule is. "Zero" means ``√(A_i B_i)`` (invariant under
-    the coordinate's own scaling) at most ``zero_level · degenerate_norm²``: a readout centred
-    after a logit shift is zero only up to round-off. A coordinate with both sides exactly
-    zero has nothing to scale and keeps its value.
+    Canonical point (see ``docs/ddc.md``, "The canonical point"): the minimiser of the
+    convex function ``F(s) = ‖S(s)·θ‖² − 2 Σ_i κ_i s_i``; at it ``A_i − B_i = κ_i`` (A, B the
+    scaled squared norms of the growing (+1) and shrinking (−1) slices of coordinate i; a
+    moment-map level set). With ``ρ = reference_norm``:
+
+    * both sides non-zero: ``κ_i = levels[g] · ρ²`` (``levels`` default 0: *balanced*,
+      ``A_i = B_i``, the minimum-norm point; a norm gain uses 1: the gain keeps its natural
+      scale while its consumers' columns are small, and the rule is continuous as they
+      go to zero);
+    * one side zero (no minimum-norm point: the norm decreases forever along the orbit):
+      ``κ_i = ±ρ²``, which puts the non-zero side at squared norm ``ρ²``. Which side is zero
+      is gauge-invariant, so the rule is. "Zero" means ``√(A_i B_i)`` (invariant under the
+      coordinate's own scaling) at most ``zero_level · ρ²``: a readout centred after a
+      logit shift is zero only up to round-off;
+    * both sides exactly zero: nothing to scale; the coordinate keeps its value.
 
     Newton: gradient ``∂F/∂s_i = 2(A_i − B_i − κ_i)``, Hessian applied matrix-free (diagonal
     ``4(A_i + B_i)`` plus the couplings through parameters scaled along two axes), each
@@ -137,7 +142,7 @@ def min_norm_log_scales(reduced_sq: list[torch.Tensor], axes: list[list[tuple[in
     s = [x.clone() for x in log_scales]
     if not sizes:
         return s, 0, []
-    level = degenerate_norm ** 2
+    level = reference_norm ** 2
     offsets = [0]
     for n in sizes:
         offsets.append(offsets[-1] + n)
@@ -162,7 +167,12 @@ def min_norm_log_scales(reduced_sq: list[torch.Tensor], axes: list[list[tuple[in
     grow0, shrink0 = sides(reduced_sq)
     degenerate = (grow0 * shrink0).sqrt() <= zero_level * level
     kappa = torch.where(grow0 >= shrink0, torch.full_like(grow0, level), -torch.full_like(grow0, level))
-    kappa = torch.where(degenerate, kappa, torch.zeros_like(kappa))
+    if levels is None:
+        live = torch.zeros_like(kappa)
+    else:
+        live = torch.cat([torch.full((n,), float(lv) * level, dtype=torch.float64, device=kappa.device)
+                          for n, lv in zip(sizes, levels)])
+    kappa = torch.where(degenerate, kappa, live)
     active = (grow0 > 0) | (shrink0 > 0)
 
     def flat(state: list[torch.Tensor]) -> torch.Tensor:

@@ -105,10 +105,16 @@ def _out_count(module: nn.Module) -> int:
 
 
 class ScaleGauge(Gauge):
-    """A product of positive scalings, one per coordinate ``i < size``."""
+    """A product of positive scalings, one per coordinate ``i < size``.
+
+    ``level``: where DDC puts the canonical point of each coordinate's orbit, as the
+    difference ``A − B`` of the squared norms of the growing and shrinking sides, in units
+    of ``DDC(reference_norm=ρ)``'s ρ² (0: balanced, the minimum-norm point).
+    """
 
     size: int
     members: list[ScaleMember]
+    level: float = 0.0
 
     def parameters(self) -> list[nn.Parameter]:
         return [m.param for m in self.members]
@@ -164,7 +170,13 @@ class NormGain(ScaleGauge):
     of every consumer divided by ``c[j]``. Exact when the consumers are the only readers
     of the norm's output (pre-norm transformers), or, for BatchNorm, when only a ReLU sits
     between the norm and its consumers.
+
+    Canonical point (``level = 1``): the gain side's squared norm exceeds the consumers'
+    columns' by ρ², so a gain stays near its natural scale (ρ = 1: gain 1) while its
+    consumers are small, continuously down to consumers initialised at zero.
     """
+
+    level = 1.0
 
     def __init__(self, norm: nn.Module, consumers: list[nn.Module]) -> None:
         if not isinstance(norm, _NORMS):

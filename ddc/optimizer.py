@@ -107,7 +107,7 @@ class _Frame:
         return factor
 
     def solve_scales(self, points: list[torch.Tensor], warm: list[torch.Tensor], tol: float,
-                     max_iter: int, degenerate_norm: float = 1.0,
+                     max_iter: int, reference_norm: float = 1.0,
                      zero_level: float = 0.0) -> tuple[list[torch.Tensor], int]:
         """Log-scales moving ``points`` (one per gauged parameter) to their canonical point
         (:func:`ddc.functional.min_norm_log_scales`). Warns once per gauge set when the
@@ -121,8 +121,9 @@ class _Frame:
             reduced.append(x.sum(other) if other else x)
             axes.append([(g, sign) for _, g, sign in self.scale_axes[i]])
         sizes = [g.size for g in self.scale_gauges]
+        levels = [g.level for g in self.scale_gauges]
         scales, steps, unsettled = F.min_norm_log_scales(reduced, axes, sizes, warm, tol, max_iter,
-                                                         degenerate_norm, zero_level)
+                                                         reference_norm, zero_level, levels)
         if unsettled and not self.warned_cap:
             self.warned_cap = True
             named = ", ".join(repr(self.scale_gauges[g]) for g in unsettled[:4])
@@ -168,10 +169,11 @@ class DDC(Optimizer):
         balance_tol, balance_max_iter: stopping rule of the balancing solve (Newton steps),
             in log-scale units; ``None`` picks 1e-12 for float64 and 1e-6 otherwise. If
             the cap is reached DDC warns once, naming the gauges.
-        degenerate_norm: where one side of a scale gauge coordinate is exactly zero (a
-            zero-initialised readout or down projection, a dead unit) its orbit has no
-            minimum-norm point; the canonical point then gives the non-zero side this norm
-            (see ``docs/ddc.md``, "Degenerate orbits").
+        reference_norm: ρ, the one absolute scale of the canonical frame (see
+            ``docs/ddc.md``, "The canonical point"): where one side of a scale gauge
+            coordinate is zero (a zero-initialised readout or down projection, a dead unit)
+            the non-zero side gets norm ρ; a norm gain's side exceeds its consumers' by ρ²
+            in squared norm (``ScaleGauge.level``).
     """
 
     def __init__(
@@ -194,7 +196,7 @@ class DDC(Optimizer):
         dead_mode: str = "freeze",
         balance_tol: float | None = None,
         balance_max_iter: int = 50,
-        degenerate_norm: float = 1.0,
+        reference_norm: float = 1.0,
     ) -> None:
         if base not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {base!r}")
@@ -215,8 +217,8 @@ class DDC(Optimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if balance_max_iter < 1:
             raise ValueError(f"balance_max_iter must be at least 1, got {balance_max_iter}")
-        if not degenerate_norm > 0.0:
-            raise ValueError(f"degenerate_norm must be positive, got {degenerate_norm}")
+        if not reference_norm > 0.0:
+            raise ValueError(f"reference_norm must be positive, got {reference_norm}")
 
         model = None
         if isinstance(params, nn.Module):
@@ -235,7 +237,7 @@ class DDC(Optimizer):
         self.orthogonalizer = orthogonalizer
         self.balance_tol = balance_tol
         self.balance_max_iter = balance_max_iter
-        self.degenerate_norm = degenerate_norm
+        self.reference_norm = reference_norm
         self.gauges = list(gauges or [])
         if model is not None:
             check_declarations(model, self.gauges)
@@ -398,7 +400,7 @@ class DDC(Optimizer):
         sweeps = 0
         if frame.scale_gauges:
             self._log_scales, sweeps = frame.solve_scales(points, self._log_scales, self._balance_tol(),
-                                                          self.balance_max_iter, self.degenerate_norm,
+                                                          self.balance_max_iter, self.reference_norm,
                                                           self._zero_level())
         scales = [frame.scale_tensor(i, self._log_scales, points[i]) for i in range(len(frame.params))]
         for i, s in enumerate(scales):
@@ -461,7 +463,7 @@ class DDC(Optimizer):
         if freeze and frame.scale_gauges and scaled_all_moving:
             zeros = [torch.zeros_like(s) for s in self._log_scales]
             back, sweeps_after = frame.solve_scales(new_points, zeros, self._balance_tol(), self.balance_max_iter,
-                                                    self.degenerate_norm, self._zero_level())
+                                                    self.reference_norm, self._zero_level())
             for i in range(len(params)):
                 s = frame.scale_tensor(i, back, new_points[i])
                 if s is not None:
