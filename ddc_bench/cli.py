@@ -27,6 +27,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import traceback
 from typing import Any
 
 import hydra
@@ -76,15 +77,37 @@ def _task_function(cfg: DictConfig) -> dict[str, Any] | None:
         sys.exit(EXIT_PREEMPTED)  # also ends a local sweep: the signal was meant for it all
     except USER_ERRORS as err:
         if not _Session.local or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
+            _raise_job_failure(err)
         message = f"ddc-bench: error: {err}"
         print(message, file=sys.stderr, flush=True)
         _Session.failures.append(message)
         _Session.statuses.append("failed")
         return None
+    except Exception as err:  # a bug: the traceback is the useful report
+        _raise_job_failure(err)
     # Under DDP only rank 0 has the summary; the other ranks trained the same run.
     _Session.statuses.append(summary["status"] if summary is not None else "finished")
     return summary
+
+
+class JobFailed(RuntimeError):
+    """A run launched as a separate job (cluster launchers) failed; the message names the
+    job's log, which holds the traceback."""
+
+
+def _raise_job_failure(err: BaseException) -> None:
+    """Re-raise ``err``; in a submitit job, first print its traceback to the job's log and
+    raise :class:`JobFailed` naming that log, so the sweep's output leads to it."""
+    if _Session.local:
+        raise err
+    traceback.print_exc()  # into the job's stderr log
+    try:
+        import submitit
+
+        log = submitit.JobEnvironment().paths.stderr
+    except Exception:  # noqa: BLE001 - not a submitit job (another launcher plugin)
+        raise err from None
+    raise JobFailed(f"{type(err).__name__}: {err} (traceback in the job's log: {log})") from err
 
 
 # Hydra's decorator; the config path is absolute so the command works from any directory.

@@ -86,6 +86,25 @@ def test_slurm_sweep_config_selects_the_submitit_launcher():
     assert "sweep" not in cfg  # a launcher choice only: the job config is unchanged
 
 
+def test_cluster_sweeps_are_overridable_and_submitit_local_uses_the_local_executor():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from ddc_bench.config import CONFIG_DIR
+
+    overrides = ["sweep=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
+                 "hydra.launcher.cpus_per_task=16", "hydra.launcher.mem_gb=128",
+                 "hydra.launcher.timeout_min=600"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        slurm = hydra_compose("config", overrides=overrides, return_hydra_config=True).hydra.launcher
+        local = hydra_compose("config", overrides=["sweep=submitit_local"],
+                              return_hydra_config=True).hydra.launcher
+    assert (slurm.partition, slurm.gpus_per_node, slurm.cpus_per_task, slurm.mem_gb,
+            slurm.timeout_min) == ("gpu", 4, 16, 128, 600)
+    assert local._target_.endswith("LocalLauncher") and local.gpus_per_node == 0
+
+
 # --------------------------------------------------------------------------------------
 # Bad input, in-process: one line naming the key and the expected type
 # --------------------------------------------------------------------------------------
