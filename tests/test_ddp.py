@@ -48,7 +48,9 @@ def test_two_process_gloo_ddp_matches_one_process(optimizer, tmp_path):
     single = ddc_bench(*ARGS, "hardware=cpu", f"optimizer={optimizer}", "results_dir=one",
                        cwd=tmp_path)
     assert single.returncode == 0, single.stderr
-    ddp = _torchrun([*ARGS, "hardware=ddp", f"optimizer={optimizer}", "results_dir=two"], tmp_path)
+    # Two micro-batches per rank: gradients are all-reduced once, on the last (no_sync).
+    ddp = _torchrun([*ARGS, "hardware=ddp", "hardware.grad_accum=2", f"optimizer={optimizer}",
+                     "results_dir=two"], tmp_path)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     assert "2 DDP processes" in ddp.stdout
 

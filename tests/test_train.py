@@ -314,3 +314,57 @@ def test_wandb_offline(tmp_path, fake_task, monkeypatch):
     assert summary["status"] == "finished"
     runs = list((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+# --------------------------------------------------------------------------------------
+# The hook point, threads, the run lock, run_name, lr_mult
+# --------------------------------------------------------------------------------------
+
+def test_hooks_add_keys_to_every_record_and_the_summary(tmp_path, fake_task):
+    calls = []
+
+    def weight_norm(state, step, record):
+        calls.append(step)
+        record["weight_norm"] = float(sum(p.norm() ** 2 for p in state.model.parameters()) ** 0.5)
+
+    cfg = base_config(tmp_path, steps=4, log_every=2, eval_every=4)
+    summary = train.run(cfg, overrides=[], hooks=[weight_norm])
+    records = results.read_metrics(_folder(cfg))
+    assert calls == [2, 4, 4] and all("weight_norm" in r for r in records)
+    assert summary["final"]["weight_norm"] == records[-1]["weight_norm"]
+
+
+def test_threads_auto_is_one_for_small_models_and_explicit_values_win(tmp_path, fake_task):
+    assert train.run(base_config(tmp_path / "a", steps=1), overrides=[])["hardware"]["threads"] == 1
+    summary = train.run(base_config(tmp_path / "b", steps=1, **{"hardware.threads": 2}), overrides=[])
+    assert summary["hardware"]["threads"] == 2
+    from ddc_bench.plan import AUTO_ONE_THREAD_BELOW, DEFAULT_THREADS, resolve_threads
+
+    assert resolve_threads(None, AUTO_ONE_THREAD_BELOW) == DEFAULT_THREADS
+    assert resolve_threads(0, 10) == DEFAULT_THREADS
+
+
+def test_a_locked_run_folder_is_refused_and_a_dead_owner_does_not_block(tmp_path, fake_task):
+    cfg = base_config(tmp_path, steps=2)
+    folder = _folder(cfg)
+    with results.RunLock(folder):
+        with pytest.raises(results.RunLockedError, match=f"{folder} is in use by another run "
+                                                         r"\(pid \d+ on host"):
+            train.run(cfg, overrides=[])
+    # A lock file left by a killed process (no one holds the lock) is not in the way.
+    results.lock_path(folder).write_text("pid 999999 on host gone\n")
+    assert train.run(cfg, overrides=[])["status"] == "finished"
+    assert not results.lock_path(folder).exists()
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "/abs", ".."])
+def test_run_name_must_stay_inside_results_dir(tmp_path, fake_task, name):
+    with pytest.raises(results.ResultsDirError, match="must be a single folder name inside results_dir"):
+        train.run(base_config(tmp_path, steps=1, run_name=name), overrides=[])
+    assert not (tmp_path / "results").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_lr_mult_scales_the_optimizer_lr_and_names_the_folder(tmp_path, fake_task):
+    summary = train.run(base_config(tmp_path, steps=2, lr_mult=3.0), overrides=["lr_mult=3"])
+    assert summary["lr"] == pytest.approx(3e-3) and summary["base_lr"] == 1e-3
+    assert summary["variant"] == "lr0.001,lr_mult=3" and summary["variant_keys"] == {"lr_mult": 3.0}
