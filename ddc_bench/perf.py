@@ -36,12 +36,15 @@ about 4x the parameters). Here the gradients of one real batch are computed once
 and the steps are timed on them (the step's cost does not depend on the gradient values),
 so large models stay cheap to measure.
 
-**Harness overhead** (``--overhead``): the runner's training step against a bare loop of
-the same model, optimizer and batches. The runner has no public per-step function, so it
-is measured through :func:`ddc_bench.train.run` (``steps=--overhead-steps``, evaluation
-only at the end, ``grad_clip`` off, results in a temporary folder): its summary's
-``step_time_ms`` (mean over steps 2..N, batch fetch included) against the bare loop's mean
-over the same steps. Bare and harness alternate twice; the medians are compared.
+**Harness overhead** (``--overhead-steps``): the runner's training step against a bare
+loop of the same model, optimizer (with the options the runner resolves) and batches. The
+runner's step is what its ``step_time_ms`` times: the next batch,
+:func:`ddc_bench.train.train_step` (forward, backward, step, schedule, zero_grad, loss read
+back) and the finiteness check of the parameters, with the plan ``ddc-bench`` composes for
+the task and optimizer (``grad_clip`` off: clipping is part of a training recipe). The
+bare loop: next batch, zero_grad, forward, backward, step. Two model copies are stepped
+alternately (the order swaps every step), ``--warmup`` + ``--overhead-steps`` steps each,
+and the medians are compared.
 
 Outputs (``--out``, default a new folder ``results/perf/<device>-<size>-<UTC time>``): ``report.md`` (all tables and how they were
 measured), ``steps.csv``, ``steps.png``, ``scaling.csv``, ``scaling.png``, ``overhead.csv``
@@ -58,12 +61,13 @@ import datetime as dt
 import gc
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +93,8 @@ BASE_OF = {"ddc": None, "ddc_muon": "muon"}
 BATCH_CYCLE = 8
 #: Training steps over which peak memory is taken (state is created on the first).
 MEMORY_STEPS = 3
+OVERHEAD_METHOD = ("ddc_bench.train.train_step + params_finite + next batch (the runner's timed "
+                   "region) vs a bare loop, interleaved step by step, medians")
 OUTPUT_FILES = ("report.md", "steps.csv", "steps.png", "scaling.csv", "scaling.png", "overhead.csv")
 
 
@@ -330,68 +336,82 @@ def measure_scaling(task_name: str, entries: Sequence[tuple[str, str, dict[str, 
     return rows
 
 
-def bare_loop_ms(task: Any, name: str, device: torch.device, steps: int) -> float:
-    """Mean ms of steps 2..``steps`` of the plainest loop: next batch, zero_grad, forward,
-    backward, step (what the runner's ``step_time_ms`` covers, without the runner)."""
-    torch.manual_seed(0)
-    model = task.build_model().to(device)
-    model.train()
-    optimizer = build_named_optimizer(name, model)
-    stream = task.train_batches(0)
-    times = []
-    for _ in range(steps):
-        sync(device)
-        t0 = time.perf_counter()
-        batch = to_device(next(stream), device)
-        optimizer.zero_grad(set_to_none=True)
-        loss, _ = task.loss(model, batch)
-        loss.backward()
-        optimizer.step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.mean(times[1:])
-
-
-def harness_ms(task_cfg: dict[str, Any], name: str, device: torch.device, steps: int,
-               threads: int) -> float:
-    """``step_time_ms`` of a ``ddc_bench.train.run`` of ``steps`` steps (temporary folder)."""
+def runner_plan(task_cfg: dict[str, Any], name: str, device: torch.device, threads: int,
+                results_dir: str) -> Any:
+    """The runner's :class:`ddc_bench.plan.RunPlan` for ``name`` on ``task_cfg``, composed
+    and validated as ``ddc-bench`` does it (``grad_clip`` off: clipping is part of a training
+    recipe, not of the harness)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from ddc_bench.train import run
+    from ddc_bench.plan import make_plan
 
-    with tempfile.TemporaryDirectory(prefix="ddc-bench-perf-") as tmp:
-        overrides = [f"task={task_cfg['name']}", f"task.size={task_cfg['size']}", f"optimizer={name}",
-                     f"hardware={device.type}", f"hardware.threads={threads}", f"steps={steps}",
-                     f"eval_every={steps}", f"log_every={steps}", "grad_clip=0", "progress=false",
-                     f"results_dir={tmp}"]
-        if "root" in task_cfg.get("data", {}):
-            overrides.append(f"task.data.root={task_cfg['data']['root']}")
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
-        choices = dict(cfg.hydra.runtime.choices)
-        with open_dict(cfg):
-            del cfg["hydra"]  # what a Hydra job's task function receives has no hydra node
-        validate(cfg, choices)
-        with contextlib.redirect_stdout(io.StringIO()):
-            summary = run(cfg, overrides=overrides)
-    return float(summary["step_time_ms"])
+    overrides = [f"task={task_cfg['name']}", f"task.size={task_cfg['size']}", f"optimizer={name}",
+                 f"hardware={device.type}", f"hardware.threads={threads}", "grad_clip=0",
+                 "progress=false", f"results_dir={results_dir}"]
+    if "root" in task_cfg.get("data", {}):
+        overrides.append(f"task.data.root={task_cfg['data']['root']}")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]  # what a Hydra job's task function receives has no hydra node
+    validate(cfg, choices)
+    return make_plan(cfg, overrides)
 
 
 def measure_overhead(task: Any, task_cfg: dict[str, Any], names: Sequence[str],
-                     device: torch.device, steps: int, threads: int) -> list[dict[str, Any]]:
-    """Harness against bare loop per optimizer; alternated twice, medians compared."""
+                     device: torch.device, steps: int, warmup: int, threads: int) -> list[dict[str, Any]]:
+    """The runner's timed training step against a bare loop, per optimizer (see the module
+    docstring): two copies of the model, stepped alternately, medians compared."""
+    from ddc_bench.schedule import build_scheduler
+    from ddc_bench.state import RunState
+    from ddc_bench.train import params_finite
+    from ddc_bench.train import train_step as runner_step
+
     rows = []
     for name in names:
-        bare, harness = [], []
-        for _ in range(2):
-            bare.append(bare_loop_ms(task, name, device, steps))
-            harness.append(harness_ms(task_cfg, name, device, steps, threads))
-            torch.set_num_threads(threads or torch.get_num_threads())  # run() sets its own
-        b, h = statistics.median(bare), statistics.median(harness)
+        with tempfile.TemporaryDirectory(prefix="ddc-bench-perf-") as tmp:
+            plan = runner_plan(task_cfg, name, device, threads, tmp)
+        options = {"name": plan.optimizer_name, **plan.optimizer_options}
+        autocast = (contextlib.nullcontext if plan.autocast_dtype is None else
+                    lambda: torch.autocast(device_type=device.type, dtype=plan.autocast_dtype))
+        torch.manual_seed(0)
+        bare_model = task.build_model().to(device).train()
+        bare_opt = build_optimizer(bare_model, options)
+        torch.manual_seed(0)
+        model = task.build_model().to(device).train()
+        optimizer = build_optimizer(model, options)
+        state = RunState(model, optimizer, build_scheduler(optimizer, **plan.schedule))
+        params = [p for p in model.parameters() if p.requires_grad]
+        bare_batches, batches = task.train_batches(0), task.train_batches(0)
+
+        def bare() -> None:
+            batch = to_device(next(bare_batches), device)
+            bare_opt.zero_grad(set_to_none=True)
+            loss, _ = task.loss(bare_model, batch)
+            loss.backward()
+            bare_opt.step()
+
+        def harness() -> None:  # the runner's timed region (ddc_bench.train._loop)
+            batch = next(batches)
+            runner_step(plan, state, task, model, params, batch, autocast)
+            params_finite(params)
+
+        times: dict[str, list[float]] = {"bare": [], "harness": []}
+        order = [("bare", bare), ("harness", harness)]
+        for r in range(warmup + steps):
+            for k in range(2):
+                label, step = order[(r + k) % 2]
+                sync(device)
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                times[label].append(time.perf_counter() - t0)
+        b = 1e3 * statistics.median(times["bare"][warmup:])
+        h = 1e3 * statistics.median(times["harness"][warmup:])
         rows.append({"task": task.name, "size": task.size, "optimizer": name, "steps": steps,
-                     "bare_ms": b, "harness_ms": h, "overhead": h / b - 1,
-                     "method": "ddc_bench.train.run summary step_time_ms (batch fetch + train_step + finiteness check) vs bare loop (means of steps 2..N)"})
+                     "bare_ms": b, "harness_ms": h, "overhead": h / b - 1, "method": OVERHEAD_METHOD})
     return rows
 
 
@@ -531,6 +551,14 @@ def _parse_names(text: str, known: Sequence[str], what: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _load_average() -> str:
+    """The 1-minute load average and the CPU count, e.g. ``3.9 on 2 CPUs`` (n/a off Unix)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    except (AttributeError, OSError):
+        return "n/a"
+
+
 def _markdown(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False)
 
@@ -558,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale-task", default="gpt_lm", choices=TASK_NAMES)
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling run")
     parser.add_argument("--overhead-steps", type=int, default=30,
-                        help="steps of each harness/bare-loop run (0: skip the overhead measurement)")
+                        help="timed steps of the harness and of the bare loop (0: skip the overhead measurement)")
     parser.add_argument("--overhead-optimizers", default="adamw,ddc")
     parser.add_argument("--profile", default=None, metavar="OPTIMIZER",
                         help="also write torch.profiler's table of this optimizer's step (first task)")
@@ -572,8 +600,6 @@ def check_args(args: argparse.Namespace) -> None:
     for key, low in (("steps", 1), ("warmup", 0), ("threads", 0), ("overhead_steps", 0)):
         if getattr(args, key) < low:
             raise PerfError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {getattr(args, key)}")
-    if 0 < args.overhead_steps < 3:
-        raise PerfError(f"--overhead-steps must be 0 (skip) or >= 3, got {args.overhead_steps}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise PerfError("--device cuda but CUDA is not available here; use --device cpu")
 
@@ -615,7 +641,8 @@ def run_perf(args: argparse.Namespace, command: str = "ddc-bench-perf") -> dict[
     prov = provenance.collect(device, started)
     all_names = [reference] + [n for n in names if n != reference]
     header = (f"device: {prov['device']}; torch {torch.__version__}; threads {threads}; "
-              f"git {str(prov['git_commit'])[:10]}{' (dirty)' if prov['git_dirty'] else ''}; {started:%Y-%m-%d %H:%M} UTC")
+              f"git {str(prov['git_commit'])[:10]}{' (dirty)' if prov['git_dirty'] else ''}; {started:%Y-%m-%d %H:%M} UTC"
+              f"; load average at start {_load_average()}")
     print(f"[ddc-bench-perf] {header}")
 
     step_rows: list[dict[str, Any]] = []
@@ -630,10 +657,10 @@ def run_perf(args: argparse.Namespace, command: str = "ddc-bench-perf") -> dict[
         step_rows += rows
         print(_markdown(steps_table(rows)), flush=True)
         if i == 0 and overhead_names:
-            print(f"[ddc-bench-perf] harness overhead on {name}-{args.size}: "
-                  f"{args.overhead_steps} steps x 2 per optimizer", flush=True)
+            print(f"[ddc-bench-perf] harness overhead on {name}-{args.size}: {args.warmup}+"
+                  f"{args.overhead_steps} steps, runner and bare loop interleaved", flush=True)
             overhead_rows = measure_overhead(task, cfg, overhead_names, device, args.overhead_steps,
-                                             args.threads)
+                                             args.warmup, args.threads)
         if i == 0 and args.profile:
             profile_text = profile_step(task, args.profile, device)
             print(profile_text, flush=True)
@@ -686,6 +713,9 @@ def run_perf(args: argparse.Namespace, command: str = "ddc-bench-perf") -> dict[
             raise PerfError(f"{path} already exists; move it away or pass another --out")
         results.atomic_write_text(path, profile_text + "\n")
         md += [f"## Profile of `{args.profile}`\n", "```", profile_text, "```", ""]
+    # Other processes slow every optimizer alike (the rounds interleave them), but they widen
+    # the spread; the load average says how busy the machine was.
+    md.insert(2, f"load average at the end {_load_average()}  ")
     results.atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     print(f"[ddc-bench-perf] wrote {out}/report.md, steps.csv, steps.png"
           + (", overhead.csv" if overhead_rows else "") + (", scaling.csv, scaling.png" if scale_rows else ""))

@@ -48,7 +48,7 @@ def test_perf_writes_tables_plots_and_refuses_to_overwrite(tmp_path, capsys, res
     widths = {r["model"]: int(r["params"]) for r in scaling}
     assert widths["tiny:width=48"] > widths["tiny"]
     overhead = _rows(out / "overhead.csv")
-    assert [r["optimizer"] for r in overhead] == ["ddc"] and "ddc_bench.train.run" in overhead[0]["method"]
+    assert [r["optimizer"] for r in overhead] == ["ddc"] and "ddc_bench.train.train_step" in overhead[0]["method"]
     assert "adamw_foreach" in printed and "Self CPU" in printed
 
     # A second run into the same folder stops with one line; nothing is touched.
