@@ -9,12 +9,13 @@ See ``docs/ddc.md``.
 """
 
 from . import gauges
+from .find import FoundGauges, find_gauges
 from .gauges import HeadRotation, HeadRotationVO, LogitShift, NormGain, UnitRescale
 from .optimizer import DDC
 from .param_groups import param_groups, parameter_roles
 from .verify import GaugeDeclarationError, verify_gauges
 
 __all__ = [
-    "DDC", "gauges", "verify_gauges", "GaugeDeclarationError", "param_groups", "parameter_roles",
+    "DDC", "gauges", "verify_gauges", "find_gauges", "FoundGauges", "GaugeDeclarationError", "param_groups", "parameter_roles",
     "LogitShift", "UnitRescale", "NormGain", "HeadRotation", "HeadRotationVO",
 ]

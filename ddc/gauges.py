@@ -96,6 +96,17 @@ def _feature_count(module: nn.Module) -> int:
     raise TypeError(f"expected nn.Linear or nn.ConvNd, got {type(module).__name__}")
 
 
+def _input_weight(module: nn.Module) -> tuple[nn.Parameter, int]:
+    """The weight whose columns (axis 1) read a layer's input features, and their number:
+    ``nn.Linear``, ``nn.ConvNd`` and ``nn.MultiheadAttention`` with its packed ``in_proj``
+    (self-attention: query, key and value all read the same input)."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is None:
+            raise TypeError("nn.MultiheadAttention with separate q/k/v weights (kdim/vdim) is not supported")
+        return module.in_proj_weight, module.embed_dim
+    return module.weight, _feature_count(module)
+
+
 def _out_count(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.out_features
@@ -193,12 +204,13 @@ class NormGain(ScaleGauge):
         if getattr(norm, "bias", None) is not None:
             self.members.append(ScaleMember(norm.bias, 0, +1))
         for layer in consumers:
-            if _feature_count(layer) != self.size:
+            weight, features = _input_weight(layer)
+            if features != self.size:
                 raise ValueError(
-                    f"NormGain: consumer reads {_feature_count(layer)} features but the norm "
+                    f"NormGain: consumer reads {features} features but the norm "
                     f"has {self.size}"
                 )
-            self.members.append(ScaleMember(layer.weight, 1, -1))
+            self.members.append(ScaleMember(weight, 1, -1))
         self._norm = type(norm).__name__
 
     def describe(self) -> str:

@@ -153,7 +153,9 @@ class DDC(Optimizer):
             role, any parameter with two or more dimensions) takes the Muon step and the
             rest the Adam step.
         gauges: the gauge declarations (default: ``params.gauges()`` for a module, none
-            otherwise). With no gauges DDC-Adam is AdamW and DDC-Muon is the harness's
+            otherwise), or ``"auto"``: found by :func:`ddc.find_gauges` on the module
+            ``params`` run on ``example_input`` (``loss``: ``"cross_entropy"`` or ``None``,
+            as for ``find_gauges``). With no gauges DDC-Adam is AdamW and DDC-Muon is the harness's
             Muon baseline (Muon on hidden matrices, AdamW on the rest).
         base: ``"adam"`` or ``"muon"``.
         lr, weight_decay: learning rate and decoupled weight decay (for a module, applied
@@ -179,7 +181,7 @@ class DDC(Optimizer):
     def __init__(
         self,
         params: nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        gauges: list[Gauge] | None = None,
+        gauges: list[Gauge] | str | None = None,
         *,
         base: str = "adam",
         lr: float = 1e-3,
@@ -197,6 +199,8 @@ class DDC(Optimizer):
         balance_tol: float | None = None,
         balance_max_iter: int = 50,
         reference_norm: float = 1.0,
+        example_input: Any = None,
+        loss: str | None = "cross_entropy",
     ) -> None:
         if base not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {base!r}")
@@ -221,6 +225,13 @@ class DDC(Optimizer):
             raise ValueError(f"reference_norm must be positive, got {reference_norm}")
 
         model = None
+        if isinstance(gauges, str):
+            if gauges != "auto" or not isinstance(params, nn.Module) or example_input is None:
+                raise ValueError(f"gauges must be a list of gauges, None, or 'auto' with a model and an "
+                                 f"example_input (got gauges={gauges!r}, example_input "
+                                 f"{'missing' if example_input is None else 'given'})")
+            from .find import find_gauges
+            gauges = find_gauges(params, example_input, loss=loss)
         if isinstance(params, nn.Module):
             model = unwrap_model(params)
             params = param_groups(model, weight_decay)

@@ -1,0 +1,99 @@
+"""ddc.find_gauges: finds at least every task model's hand declarations, only exact
+symmetries (each passes verify_gauges), lists what it leaves out; works on torchvision's
+resnet18 and nn.TransformerEncoder (both norm orders); DDC(gauges="auto") uses it."""
+
+import pytest
+import torch
+from torch import nn
+
+from cifar_fixture import write_fake_cifar
+from ddc import DDC, find_gauges, verify_gauges
+from ddc.gauges import LogitShift, NormGain, RotationGauge, ScaleGauge, UnitRescale
+from ddc_models import TinyTransformer, classification_loss, make_batches
+from test_ddc_tasks import CASES, build, float64_loss
+
+
+def signature(gauge):
+    """What a gauge acts on, independent of how it was built."""
+    if isinstance(gauge, ScaleGauge):
+        return type(gauge).__name__, frozenset((id(m.param), m.axis, m.sign) for m in gauge.members)
+    if isinstance(gauge, RotationGauge):
+        return type(gauge).__name__, frozenset((id(m.param), m.axis, m.block, tuple(m.perm.tolist()))
+                                               for m in gauge.members)
+    return type(gauge).__name__, frozenset(id(p) for p in gauge.parameters())
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar(root, "cifar10", n_train=40, n_test=20)
+    return root
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_finds_every_hand_declaration_of_the_task_models(case, cifar_root):
+    model, batches = build(case, cifar_root)
+    found = find_gauges(model, batches[0][0])
+    missing = {signature(g) for g in model.gauges()} - {signature(g) for g in found}
+    assert not missing, f"{case}: not found: {missing}\n{found.summary()}"
+    verify_gauges(model, float64_loss, batches[0], gauges=list(found))   # all exact
+
+
+def test_resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10)
+    found = find_gauges(model, torch.randn(2, 3, 32, 32))
+    blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
+    expected = [NormGain(b.bn1, [b.conv2]) for b in blocks] + [LogitShift(model.fc)]
+    assert {signature(g) for g in found} == {signature(g) for g in expected}, found.summary()
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_transformer_encoder(norm_first):
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, norm_first=norm_first,
+                                       batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16), enable_nested_tensor=False)
+    found = find_gauges(model, torch.randn(2, 5, 16), loss=None)
+    expected = [UnitRescale([lay.linear1], lay.linear2) for lay in model.layers]
+    if norm_first:   # pre-norm: each norm's output is read only by the next layer
+        expected += [NormGain(lay.norm1, [lay.self_attn]) for lay in model.layers]
+        expected += [NormGain(lay.norm2, [lay.linear1]) for lay in model.layers]
+    assert {signature(g) for g in found} == {signature(g) for g in expected}, found.summary()
+    # post-norm: norms feed the residual stream, so their candidates are proven false and listed
+    rejected = " ".join(label for label, _ in found.rejected)
+    assert ("NormGain(layers.0.norm1" in rejected) == (not norm_first)
+    assert "MultiheadAttention" in rejected   # packed head rotations: listed as not supported
+
+
+class TwoReaders(nn.Module):
+    """A ReLU layer read by two layers: no single-output unit gauge is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h) + self.c(h)
+
+
+def test_rejected_candidates_are_listed_with_the_measured_change():
+    found = find_gauges(TwoReaders(), torch.randn(5, 4))
+    reasons = dict(found.rejected)
+    assert "not a symmetry" in reasons["UnitRescale([a], b)"]
+    assert "not a symmetry" in reasons["UnitRescale([a], c)"]
+    model = TinyTransformer(mlp="gelu", rope="interleaved")
+    found = find_gauges(model, make_batches(model, 1)[0][0])
+    assert "not a symmetry" in dict(found.rejected)["HeadRotation(q, k, heads=2, rope=None)"]
+    assert not any(isinstance(g, UnitRescale) for g in found)   # GELU: not even proposed
+
+
+def test_ddc_auto_uses_find_gauges():
+    model = TinyTransformer().double()
+    batch = make_batches(model, 1)[0]
+    auto = DDC(model, gauges="auto", example_input=batch[0], lr=1e-2)
+    assert {signature(g) for g in auto.gauges} == {signature(g) for g in model.gauges()}
+    classification_loss(model, batch)[0].backward()
+    auto.step()
+    with pytest.raises(ValueError, match="'auto' with a model and an example_input"):
+        DDC(model, gauges="auto")
