@@ -86,14 +86,33 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+#: Phrases of the errors gloo and NCCL raise (as plain ``RuntimeError`` from DDP's
+#: gradient all-reduce) when a peer dies or a collective times out.
+_COMM_MARKERS = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timed out",
+                 "ProcessGroup")
+
+
+def is_communication_error(err: BaseException) -> bool:
+    """Whether ``err`` is a failed collective (a dead, hung or unreachable rank)."""
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and any(m in str(err) for m in _COMM_MARKERS))
+
+
+def lost_contact(world: World, err: BaseException) -> DistributedError:
+    """The one-line error for a failed collective on this rank."""
+    return DistributedError(
+        f"rank {world.rank}: lost contact with the other ranks ({_first_line(err)}); "
+        f"a rank died or hung, see its output above")
+
+
 def guard(world: World, fn: Any, *args: Any) -> Any:
     """``fn(*args)``, turning a communication failure into a one-line :class:`DistributedError`."""
     try:
         return fn(*args)
-    except (RuntimeError, dist.DistError) as err:
-        raise DistributedError(
-            f"rank {world.rank}: lost contact with the other ranks ({_first_line(err)}); "
-            f"a rank died or hung, see its output above") from None
+    except RuntimeError as err:
+        if is_communication_error(err):
+            raise lost_contact(world, err) from None
+        raise
 
 
 def mean(world: World, value: float, device: torch.device) -> float:

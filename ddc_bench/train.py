@@ -566,7 +566,12 @@ def _loop(plan: RunPlan, state: RunState, task: Any, net: nn.Module, params: lis
         t0 = time.perf_counter()
         batch = next(batches)
         units = task.batch_units(batch) * world.size
-        loss_value = train_step(plan, state, task, net, params, batch, autocast)
+        try:
+            loss_value = train_step(plan, state, task, net, params, batch, autocast)
+        except RuntimeError as err:  # DDP's gradient all-reduce failing: a rank is gone
+            if world.active and distributed.is_communication_error(err):
+                raise distributed.lost_contact(world, err) from None
+            raise
         if not math.isfinite(loss_value):
             p.status = "diverged"
             bar.write(f"[ddc-bench] diverged: loss {loss_value} at step {p.step + 1}; stopping")

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,51 @@ def test_two_process_gloo_ddp_matches_one_process(optimizer, tmp_path):
     loss_two = [r["loss"] for r in results.read_metrics(run_two) if "loss" in r]
     assert loss_two == pytest.approx(loss_one, rel=1e-4)  # averaged over ranks
     assert torch.isfinite(torch.tensor(loss_two)).all()
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        for child in (task / "children").read_text().split():
+            out += [int(child), *_descendants(int(child))]
+    return out
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through /proc")
+def test_a_dead_rank_ends_the_job_with_a_clear_message(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "ddc_bench.cli", "hardware=ddp", "task=gpt_lm", "task.size=tiny", "steps=1000000",
+         "log_every=1", "eval_every=1000000", "progress=false", "results_dir=res"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL)
+    try:
+        metrics = None
+        for _ in range(2400):  # until the job trains (at most 120 s)
+            found = list((tmp_path / "res").rglob(results.METRICS_FILE))
+            if found and found[0].stat().st_size > 0:
+                metrics = found[0]
+                break
+            assert job.poll() is None, job.communicate()
+            time.sleep(0.05)
+        assert metrics is not None
+        (rank1,) = [p for p in _descendants(job.pid) if _rank_of(p) == "1"]
+        os.kill(rank1, signal.SIGKILL)
+        out, err = job.communicate(timeout=180)  # bounded: no hang
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("ddc-bench: error:")]
+    assert len(ours) == 1 and "lost contact with the other ranks" in ours[0], err
