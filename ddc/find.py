@@ -16,7 +16,9 @@ tracing restrictions on control flow). From it, it proposes:
 * ``HeadRotation`` / ``HeadRotationVO``: attention modules with separate ``q, k, v, o``
   (or ``q_proj, k_proj, v_proj, o_proj / out_proj``) layers and a head count attribute
   (``heads``, ``n_heads``, ``num_heads``, ``n_head``); the RoPE layout is found by trying
-  no RoPE, then interleaved pairs, then split halves.
+  no RoPE, then interleaved pairs, then split halves. For ``nn.MultiheadAttention`` the
+  members are row slices of its packed ``in_proj_weight`` (``HeadRotation.packed``,
+  ``HeadRotationVO.packed``).
 
 Every candidate is then checked by :func:`ddc.verify_gauges` (random group elements must
 leave the loss and the outputs unchanged to ``tol``); what fails is left out and listed
@@ -225,12 +227,12 @@ def find_gauges(model: nn.Module, example_input: Any, *, loss: str | None = "cro
                                    lambda v=v, o=o, h=heads: [HeadRotationVO(v, o, h)]))
                 break
 
-    rejected: list[tuple[str, str]] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            rejected.append((f"head rotations of {name or 'the model'} (nn.MultiheadAttention)",
-                             "q/k/v are row slices of one packed in_proj_weight; gauges on slices of a "
-                             "parameter are not supported, so only its norm gauge is found"))
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            label = name or "the model"
+            candidates.append((f"HeadRotation.packed({label})", lambda m=module: [HeadRotation.packed(m)]))
+            candidates.append((f"HeadRotationVO.packed({label})", lambda m=module: [HeadRotationVO.packed(m)]))
+    rejected: list[tuple[str, str]] = []
     unique = dict(candidates)   # a pair reached along several paths is proposed once
     built: list[tuple[str, Gauge]] = []
     for label, make in unique.items():

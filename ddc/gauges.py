@@ -291,7 +291,7 @@ class RotationGauge(Gauge):
         for m in self.members:
             blocks = to_blocks(m.param, m)
             rotated = element.to(blocks) @ blocks
-            m.param.copy_(from_blocks(rotated, m))
+            m.param.copy_(from_blocks(rotated, m, into=m.param))
 
     def describe(self) -> str:
         return f"blocks={self.n_blocks}x{self.block}"
@@ -304,15 +304,31 @@ def to_blocks(tensor: torch.Tensor, member: RotationMember) -> torch.Tensor:
     return moved.reshape(-1, member.block, moved[0].numel())
 
 
-def from_blocks(blocks: torch.Tensor, member: RotationMember) -> torch.Tensor:
-    """Inverse of :func:`to_blocks`: a tensor shaped like ``member.param``."""
+def from_blocks(blocks: torch.Tensor, member: RotationMember, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: a tensor shaped like ``member.param``. A member whose
+    ``perm`` covers only part of its axis (a slice of a packed parameter) writes its
+    entries into a copy of ``into``; the rest of ``into`` is kept."""
     shape = list(member.param.shape)
     axis_len = shape.pop(member.axis)
-    moved = blocks.reshape([axis_len] + shape)
-    inverse = torch.empty_like(member.perm)
-    inverse[member.perm] = torch.arange(axis_len)
-    moved = moved.index_select(0, inverse.to(moved.device))
-    return moved.movedim(0, member.axis)
+    values = blocks.reshape([member.perm.numel()] + shape)
+    if into is None:
+        if member.perm.numel() != axis_len:
+            raise ValueError("from_blocks: a member on a slice of its axis needs the full tensor (into=...)")
+        base = values.new_empty([axis_len] + shape)
+    else:
+        base = into.movedim(member.axis, 0).clone()
+    base[member.perm.to(values.device)] = values
+    return base.movedim(0, member.axis)
+
+
+def _packed_attention(attention: nn.Module) -> tuple[int, int]:
+    """Width and head count of an ``nn.MultiheadAttention`` whose q/k/v projections are
+    packed in ``in_proj_weight`` (rows [0, E) queries, [E, 2E) keys, [2E, 3E) values)."""
+    if not isinstance(attention, nn.MultiheadAttention) or attention.in_proj_weight is None:
+        raise TypeError("expected an nn.MultiheadAttention with a packed in_proj_weight (no kdim/vdim)")
+    if attention.bias_k is not None or attention.bias_v is not None:
+        raise ValueError("nn.MultiheadAttention with add_bias_kv has no head rotation gauge declared here")
+    return attention.embed_dim, attention.num_heads
 
 
 class HeadRotation(RotationGauge):
@@ -347,6 +363,21 @@ class HeadRotation(RotationGauge):
         return self._desc
 
 
+    @classmethod
+    def packed(cls, attention: nn.MultiheadAttention) -> HeadRotation:
+        """The query/key rotations of an ``nn.MultiheadAttention`` (no RoPE): its members
+        are the query and key row slices of the packed ``in_proj_weight`` (and bias)."""
+        width, heads = _packed_attention(attention)
+        gauge = cls.__new__(cls)
+        d_head = width // heads
+        gauge.block, gauge.n_blocks, gauge.special = d_head, heads, False
+        gauge.members = [RotationMember(p, 0, torch.arange(width) + offset, d_head)
+                         for offset in (0, width)
+                         for p in (attention.in_proj_weight, attention.in_proj_bias) if p is not None]
+        gauge._desc = f"heads={heads}, d_head={d_head}, rope=None, packed"
+        return gauge
+
+
 class HeadRotationVO(RotationGauge):
     """Per-head rotation of values and output: rows of ``W_v`` of head ``h`` (and its bias)
     map ``v ↦ R_h v`` and the head's columns of ``W_o`` map by ``R_h`` as well
@@ -367,6 +398,21 @@ class HeadRotationVO(RotationGauge):
             self.members.append(RotationMember(v.bias, 0, perm, d_head))
         self.members.append(RotationMember(o.weight, 1, perm, d_head))
         self._desc = f"heads={n_heads}, d_head={d_head}"
+
+    @classmethod
+    def packed(cls, attention: nn.MultiheadAttention) -> HeadRotationVO:
+        """The value/output rotations of an ``nn.MultiheadAttention``: the value row slice
+        of the packed ``in_proj_weight`` (and bias) and the columns of ``out_proj``."""
+        width, heads = _packed_attention(attention)
+        gauge = cls.__new__(cls)
+        d_head = width // heads
+        gauge.block, gauge.n_blocks, gauge.special = d_head, heads, False
+        rows = torch.arange(width) + 2 * width
+        gauge.members = [RotationMember(p, 0, rows, d_head)
+                         for p in (attention.in_proj_weight, attention.in_proj_bias) if p is not None]
+        gauge.members.append(RotationMember(attention.out_proj.weight, 1, torch.arange(width), d_head))
+        gauge._desc = f"heads={heads}, d_head={d_head}, packed"
+        return gauge
 
     def describe(self) -> str:
         return self._desc

@@ -54,7 +54,7 @@ class _Frame:
         self.rotation_gauges = [g for g in gauges if isinstance(g, RotationGauge)]
         self.centred: set[int] = set()                 # parameter indices centred on axis 0
         self.scale_axes: dict[int, list[tuple[int, int, int]]] = {}   # p -> [(axis, gauge, sign)]
-        self.rotation_of: dict[int, RotationMember] = {}
+        self.rotation_of: dict[int, list[RotationMember]] = {}   # disjoint slices of one axis
         self.warned_cap = False                        # the balancing cap warning is given once
 
         for gauge in gauges:
@@ -82,11 +82,14 @@ class _Frame:
         for gauge in self.rotation_gauges:
             for m in gauge.members:
                 i = self.index[m.param]
-                if i in self.rotation_of:
-                    raise ValueError(f"a {tuple(m.param.shape)} parameter is in two rotation gauges")
+                for other in self.rotation_of.get(i, []):
+                    overlap = bool(set(other.perm.tolist()) & set(m.perm.tolist()))
+                    if other.axis != m.axis or overlap:
+                        raise ValueError(f"a {tuple(m.param.shape)} parameter is in two rotation gauges "
+                                         f"that overlap (they may only rotate disjoint slices of one axis)")
                 if any(axis == m.axis for axis, _, _ in self.scale_axes.get(i, [])):
                     raise ValueError(f"{gauge!r} rotates an axis that a scale gauge scales")
-                self.rotation_of[i] = m
+                self.rotation_of.setdefault(i, []).append(m)
         for i in self.centred:
             if any(axis == 0 for axis, _, _ in self.scale_axes.get(i, [])) or i in self.rotation_of:
                 raise ValueError("LogitShift's vocabulary axis may not be scaled or rotated by another gauge")
@@ -138,7 +141,7 @@ class _Frame:
 def _pool_over_blocks(x: torch.Tensor, member: RotationMember) -> torch.Tensor:
     """Average ``x`` over each rotation block (the entries one orthogonal map mixes)."""
     blocks = to_blocks(x, member)
-    return from_blocks(blocks.mean(dim=1, keepdim=True).expand_as(blocks), member)
+    return from_blocks(blocks.mean(dim=1, keepdim=True).expand_as(blocks), member, into=x)
 
 
 class DDC(Optimizer):
@@ -447,10 +450,11 @@ class DDC(Optimizer):
                 continue
             group = group_of[i]
             points[i].mul_(1 - group["lr"] * group["weight_decay"])
-            member = frame.rotation_of.get(i)
             pooled = None
-            if member is not None and not self._uses_muon(group, p):
-                pooled = _pool_over_blocks(grads[i] * grads[i], member)
+            if i in frame.rotation_of and not self._uses_muon(group, p):
+                pooled = grads[i] * grads[i]
+                for member in frame.rotation_of[i]:
+                    pooled = _pool_over_blocks(pooled, member)
             delta = self._base_update(p, group, grads[i], pooled)
             deltas.append(delta if moving[i] else torch.zeros_like(delta))
 
@@ -465,7 +469,7 @@ class DDC(Optimizer):
                     [to_blocks(points[i], m) for i, m in zip(idx, gauge.members)],
                 )
                 for i, m, d in zip(idx, gauge.members, projected):
-                    deltas[i] = from_blocks(d, m)
+                    deltas[i] = from_blocks(d, m, into=deltas[i])
         new_points = [x + d for x, d in zip(points, deltas)]
         sweeps_after = 0
         # Re-balancing rescales every member of a gauge; with a member that must stay fixed

@@ -8,8 +8,9 @@ from torch import nn
 
 from cifar_fixture import write_fake_cifar
 from ddc import DDC, find_gauges, verify_gauges
-from ddc.gauges import LogitShift, NormGain, RotationGauge, ScaleGauge, UnitRescale
-from ddc_models import TinyTransformer, classification_loss, make_batches
+from ddc.gauges import (HeadRotation, HeadRotationVO, LogitShift, NormGain, RotationGauge, ScaleGauge,
+                        UnitRescale)
+from ddc_models import TinyTransformer, classification_loss, equivariance_deviation, make_batches
 from test_ddc_tasks import CASES, build, float64_loss
 
 
@@ -55,6 +56,8 @@ def test_transformer_encoder(norm_first):
     model = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16), enable_nested_tensor=False)
     found = find_gauges(model, torch.randn(2, 5, 16), loss=None)
     expected = [UnitRescale([lay.linear1], lay.linear2) for lay in model.layers]
+    expected += [HeadRotation.packed(lay.self_attn) for lay in model.layers]     # slices of in_proj
+    expected += [HeadRotationVO.packed(lay.self_attn) for lay in model.layers]
     if norm_first:   # pre-norm: each norm's output is read only by the next layer
         expected += [NormGain(lay.norm1, [lay.self_attn]) for lay in model.layers]
         expected += [NormGain(lay.norm2, [lay.linear1]) for lay in model.layers]
@@ -62,7 +65,30 @@ def test_transformer_encoder(norm_first):
     # post-norm: norms feed the residual stream, so their candidates are proven false and listed
     rejected = " ".join(label for label, _ in found.rejected)
     assert ("NormGain(layers.0.norm1" in rejected) == (not norm_first)
-    assert "MultiheadAttention" in rejected   # packed head rotations: listed as not supported
+
+
+def encoder(norm_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, norm_first=norm_first,
+                                       batch_first=True)
+    return nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8), enable_nested_tensor=False).double()
+
+
+@pytest.mark.parametrize("base,options", [("adam", {}), ("muon", {"orthogonalizer": "svd"})], ids=["adam", "muon"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_ddc_is_equivariant_with_found_gauges_on_transformer_encoder(norm_first, base, options):
+    """Packed q/k/v slices, norm and unit gauges found automatically; 10 float64 steps."""
+    model = encoder(norm_first)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(2, 5, 8, generator=generator, dtype=torch.float64),
+                torch.randn(2, 5, 8, generator=generator, dtype=torch.float64)) for _ in range(10)]
+    select = lambda m: list(find_gauges(m, batches[0][0], loss=None))
+    assert any(isinstance(g, HeadRotation) for g in select(model))
+    mse = lambda m, batch: (((m(batch[0]) - batch[1]) ** 2).mean(), m(batch[0]))
+    make = lambda m, gauges: DDC(m, gauges=gauges, base=base, lr=1e-2, weight_decay=0.1, **options)
+    assert equivariance_deviation(model, make, mse, batches, select) <= 1e-8
+    adamw = lambda m, gauges: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    assert equivariance_deviation(model, adamw, mse, batches, select) >= 1e-4
 
 
 class TwoReaders(nn.Module):
