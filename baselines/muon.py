@@ -64,8 +64,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
     :func:`build_muon` also hands the model's *input layer* (a ViT patch embedding, a
     ConvNet stem; see :func:`input_layer`) to AdamW, by giving its weight the role
     ``embedding``: Muon's authors keep embeddings, the first layer and the classifier head
-    on AdamW (KellerJordan/Muon README: "Muon should be used ... for all the convolutional
-    filters except the first one").
+    on AdamW (KellerJordan/Muon README: "for a ConvNet, you should use Muon to optimize all
+    the convolutional filters except the first one, and AdamW to optimize everything
+    else").
 
     **Learning rate.** One ``lr`` and one ``weight_decay`` (per group, as set by the
     grouping rule: 0 on vectors) serve both parts; the AdamW part runs at

@@ -87,7 +87,7 @@ def test_selection_is_on_validation_not_train_and_test_shows_for_selected_only(t
     marked = [r for r in rows if r["optimizer"].endswith("★")]
     assert [r["setting"] for r in marked] == ["lr_mult=2"]
     assert not any("test_acc" in k for k in rows[0])  # test split: selected table only
-    assert "lr_mult" in rows[0]
+    assert "lr" in rows[0] and "lr_mult" not in rows[0]  # the setting names lr_mult
 
 
 def test_diverged_settings_are_not_selected_while_a_clean_one_exists(tmp_path):

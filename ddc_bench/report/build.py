@@ -79,7 +79,8 @@ def _intro(root: Path, df: pd.DataFrame, override: dict[str, float]) -> list[str
           "- *Selected settings* table: one row per optimizer, best first: mean ± std over "
           "seeds (sample std, ddof=1), a 95% Student-t confidence interval of the mean, and "
           "a Welch t-test of the difference to the best optimizer: *within seed noise* when "
-          "p ≥ 0.05, i.e. the seeds do not separate the two.",
+          "p ≥ 0.05, i.e. the seeds do not separate the two. The selected mean is "
+          "slightly optimistic: the same seeds chose the setting.",
           f"- *All settings* table: every setting; {SELECTED_MARK} marks the selected ones. "
           "*final* is the last evaluation, *best* the best one. ↓ lower is better, ↑ higher "
           "is better; **bold** marks the best value of each column.",

@@ -146,7 +146,8 @@ def all_settings_table(task_df: pd.DataFrame, agg: pd.DataFrame, chosen: dict[st
     if (agg["setting"] != agg["lr"].map(lambda x: f"lr={x:g}")).any():
         cells["setting"] = list(agg["setting"].astype(str))
     cells["lr"] = [fmt_lr(x) for x in agg["lr"]]
-    if agg["lr_mult"].nunique(dropna=False) > 1:
+    named = "setting" in cells and any("lr_mult=" in t for t in cells["setting"])
+    if agg["lr_mult"].nunique(dropna=False) > 1 and not named:
         cells["lr_mult"] = [fmt_lr(x) for x in agg["lr_mult"]]
     if agg["weight_decay"].nunique(dropna=False) > 1:
         cells["wd"] = [fmt_lr(x) for x in agg["weight_decay"]]
