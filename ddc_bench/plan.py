@@ -90,6 +90,8 @@ class RunPlan:
     steps: int
     eval_every: int
     log_every: int
+    #: Steps between checkpoints (``checkpoint_every``, else ``eval_every``); 0: only on a
+    #: signal and at the end.
     checkpoint_every: int
     #: The evaluation-record key of the task's target (``val_acc``), ``None``: no target.
     target_key: str | None
@@ -244,6 +246,7 @@ def make_plan(cfg: DictConfig, overrides: list[str], spec: TaskSpec | None = Non
         raise ConfigError(f"hardware.grad_accum={grad_accum} exceeds the batch size "
                           f"{spec.batch_size // world.size}")
 
+    eval_every = int(cfg.eval_every or max(1, steps // 10))
     keys = variant_keys(cfg, overrides)
     variant = str(cfg.run_name) if cfg.run_name else results.variant_name(base_lr, keys)
     results.check_results_dir(cfg.results_dir)
@@ -252,8 +255,8 @@ def make_plan(cfg: DictConfig, overrides: list[str], spec: TaskSpec | None = Non
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     return RunPlan(
         cfg=cfg, resolved=resolved, overrides=list(overrides), task=spec, seed=int(cfg.seed),
-        steps=steps, eval_every=int(cfg.eval_every or max(1, steps // 10)),
-        log_every=int(cfg.log_every), checkpoint_every=int(cfg.checkpoint_every or 0),
+        steps=steps, eval_every=eval_every, log_every=int(cfg.log_every),
+        checkpoint_every=eval_every if cfg.checkpoint_every is None else int(cfg.checkpoint_every),
         target_key=_target_key(spec.target, spec), optimizer_name=name, optimizer_options=opt,
         base_lr=base_lr, lr_mult=lr_mult, lr=lr, weight_decay=opt.get("weight_decay"),
         grad_clip=float(cfg.grad_clip) if cfg.grad_clip else None, schedule=schedule,

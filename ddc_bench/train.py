@@ -326,8 +326,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None,
     if plan.lr == 0:
         print(f"[ddc-bench] warning: the learning rate is 0 (optimizer.lr={plan.base_lr:g}, "
               f"lr_mult={plan.lr_mult:g}): the parameters will not change", file=sys.stderr)
-    if plan.world.main and results.is_finished(plan.folder):
-        _refuse_finished(plan)  # before the expensive set-up
+    if results.is_finished(plan.folder):
+        _refuse_finished(plan)  # before the expensive set-up (read-only: every rank may check)
     require_logger(plan.logger_cfg)  # e.g. wandb missing: fail now, not after creating the folder
 
     distributed.init(plan.world, plan.device, plan.ddp_timeout_s)
@@ -345,15 +345,18 @@ def _refuse_finished(plan: RunPlan) -> None:
     except Exception:  # noqa: BLE001 - an unreadable config cannot be compared
         old = None
     new = fingerprint(plan)
-    differ = None if not isinstance(old, dict) else diff_keys(
-        {k: v for k, v in old.items() if k in new}, new)
-    if differ == []:
+    if not isinstance(old, dict):
+        raise results.RunExistsError(
+            f"{plan.folder} already holds a finished run whose {results.CONFIG_FILE} cannot be "
+            f"read; choose another results_dir or run_name (finished runs are never overwritten)")
+    differ = diff_keys({k: v for k, v in old.items() if k in new}, new)
+    if not differ:
         raise AlreadyFinished(f"{plan.folder} already holds this run, finished; skipped "
                               f"(finished runs are never overwritten)")
-    detail = f" (differs in {', '.join(differ[:5])})" if differ else ""
     raise results.RunExistsError(
-        f"{plan.folder} already holds a finished run of another config{detail}; choose "
-        f"another results_dir or run_name (finished runs are never overwritten)")
+        f"{plan.folder} already holds a finished run of another config (differs in "
+        f"{', '.join(differ[:5])}); choose another results_dir or run_name (finished runs "
+        f"are never overwritten)")
 
 
 def _train(plan: RunPlan, hooks: Sequence[StepHook], started_at: dt.datetime,
@@ -391,12 +394,23 @@ def _train(plan: RunPlan, hooks: Sequence[StepHook], started_at: dt.datetime,
     net = torch.compile(net) if plan.compile else net
 
     # ---- the run folder: lock, then resume or start afresh -------------------------------
-    lock = results.RunLock(plan.folder).acquire() if world.main else None
+    # Rank 0 decides; its decision, or its error, reaches every rank (none waits forever).
+    lock: results.RunLock | None = None
+    mode: Any = None
+    if world.main:
+        try:
+            lock = results.RunLock(plan.folder).acquire()
+            mode = _open_run_folder(plan)
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            mode = err
+    mode = distributed.broadcast(world, mode)
+    if isinstance(mode, BaseException):
+        if lock is not None:
+            lock.release()
+        raise mode
     logger = None
     summary: results.Summary | None = None
     try:
-        mode = _open_run_folder(plan) if world.main else None
-        mode = distributed.broadcast(world, mode)
         metrics_offset = None
         if mode == "resume":
             payload, path = checkpoint.load(plan.folder)
@@ -463,7 +477,8 @@ def _open_run_folder(plan: RunPlan) -> str:
     folder = plan.folder
     if results.is_finished(folder):  # finished while we were setting up
         _refuse_finished(plan)
-    checkpoint.remove_partial(folder) if folder.is_dir() else None
+    if folder.is_dir():
+        checkpoint.remove_partial(folder)
     if plan.resume is not False and results.has_checkpoint(folder):
         return "resume"
     if plan.resume is True:

@@ -200,8 +200,10 @@ def test_run_writes_results_and_skips_it_when_launched_again(tmp_path):
     proc = ddc_bench(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     folder = results.run_dir(tmp_path / "res", "grok_modadd", "tiny", "adamw", "lr0.001,steps=3", 2)
-    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "config.yaml",
-                                                        "metrics.jsonl", "summary.json"]
+    # Checkpoints at each evaluation (here every step) and at the end; the last two kept.
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt",
+                                                        "config.yaml", "metrics.jsonl",
+                                                        "summary.json"]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps_done"] == 3
     assert summary["overrides"] == args and summary["variant_keys"] == {"steps": 3}
@@ -245,6 +247,7 @@ def test_multirun_lands_in_one_results_dir(tmp_path):
         build_report(tmp_path / "sweep")
 
 
+@pytest.mark.slow
 def test_a_sweep_launched_again_skips_finished_runs_and_exits_zero(tmp_path):
     first = ddc_bench(*TINY, "steps=2", "results_dir=res", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
@@ -264,6 +267,7 @@ def test_multirun_goes_on_after_a_failed_run_and_exits_nonzero(tmp_path):
     assert "sweep done: 1 failed, 1 finished" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_weight_decay_sweep_gives_distinct_folders(tmp_path):
     proc = ddc_bench("--multirun", "optimizer.weight_decay=0,0.1", *TINY, "steps=2",
                      "results_dir=res", cwd=tmp_path)
@@ -276,6 +280,7 @@ def test_a_weight_decay_sweep_gives_distinct_folders(tmp_path):
                     {"optimizer.weight_decay": 0.1, "steps": 2}]
 
 
+@pytest.mark.slow
 def test_lr_mult_scales_the_learning_rate(tmp_path):
     proc = ddc_bench(*TINY, "steps=2", "lr_mult=2", "results_dir=res", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -262,3 +262,25 @@ def test_resume_true_without_checkpoint_and_another_config_are_refused(tmp_path,
     cfg.grad_clip = 0.5  # same folder, different computation
     with pytest.raises(checkpoint.CheckpointError, match=r"different config \(differs in grad_clip\)"):
         train.run(cfg, overrides=[])
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path, fake_task, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb_dir").mkdir()
+    cfg = base_config(tmp_path, steps=6, checkpoint_every=0)
+    cfg.logger = {"name": "wandb", "project": "ddc-bench-test", "entity": None, "group": None,
+                  "tags": [], "mode": None}
+    monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, "3")
+    with pytest.raises(train.Preempted):
+        train.run(cfg, overrides=[])
+    monkeypatch.delenv(train.SIGNAL_AT_STEP_ENV)
+    folder = results.run_dir(cfg.results_dir, "fake", "tiny", "adamw", "lr0.001", 0)
+    run_id = (folder / results.WANDB_ID_FILE).read_text().strip()
+    assert run_id
+    train.run(cfg, overrides=[])
+    sessions = sorted((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))
+    # wandb names offline sessions offline-run-<time>-<id>[-<n>]: both carry the same id.
+    assert len(sessions) == 2 and all(f"-{run_id}" in s.name for s in sessions)
