@@ -18,7 +18,9 @@ tracing restrictions on control flow). From it, it proposes:
   (``heads``, ``n_heads``, ``num_heads``, ``n_head``); the RoPE layout is found by trying
   no RoPE, then interleaved pairs, then split halves. For ``nn.MultiheadAttention`` the
   members are row slices of its packed ``in_proj_weight`` (``HeadRotation.packed``,
-  ``HeadRotationVO.packed``).
+  ``HeadRotationVO.packed``); for a fused ``c_attn`` / ``c_proj`` pair with ``[q | k | v]``
+  outputs (Hugging Face GPT-2, ``Conv1D`` layers stored in × out) they are column slices
+  (``HeadRotation.fused``, ``HeadRotationVO.fused``).
 
 Every candidate is then checked by :func:`ddc.verify_gauges` (random group elements must
 leave the loss and the outputs unchanged to ``tol``); what fails is left out and listed
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gauges import (_CONVS, _NORMS, Gauge, HeadRotation, HeadRotationVO, LogitShift, NormGain,
-                     UnitRescale)
+                     UnitRescale, is_conv1d)
 from .verify import GaugeDeclarationError, check_declarations, unwrap_model, verify_gauges
 
 __all__ = ["find_gauges", "FoundGauges"]
@@ -73,7 +75,7 @@ class FoundGauges(list):
 
 
 def _is_layer(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
     if isinstance(module, _CONVS):
         return module.groups == 1
@@ -226,6 +228,14 @@ def find_gauges(model: nn.Module, example_input: Any, *, loss: str | None = "cro
                 candidates.append((f"HeadRotationVO({prefix}{names[2]}, {prefix}{names[3]}, heads={heads})",
                                    lambda v=v, o=o, h=heads: [HeadRotationVO(v, o, h)]))
                 break
+        qkv, out = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
+        if qkv is not None and out is not None and _is_layer(qkv) and _is_layer(out) \
+                and not hasattr(module, "q_attn"):   # fused [q | k | v] (GPT-2); not cross-attention
+            prefix = f"{name}." if name else ""
+            candidates.append((f"HeadRotation.fused({prefix}c_attn, heads={heads})",
+                               lambda m=qkv, h=heads: [HeadRotation.fused(m, h)]))
+            candidates.append((f"HeadRotationVO.fused({prefix}c_attn, {prefix}c_proj, heads={heads})",
+                               lambda m=qkv, o=out, h=heads: [HeadRotationVO.fused(m, o, h)]))
 
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:

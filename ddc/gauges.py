@@ -85,34 +85,44 @@ class Gauge(ABC):
         return ""
 
 
-def _feature_count(module: nn.Module) -> int:
-    """Number of input features (Linear) or input channels (Conv) of a consumer."""
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    if isinstance(module, _CONVS):
-        if module.groups != 1:
-            raise ValueError(f"grouped convolutions are not supported as gauge members: {module}")
-        return module.in_channels
-    raise TypeError(f"expected nn.Linear or nn.ConvNd, got {type(module).__name__}")
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2), recognised by structure: ``y = x @ W + b`` with a
+    2-D ``weight`` stored in × out and ``nf`` output features."""
+    weight = getattr(module, "weight", None)
+    return (isinstance(getattr(module, "nf", None), int) and isinstance(weight, torch.Tensor)
+            and weight.ndim == 2 and weight.shape[1] == module.nf)
 
 
-def _input_weight(module: nn.Module) -> tuple[nn.Parameter, int]:
-    """The weight whose columns (axis 1) read a layer's input features, and their number:
-    ``nn.Linear``, ``nn.ConvNd`` and ``nn.MultiheadAttention`` with its packed ``in_proj``
-    (self-attention: query, key and value all read the same input)."""
+def _input_weight(module: nn.Module) -> tuple[nn.Parameter, int, int]:
+    """The weight reading a layer's input features: ``(weight, axis, features)``.
+    ``nn.Linear`` and ``nn.ConvNd`` (axis 1), Hugging Face ``Conv1D`` (axis 0), and
+    ``nn.MultiheadAttention``'s packed ``in_proj`` (self-attention: query, key and value
+    all read the same input)."""
     if isinstance(module, nn.MultiheadAttention):
         if module.in_proj_weight is None:
             raise TypeError("nn.MultiheadAttention with separate q/k/v weights (kdim/vdim) is not supported")
-        return module.in_proj_weight, module.embed_dim
-    return module.weight, _feature_count(module)
-
-
-def _out_count(module: nn.Module) -> int:
+        return module.in_proj_weight, 1, module.embed_dim
     if isinstance(module, nn.Linear):
-        return module.out_features
+        return module.weight, 1, module.in_features
     if isinstance(module, _CONVS):
-        return module.out_channels
-    raise TypeError(f"expected nn.Linear or nn.ConvNd, got {type(module).__name__}")
+        if module.groups != 1:
+            raise ValueError(f"grouped convolutions are not supported as gauge members: {module}")
+        return module.weight, 1, module.in_channels
+    if is_conv1d(module):
+        return module.weight, 0, module.weight.shape[0]
+    raise TypeError(f"expected nn.Linear, nn.ConvNd or a Conv1D, got {type(module).__name__}")
+
+
+def _output_weight(module: nn.Module) -> tuple[nn.Parameter, int, int]:
+    """The weight writing a layer's output features: ``(weight, axis, features)``; the
+    bias, if any, is ``module.bias`` along its only axis."""
+    if isinstance(module, nn.Linear):
+        return module.weight, 0, module.out_features
+    if isinstance(module, _CONVS):
+        return module.weight, 0, module.out_channels
+    if is_conv1d(module):
+        return module.weight, 1, module.nf
+    raise TypeError(f"expected nn.Linear, nn.ConvNd or a Conv1D, got {type(module).__name__}")
 
 
 class ScaleGauge(Gauge):
@@ -156,18 +166,19 @@ class UnitRescale(ScaleGauge):
         inputs = list(inputs)
         if not inputs:
             raise ValueError("UnitRescale needs at least one input layer")
-        self.size = _feature_count(output)
+        out_weight, out_axis, self.size = _input_weight(output)
         self.members = []
         for layer in inputs:
-            if _out_count(layer) != self.size:
+            weight, axis, features = _output_weight(layer)
+            if features != self.size:
                 raise ValueError(
-                    f"UnitRescale: input layer has {_out_count(layer)} outputs but the output "
+                    f"UnitRescale: input layer has {features} outputs but the output "
                     f"layer reads {self.size} features"
                 )
-            self.members.append(ScaleMember(layer.weight, 0, +1))
+            self.members.append(ScaleMember(weight, axis, +1))
             if layer.bias is not None:
                 self.members.append(ScaleMember(layer.bias, 0, +1))
-        self.members.append(ScaleMember(output.weight, 1, -1))
+        self.members.append(ScaleMember(out_weight, out_axis, -1))
         self._names = (len(inputs), type(output).__name__)
 
     def describe(self) -> str:
@@ -204,13 +215,13 @@ class NormGain(ScaleGauge):
         if getattr(norm, "bias", None) is not None:
             self.members.append(ScaleMember(norm.bias, 0, +1))
         for layer in consumers:
-            weight, features = _input_weight(layer)
+            weight, axis, features = _input_weight(layer)
             if features != self.size:
                 raise ValueError(
                     f"NormGain: consumer reads {features} features but the norm "
                     f"has {self.size}"
                 )
-            self.members.append(ScaleMember(weight, 1, -1))
+            self.members.append(ScaleMember(weight, axis, -1))
         self._norm = type(norm).__name__
 
     def describe(self) -> str:
@@ -368,13 +379,28 @@ class HeadRotation(RotationGauge):
         """The query/key rotations of an ``nn.MultiheadAttention`` (no RoPE): its members
         are the query and key row slices of the packed ``in_proj_weight`` (and bias)."""
         width, heads = _packed_attention(attention)
+        return cls._sliced(attention.in_proj_weight, 0, attention.in_proj_bias, width, heads, "packed")
+
+    @classmethod
+    def fused(cls, qkv: nn.Module, n_heads: int) -> HeadRotation:
+        """The query/key rotations of a fused projection whose outputs are ``[q | k | v]``
+        (Hugging Face GPT-2's ``c_attn``, a ``Conv1D``; or an ``nn.Linear``), no RoPE."""
+        weight, axis, features = _output_weight(qkv)
+        if features % 3 or (features // 3) % n_heads:
+            raise ValueError(f"HeadRotation.fused: {features} outputs are not 3 × a multiple of n_heads={n_heads}")
+        return cls._sliced(weight, axis, qkv.bias, features // 3, n_heads, "fused")
+
+    @classmethod
+    def _sliced(cls, weight: nn.Parameter, axis: int, bias: nn.Parameter | None, width: int, heads: int,
+                kind: str) -> HeadRotation:
         gauge = cls.__new__(cls)
         d_head = width // heads
-        gauge.block, gauge.n_blocks, gauge.special = d_head, heads, False
-        gauge.members = [RotationMember(p, 0, torch.arange(width) + offset, d_head)
+        gauge.block, gauge.special = d_head, False
+        gauge.members = [RotationMember(p, a, torch.arange(width) + offset, d_head)
                          for offset in (0, width)
-                         for p in (attention.in_proj_weight, attention.in_proj_bias) if p is not None]
-        gauge._desc = f"heads={heads}, d_head={d_head}, rope=None, packed"
+                         for p, a in ((weight, axis), (bias, 0)) if p is not None]
+        gauge.n_blocks = heads
+        gauge._desc = f"heads={heads}, d_head={d_head}, rope=None, {kind}"
         return gauge
 
 
@@ -404,14 +430,32 @@ class HeadRotationVO(RotationGauge):
         """The value/output rotations of an ``nn.MultiheadAttention``: the value row slice
         of the packed ``in_proj_weight`` (and bias) and the columns of ``out_proj``."""
         width, heads = _packed_attention(attention)
+        return cls._sliced(attention.in_proj_weight, 0, attention.in_proj_bias, attention.out_proj,
+                           width, heads, "packed")
+
+    @classmethod
+    def fused(cls, qkv: nn.Module, o: nn.Module, n_heads: int) -> HeadRotationVO:
+        """The value/output rotations of a fused ``[q | k | v]`` projection and the output
+        projection ``o`` (Hugging Face GPT-2's ``c_attn`` and ``c_proj``)."""
+        weight, axis, features = _output_weight(qkv)
+        if features % 3 or (features // 3) % n_heads:
+            raise ValueError(f"HeadRotationVO.fused: {features} outputs are not 3 × a multiple of n_heads={n_heads}")
+        return cls._sliced(weight, axis, qkv.bias, o, features // 3, n_heads, "fused")
+
+    @classmethod
+    def _sliced(cls, weight: nn.Parameter, axis: int, bias: nn.Parameter | None, o: nn.Module, width: int,
+                heads: int, kind: str) -> HeadRotationVO:
+        o_weight, o_axis, o_features = _input_weight(o)
+        if o_features != width:
+            raise ValueError(f"HeadRotationVO: the output projection reads {o_features} features, "
+                             f"the values have {width}")
         gauge = cls.__new__(cls)
         d_head = width // heads
         gauge.block, gauge.n_blocks, gauge.special = d_head, heads, False
         rows = torch.arange(width) + 2 * width
-        gauge.members = [RotationMember(p, 0, rows, d_head)
-                         for p in (attention.in_proj_weight, attention.in_proj_bias) if p is not None]
-        gauge.members.append(RotationMember(attention.out_proj.weight, 1, torch.arange(width), d_head))
-        gauge._desc = f"heads={heads}, d_head={d_head}, packed"
+        gauge.members = [RotationMember(p, a, rows, d_head) for p, a in ((weight, axis), (bias, 0)) if p is not None]
+        gauge.members.append(RotationMember(o_weight, o_axis, torch.arange(width), d_head))
+        gauge._desc = f"heads={heads}, d_head={d_head}, {kind}"
         return gauge
 
     def describe(self) -> str:

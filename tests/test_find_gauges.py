@@ -123,3 +123,46 @@ def test_ddc_auto_uses_find_gauges():
     auto.step()
     with pytest.raises(ValueError, match="'auto' with a model and an example_input"):
         DDC(model, gauges="auto")
+
+
+def tiny_gpt2(tied):
+    transformers = pytest.importorskip("transformers")   # optional test extra
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                     tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_hugging_face_gpt2(tied):
+    """Conv1D layers (stored in × out) and the fused c_attn: gauge members are column
+    slices of one parameter. A tied lm_head has neither the logit shift nor ln_f's gauge."""
+    model = tiny_gpt2(tied)
+    found = find_gauges(model, torch.randint(0, 50, (2, 8)))
+    blocks = model.transformer.h
+    expected = [NormGain(b.ln_1, [b.attn.c_attn]) for b in blocks] + [NormGain(b.ln_2, [b.mlp.c_fc]) for b in blocks]
+    expected += [HeadRotation.fused(b.attn.c_attn, 2) for b in blocks]
+    expected += [HeadRotationVO.fused(b.attn.c_attn, b.attn.c_proj, 2) for b in blocks]
+    if not tied:
+        expected += [NormGain(model.transformer.ln_f, [model.lm_head]), LogitShift(model.lm_head)]
+    assert {signature(g) for g in found} == {signature(g) for g in expected}, found.summary()
+    rejected = dict(found.rejected)
+    assert "not a symmetry" in rejected["UnitRescale([transformer.h.0.mlp.c_fc], transformer.h.0.mlp.c_proj)"]  # GELU
+
+
+@pytest.mark.parametrize("base,options", [("adam", {}), ("muon", {"orthogonalizer": "svd"})], ids=["adam", "muon"])
+def test_ddc_is_equivariant_on_gpt2_with_found_gauges(base, options):
+    model = tiny_gpt2(tied=False).double()
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 50, (2, 8), generator=generator),) * 2 for _ in range(10)]
+
+    def loss(m, batch):
+        logits = m(batch[0]).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), batch[1][:, 1:].reshape(-1)), logits
+
+    select = lambda m: list(find_gauges(m, batches[0][0]))
+    make = lambda m, gauges: DDC(m, gauges=gauges, base=base, lr=1e-2, weight_decay=0.1, **options)
+    assert equivariance_deviation(model, make, loss, batches, select) <= 1e-8
+    adamw = lambda m, gauges: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    assert equivariance_deviation(model, adamw, loss, batches, select) >= 1e-4
