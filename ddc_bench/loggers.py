@@ -37,7 +37,7 @@ class NullLogger:
     def log(self, record: Mapping[str, Any]) -> None:
         """Mirror one metrics record (no-op)."""
 
-    def finish(self, summary: Mapping[str, Any] | None) -> None:
+    def finish(self, summary: results.Summary | None) -> None:
         """Close the tracker; ``summary`` is ``None`` when the run failed (no-op)."""
 
 
@@ -81,7 +81,7 @@ class WandbLogger:
         data = {k: v for k, v in record.items() if k != "step"}
         self.run.log(data, step=int(record["step"]))
 
-    def finish(self, summary: Mapping[str, Any] | None) -> None:
+    def finish(self, summary: results.Summary | None) -> None:
         """Attach the scalar parts of ``summary`` and close the W&B run."""
         if summary is not None:
             for key in ("status", "steps_done", "train_time_s", "step_time_ms", "units_per_s",
