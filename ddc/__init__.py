@@ -4,6 +4,7 @@ Usable on its own::
 
     from ddc import DDC
     optimizer = DDC(model, base="adam", lr=1e-3, weight_decay=0.1)   # model.gauges() declares the symmetries
+    optimizer = DDC(model, gauges="auto", example_input=x)             # or: found by ddc.find_gauges
 
 See ``docs/ddc.md``.
 """

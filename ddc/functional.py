@@ -201,7 +201,7 @@ def min_norm_log_scales(reduced_sq: list[torch.Tensor], axes: list[list[tuple[in
         diag = 4 * (grow + shrink)
         precond = torch.where(active, 1 / diag.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(diag))
         step = _conjugate_gradient(lambda v: hessian_vector(xs, diag, v), -grad, precond,
-                                   max_iter=max(50, 4 * len(sizes)))
+                                   max_iter=max(50, 4 * len(sizes)), atol=1e-3 * tol)
         largest = float(step.abs().max())
         if largest <= tol:
             return s, newton, []
@@ -218,9 +218,12 @@ def min_norm_log_scales(reduced_sq: list[torch.Tensor], axes: list[list[tuple[in
 
 
 def _conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor,
-                        precond: torch.Tensor, max_iter: int, rtol: float = 1e-14) -> torch.Tensor:
+                        precond: torch.Tensor, max_iter: int, atol: float, rtol: float = 1e-14) -> torch.Tensor:
     """Preconditioned conjugate gradients for ``apply(x) = rhs`` (symmetric positive
-    semi-definite; coordinates where ``precond`` is zero stay zero)."""
+    semi-definite; coordinates where ``precond`` is zero stay zero). Stops when the
+    residual is below ``rtol`` of the right-hand side, or when the preconditioned residual
+    (the Jacobi estimate of the remaining correction) is below ``atol``: a warm-started
+    solve already at its tolerance costs one product."""
     x = torch.zeros_like(rhs)
     r = rhs.clone()
     z = precond * r
@@ -228,7 +231,7 @@ def _conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], rhs: torc
     rz = float(r @ z)
     stop = rtol * float(rhs.abs().max())
     for _ in range(max_iter):
-        if float(r.abs().max()) <= stop:
+        if float(r.abs().max()) <= stop or float(z.abs().max()) <= atol:
             break
         ap = apply(p)
         curvature = float(p @ ap)

@@ -3,8 +3,9 @@
 One step, for the parameters that some gauge acts on (the rest take the plain base step):
 
 1. **Canonical frame.** Centre the readout along the vocabulary axis (translation
-   gauge), then rescale every scale gauge to the minimum-norm point of its orbit
-   (Kempf–Ness; :func:`ddc.functional.min_norm_log_scales`). The canonical point
+   gauge), then rescale every scale gauge to the canonical point of its orbit
+   (Kempf–Ness with a level per gauge, and a rule for orbits without a minimum-norm
+   point; :func:`ddc.functional.min_norm_log_scales`). The canonical point
    ``θ* = S·centre(θ)`` and gradient ``g* = g / S`` are the same for ``θ`` and for any
    ``g·θ`` on its orbit (rotations aside, which they follow covariantly).
 2. **Decoupled weight decay** on ``θ*`` (it commutes with every gauge; on the readout it
@@ -13,7 +14,7 @@ One step, for the parameters that some gauge acts on (the rest take the plain ba
    moment pooled over each rotation orbit) or Muon (momentum, orthogonalisation).
 4. **Dead directions** (``dead_mode="freeze"``): remove the step's vocabulary mean and
    its component along every head-rotation orbit, then move the new canonical point back
-   to the minimum-norm point of its scale orbit. The scale frame ``S`` is therefore
+   to the canonical point of its scale orbit. The scale frame ``S`` is therefore
    unchanged by the step: the gauge coordinates do not drift at all.
 5. **Map back**: ``θ_new = θ*_new / S`` (plus the readout's vocabulary mean).
 
