@@ -52,6 +52,10 @@ def world_from_env(ddp: bool) -> World:
     """The :class:`World` torchrun describes in the environment (a single process without
     ``hardware.ddp``). ``hardware.ddp`` outside torchrun is a one-process job."""
     if not ddp:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # torchrun, but not a DDP profile
+            raise DistributedError(
+                f"started as {os.environ['WORLD_SIZE']} processes (torchrun) but the hardware "
+                f"profile is not DDP: every process would train the whole run; use hardware=ddp")
         return World()
     try:
         return World(rank=int(os.environ.get("RANK", 0)), size=int(os.environ.get("WORLD_SIZE", 1)),

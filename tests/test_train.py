@@ -9,10 +9,11 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from conftest import FakeTask, base_config, use_fake_task
 
 from ddc_bench import results, train
-from ddc_bench.config import ConfigError
+from ddc_bench.config import CONFIG_DIR, ConfigError
 from ddc_bench.loggers import LoggerError
 from ddc_bench.schedule import build_scheduler, lr_factor, warmup_steps_for
 
@@ -368,3 +369,42 @@ def test_lr_mult_scales_the_optimizer_lr_and_names_the_folder(tmp_path, fake_tas
     summary = train.run(base_config(tmp_path, steps=2, lr_mult=3.0), overrides=["lr_mult=3"])
     assert summary["lr"] == pytest.approx(3e-3) and summary["base_lr"] == 1e-3
     assert summary["variant"] == "lr0.001,lr_mult=3" and summary["variant_keys"] == {"lr_mult": 3.0}
+
+
+# --------------------------------------------------------------------------------------
+# Harness side of the DDC library (issue 10): gauge check at start-up, DDC's own clipping
+# --------------------------------------------------------------------------------------
+
+def test_a_wrong_gauge_declaration_stops_a_ddc_run_before_training(tmp_path, fake_task, monkeypatch):
+    from ddc.gauges import LogitShift
+    from conftest import FakeModel
+
+    # A logit shift of the hidden layer is no symmetry: a ReLU follows it.
+    monkeypatch.setattr(FakeModel, "gauges", lambda self: [LogitShift(self.hidden)])
+    cfg = base_config(tmp_path, steps=2)
+    cfg.optimizer = OmegaConf.load(CONFIG_DIR / "optimizer" / "ddc.yaml")
+    with pytest.raises(ConfigError, match="declares a gauge that is not an exact symmetry") as err:
+        train.run(cfg, overrides=[])
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("seed*"))
+
+
+def test_an_optimizer_that_clips_in_its_own_frame_is_asked_to(tmp_path, fake_task, monkeypatch):
+    calls = []
+
+    class ClippingAdamW(torch.optim.AdamW):
+        def clip_grad_norm_(self, max_norm):
+            calls.append(max_norm)
+
+    monkeypatch.setattr(train, "build_optimizer",
+                        lambda model, cfg: ClippingAdamW(model.parameters(), lr=cfg["lr"]))
+    train.run(base_config(tmp_path, steps=3, grad_clip=0.5), overrides=[])
+    assert calls == [0.5, 0.5, 0.5]
+
+
+def test_several_processes_without_the_ddp_profile_are_refused(tmp_path, fake_task, monkeypatch):
+    from ddc_bench.distributed import DistributedError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    with pytest.raises(DistributedError, match="use hardware=ddp"):
+        train.run(base_config(tmp_path, steps=1), overrides=[])
