@@ -326,7 +326,7 @@ def test_hooks_add_keys_to_every_record_and_the_summary(tmp_path, fake_task):
 
     def weight_norm(state, step, record):
         calls.append(step)
-        record["weight_norm"] = float(sum(p.norm() ** 2 for p in state.model.parameters()) ** 0.5)
+        record["weight_norm"] = float(sum(p.detach().norm() ** 2 for p in state.model.parameters()) ** 0.5)
 
     cfg = base_config(tmp_path, steps=4, log_every=2, eval_every=4)
     summary = train.run(cfg, overrides=[], hooks=[weight_norm])
