@@ -3,7 +3,7 @@
 * in-process: N steps in one go against N/2 + SIGTERM (a real signal, sent by the run to
   itself through the ``DDC_BENCH_SIGNAL_AT_STEP`` test hook) + resume + N/2, for every
   optimizer on ``gpt_lm`` tiny: identical ``metrics.jsonl`` values (timings aside) and
-  bitwise identical parameters and optimizer state;
+  bitwise identical parameters and optimizer state; and with AdamW on every task;
 * the same through the ``ddc-bench`` command in real subprocesses for adamw, ddc, muon
   (slow), and Ctrl-C (SIGINT) sent from outside at an arbitrary moment;
 * every task's data stream restarts exactly at any batch, and DDP shards partition it;
@@ -83,6 +83,28 @@ def test_sigterm_and_resume_is_bitwise_exact(optimizer, tmp_path, monkeypatch):
     assert _values(folder_a) == _values(folder_b)
     assert whole["final"] == resumed["final"] and whole["best"] == resumed["best"]
     _assert_same_state(folder_a, folder_b)
+
+
+@pytest.mark.parametrize("task_name", config_names("task"))
+def test_sigterm_and_resume_is_bitwise_exact_on_every_task(task_name, tmp_path, monkeypatch,
+                                                           cifar_root):
+    """The same check with AdamW on each task (BatchNorm buffers, CIFAR augmentation and
+    epoch boundaries included: 40 fake images are 2 batches an epoch)."""
+    common = [f"task={task_name}", "task.size=tiny", "hardware=cpu", "hardware.threads=1",
+              "progress=false", f"steps={STEPS}", "log_every=1", "eval_every=4",
+              "checkpoint_every=0", "optimizer=adamw"]
+    if task_name in ("vit_cifar", "resnet_cifar"):
+        common.append(f"task.data.root={cifar_root}")
+    whole = _run_in_process([*common, f"results_dir={tmp_path / 'a'}"], monkeypatch)
+    split = [*common, f"results_dir={tmp_path / 'b'}"]
+    with pytest.raises(train.Preempted):
+        _run_in_process(split, monkeypatch, signal_at=STOP_AT)
+    resumed = _run_in_process(split, monkeypatch)
+    assert resumed["resumed_from"] == [STOP_AT]
+    folders = [results.run_dir(tmp_path / x, task_name, "tiny", "adamw", whole["variant"], 0)
+               for x in ("a", "b")]
+    assert _values(folders[0]) == _values(folders[1])
+    _assert_same_state(*folders)
 
 
 # --------------------------------------------------------------------------------------
