@@ -29,10 +29,13 @@ STEPS = 10
 ARGS = ["task=gpt_lm", "task.size=tiny", "progress=false", f"steps={STEPS}", "eval_every=5",
         "log_every=1", "hardware.threads=1"]
 #: The largest parameter difference accepted between the 2-process and the 1-process run
-#: after 10 steps, about 10x what was measured (printed by the test): adamw 6.0e-8 and ddc
-#: 2.4e-7 (float32 summation order), muon 4.6e-5 (Newton-Schulz runs in bfloat16, which
-#: turns float32-level gradient differences into bfloat16-level update differences).
-TOLERANCE = {"adamw": 1e-6, "ddc": 3e-6, "muon": 5e-4}
+#: after 10 steps. Measured (printed by the test, with grad_accum=2 on each rank): adamw
+#: 6e-8 to 8e-8 and ddc 7e-8 to 2.4e-7, float32 summation order; muon 4.6e-5 to 1.3e-4,
+#: because Newton-Schulz runs in bfloat16: a float32-level gradient difference can flip one
+#: bfloat16 rounding (2**-8 relative) of an update of size ~0.2*sqrt(128)*lr = 2.3e-3, i.e.
+#: ~1e-5 a step. Bounds: about 10x the float32 measurements, and 10 steps of 10 such flips
+#: for muon.
+TOLERANCE = {"adamw": 1e-6, "ddc": 3e-6, "muon": 1e-3}
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
