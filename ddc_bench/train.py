@@ -58,7 +58,7 @@ from ddc_bench.optimizers import DDC_NAMES, build_optimizer
 from ddc_bench.plan import (DEFAULT_THREADS, RunPlan, TaskSpec, diff_keys, fingerprint,
                             make_plan, resolve_threads, task_spec)
 from ddc_bench.schedule import build_scheduler, lr_factor
-from ddc_bench.state import Progress, RunState
+from ddc_bench.state import RunState
 
 __all__ = ["run", "Preempted", "AlreadyFinished", "EXIT_PREEMPTED", "StepHook", "DEFAULT_THREADS"]
 
