@@ -75,6 +75,10 @@ def _task_function(cfg: DictConfig) -> dict[str, Any] | None:
     except Preempted as stopped:
         print(f"[ddc-bench] {stopped}", file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED)  # also ends a local sweep: the signal was meant for it all
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (set-up): nothing to save
+        print("[ddc-bench] interrupted before training started; nothing to resume",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     except USER_ERRORS as err:
         if not _Session.local or os.environ.get("HYDRA_FULL_ERROR") == "1":
             _raise_job_failure(err)
