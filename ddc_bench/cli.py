@@ -75,8 +75,8 @@ def _task_function(cfg: DictConfig) -> dict[str, Any] | None:
     except Preempted as stopped:
         print(f"[ddc-bench] {stopped}", file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED)  # also ends a local sweep: the signal was meant for it all
-    except KeyboardInterrupt:  # Ctrl-C outside the training steps (set-up): nothing to save
-        print("[ddc-bench] interrupted before training started; nothing to resume",
+    except KeyboardInterrupt:  # Ctrl-C outside the steps (set-up): no training to save
+        print("[ddc-bench] interrupted outside the training steps (nothing new to save)",
               file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED)
     except USER_ERRORS as err:
