@@ -13,9 +13,8 @@ Data are read by torchvision's ``CIFAR10`` / ``CIFAR100`` classes from
 
 Training batches go through a ``DataLoader`` (``num_workers`` workers) with the standard
 augmentation (RandomCrop(32, padding=4), RandomHorizontalFlip) and normalisation. The
-shuffle order is seeded by ``seed``; the augmentation draws from torch's RNG (in workers,
-seeded from the loader's generator; with ``num_workers=0``, the global RNG the runner
-seeds). Evaluation uses a fixed subset of each split without augmentation, kept as a
+shuffle order and every sample's augmentation are seeded from ``seed`` and the epoch alone
+(:meth:`CifarTask.train_batches`), so a stream can restart at any batch, bitwise. Evaluation uses a fixed subset of each split without augmentation, kept as a
 ``uint8`` tensor and normalised on the device (identical to ToTensor + Normalize, and far
 cheaper than a DataLoader pass).
 """
@@ -27,10 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
@@ -44,6 +44,8 @@ STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+#: The metrics :meth:`CifarTask.evaluate` returns.
+METRICS = ("loss", "acc")
 #: Evaluation subsets are drawn with this fixed seed (not the run's seed), so every run
 #: of a task is evaluated on the same images.
 EVAL_SUBSET_SEED = 0
@@ -102,6 +104,53 @@ def load_cifar(dataset: str, root: str, download: bool) -> tuple[Any, Any]:
     train = cls(str(Path(root).expanduser()), train=True, download=download)
     test = cls(str(Path(root).expanduser()), train=False, download=False)
     return train, test
+
+
+class _EpochBatches:
+    """An endless batch sampler of ``(index, augmentation seed)`` pairs (see
+    :meth:`CifarTask.train_batches`), starting at global batch ``start`` and yielding rank
+    ``rank``'s contiguous share of each batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, *, start: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.rank, self.world_size = start, rank, world_size
+
+    def _epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The permutation of epoch ``epoch`` and one augmentation seed per position."""
+        key = np.random.SeedSequence([self.seed, epoch]).generate_state(2, dtype=np.uint64)
+        g = torch.Generator().manual_seed(int(key[0]))
+        order = torch.randperm(self.n, generator=g)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        return order, seeds
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_epoch = self.n // self.batch_size
+        epoch, batch = divmod(self.start, per_epoch)
+        share = torch.tensor_split(torch.arange(self.batch_size), self.world_size)[self.rank]
+        while True:
+            order, seeds = self._epoch(epoch)
+            for b in range(batch, per_epoch):
+                positions = b * self.batch_size + share
+                yield list(zip(order[positions].tolist(), seeds[positions].tolist()))
+            epoch, batch = epoch + 1, 0
+
+
+class _SeededSamples(Dataset):
+    """``base[index]`` with torch's RNG seeded by the sample's own seed, so a sample's
+    augmentation is the same in any worker and after any resume."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.base[index]
 
 
 def _as_uint8_nchw(data: Any) -> torch.Tensor:
@@ -178,7 +227,6 @@ class CifarTask(Task):
     """
 
     unit_name = "samples"
-    primary_metric = ("val_acc", "max")
     #: The ``data.dataset`` values this task accepts (a subclass may add ``DIGITS``).
     datasets: tuple[str, ...] = DATASETS
     defaults: dict[str, Any]
@@ -250,16 +298,23 @@ class CifarTask(Task):
     @abstractmethod
     def build_model(self) -> nn.Module: ...
 
-    def train_batches(self, seed: int) -> Iterator[Batch]:
-        """Endless augmented batches; epochs reshuffle with a generator seeded by ``seed``."""
+    def train_batches(self, seed: int, *, start: int = 0, rank: int = 0,
+                      world_size: int = 1) -> Iterator[Batch]:
+        """Endless augmented batches (``start``, ``rank``, ``world_size``: see
+        :meth:`tasks.base.Task.train_batches`).
+
+        Epoch ``e`` visits the training set in a permutation drawn from ``(seed, e)``
+        (incomplete last batches dropped), and every sample's augmentation draws from its
+        own seed, also drawn from ``(seed, e)``: batches depend on nothing else (not on
+        the global RNG, the number of workers or where the stream started).
+        """
         loader = DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(seed),
+            _SeededSamples(self.train_set),
+            batch_sampler=_EpochBatches(len(self.train_set), self.batch_size, seed, start=start,
+                                        rank=rank, world_size=world_size),
+            num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
         )
-        while True:
-            yield from loader
+        yield from loader
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         images, labels = batch

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.cifar import DATA_DEFAULTS, DATASETS, DIGITS, CifarTask
+from tasks.cifar import DATA_DEFAULTS, DATASETS, DIGITS, METRICS, CifarTask  # noqa: F401 - METRICS: task convention
 from tasks.config import choice
 from tasks.transformer import MLPS, NORMS, Block, init_transformer_, make_norm
 
