@@ -64,8 +64,10 @@ def test_config_composes_and_validates(task, optimizer):
 def test_hardware_profiles_compose(hardware):
     cfg, choices = compose([f"hardware={hardware}"])
     validate(cfg, choices)
-    assert set(cfg.hardware) == {"device", "autocast", "compile", "threads", "num_workers",
-                                 "grad_accum"}
+    expected = {"device", "autocast", "compile", "threads", "num_workers", "grad_accum"}
+    if hardware == "ddp":  # the DDP profile adds its switch and the collective timeout
+        expected |= {"ddp", "timeout_s"}
+    assert set(cfg.hardware) == expected
 
 
 @pytest.mark.parametrize("experiment", config_names("experiment"))
