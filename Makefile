@@ -30,4 +30,4 @@ test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 bench: install
-	$(BIN)/python scripts/bench_ddc.py
+	$(BIN)/ddc-bench-perf

@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
         "source": "builtin", "files": None, "name": None, "config_name": None,
         "text_field": "text", "val_fraction": 0.1, "cache_dir": None, "eval_examples": None,
     },
-    "target": {"metric": "val_loss", "value": None, "mode": "min"},
+    "target": {"metric": "val_loss", "value": 1.5, "mode": "min"},  # see configs/task/gpt_lm.yaml
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
