@@ -77,3 +77,10 @@ class Task(ABC):
     def describe(self) -> dict[str, Any]:
         """Small facts about the built task worth recording in the summary (sizes, data)."""
         return {}
+
+
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss in at least float32: autocast's bf16/fp16 logits are upcast, while
+    float64 stays float64 (gauge verification and the equivariance tests run in float64; a
+    float32 cast there would show round-off as a broken symmetry)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))

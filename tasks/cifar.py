@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
-from tasks.base import Batch, Task
+from tasks.base import Batch, Task, at_least_float32
 from tasks.config import choice, meta_param_count, resolve_config
 
 DATASETS = ("cifar10", "cifar100")
@@ -213,7 +213,7 @@ def image_stats(dataset: ImageArray) -> tuple[tuple[float, ...], tuple[float, ..
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy and accuracy."""
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(at_least_float32(logits), labels)
     acc = (logits.argmax(-1) == labels).float().mean().item()
     return loss, {"acc": acc}
 
@@ -334,7 +334,7 @@ class CifarTask(Task):
             for i in range(0, len(labels), self.batch_size):
                 x = self.normalize(images[i:i + self.batch_size].to(device))
                 y = labels[i:i + self.batch_size].to(device)
-                logits = model(x).float()
+                logits = at_least_float32(model(x))
                 total_loss += F.cross_entropy(logits, y, reduction="sum").item()
                 correct += int((logits.argmax(-1) == y).sum().item())
         finally:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.base import Batch, Task, shard
+from tasks.base import Batch, Task, at_least_float32, shard
 from tasks.config import choice, meta_param_count, resolve_config
 from tasks.corpus import SOURCES, load_corpus
 from tasks.transformer import MLPS, NORMS, Block, init_transformer_, make_norm
@@ -171,7 +171,7 @@ class GPTLMTask(Task):
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = batch
         logits = model(inputs)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), {}
+        return F.cross_entropy(at_least_float32(logits.flatten(0, 1)), targets.flatten()), {}
 
     def batch_units(self, batch: Batch) -> int:
         return int(batch[0].numel())
@@ -190,7 +190,7 @@ class GPTLMTask(Task):
                 x = inputs[i:i + self.batch_size].to(device)
                 y = targets[i:i + self.batch_size].to(device)
                 logits = model(x)
-                total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                total += F.cross_entropy(at_least_float32(logits.flatten(0, 1)), y.flatten(),
                                          reduction="sum").item()
                 count += y.numel()
         finally:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.base import Batch, Task, shard
+from tasks.base import Batch, Task, at_least_float32, shard
 from tasks.config import choice, meta_param_count, resolve_config
 from tasks.transformer import MLPS, NORMS, Block, init_transformer_, make_norm
 
@@ -197,7 +197,7 @@ class GrokModAddTask(Task):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         tokens, answers = batch
-        logits = model(tokens).float()
+        logits = at_least_float32(model(tokens))
         acc = (logits.argmax(-1) == answers).float().mean().item()
         return F.cross_entropy(logits, answers), {"acc": acc}
 
@@ -213,7 +213,7 @@ class GrokModAddTask(Task):
         try:
             for i in range(0, len(ys), EVAL_CHUNK):
                 x, y = xs[i:i + EVAL_CHUNK].to(device), ys[i:i + EVAL_CHUNK].to(device)
-                logits = model(x).float()
+                logits = at_least_float32(model(x))
                 total_loss += F.cross_entropy(logits, y, reduction="sum").item()
                 correct += int((logits.argmax(-1) == y).sum().item())
         finally:

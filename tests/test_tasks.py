@@ -341,6 +341,22 @@ def test_declared_gauges_are_exact(name, model_cfg, corpus_cache, cifar_root):
     assert kinds.count(NormGain) == 2 * depth + (0 if tied else 1)
 
 
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_loss_keeps_float64(name, corpus_cache, cifar_root):
+    """The harness verifies DDC's gauges with the task's own loss on a float64 copy of the
+    model: a float32 cast inside the loss would read as a broken symmetry (it made seed 1 of
+    gpt_lm tiny fail with a LogitShift 'not a symmetry' at 8.5e-8)."""
+    ddc = pytest.importorskip("ddc")
+    task = build_task(tiny_cfg(name, corpus_cache, cifar_root))
+    batch = tuple(t[:4] for t in next(iter(task.train_batches(seed=0))))
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = task.build_model()
+        loss, _ = task.loss(model.double(), tuple(t.double() if t.is_floating_point() else t for t in batch))
+        assert loss.dtype == torch.float64
+        ddc.verify_gauges(model, lambda m, b: task.loss(m, b)[0], batch)  # raises on failure
+
+
 # --------------------------------------------------------------------------------------
 # Transformer pieces
 # --------------------------------------------------------------------------------------
