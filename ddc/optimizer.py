@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import fast
 from . import functional as F
 from .muon_kernels import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS as MUON_EPS
 from .gauges import Gauge, LogitShift, RotationGauge, RotationMember, ScaleGauge, from_blocks, to_blocks
@@ -155,7 +156,8 @@ class DDC(Optimizer):
             ``gauges`` given explicitly. Groups may carry a ``role`` key (see
             ``ddc.param_groups``); with ``base="muon"`` role ``matrix`` (or, without a
             role, any parameter with two or more dimensions) takes the Muon step and the
-            rest the Adam step.
+            rest the Adam step. A module is grouped as the Muon baseline groups it
+            (``param_groups(..., muon=True)``: its input layer takes the Adam step).
         gauges: the gauge declarations (default: ``params.gauges()`` for a module, none
             otherwise), or ``"auto"``: found by :func:`ddc.find_gauges` on the module
             ``params`` run on ``example_input`` (``loss``: ``"cross_entropy"`` or ``None``,
@@ -205,6 +207,7 @@ class DDC(Optimizer):
         reference_norm: float = 1.0,
         example_input: Any = None,
         loss: str | None = "cross_entropy",
+        foreach: bool = True,
     ) -> None:
         if base not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {base!r}")
@@ -238,7 +241,7 @@ class DDC(Optimizer):
             gauges = find_gauges(params, example_input, loss=loss)
         if isinstance(params, nn.Module):
             model = unwrap_model(params)
-            params = param_groups(model, weight_decay)
+            params = param_groups(model, weight_decay, muon=base == "muon")
             if gauges is None:
                 gauges = model.gauges() if hasattr(model, "gauges") else []
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, momentum=momentum,
@@ -253,6 +256,8 @@ class DDC(Optimizer):
         self.balance_tol = balance_tol
         self.balance_max_iter = balance_max_iter
         self.reference_norm = reference_norm
+        self.foreach = bool(foreach)
+        self._fast_plan: fast.FastPlan | None = None   # built at the first fast step
         self.gauges = list(gauges or [])
         if model is not None:
             check_declarations(model, self.gauges)
@@ -364,6 +369,7 @@ class DDC(Optimizer):
 
         frame = self._frame
         group_of: dict[int, dict[str, Any]] = {}
+        plain: list[tuple[torch.Tensor, dict[str, Any]]] = []
         for group in self.param_groups:
             for p in group["params"]:
                 i = frame.index.get(p)
@@ -371,6 +377,9 @@ class DDC(Optimizer):
                     group_of[i] = group
                     continue
                 if p.grad is None:
+                    continue
+                if self.foreach:
+                    plain.append((p, group))
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("DDC does not support sparse gradients")
@@ -383,8 +392,13 @@ class DDC(Optimizer):
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                     p.add_(update.to(p.dtype))
 
+        if plain:
+            fast.plain_step(self, plain)
         if any(p.grad is not None for i, p in enumerate(frame.params) if i in group_of):
-            self._gauged_step(group_of)
+            if self.foreach and fast.fast_supported(self, group_of):
+                fast.gauged_step(self, group_of)
+            else:
+                self._gauged_step(group_of)
         return loss
 
     def _balance_tol(self) -> float:

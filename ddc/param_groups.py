@@ -17,6 +17,14 @@ Roles:
 * ``readout``   the weight of the model's untied output layer (``model.readout``).
 * ``vector``    parameters with fewer than two dimensions: biases and norm gains.
 
+For a Muon-based optimizer (``muon=True``: the ``muon`` baseline and DDC with
+``base="muon"``) the weight of the model's *input layer* (:func:`input_layer`: a ViT patch
+embedding, a ConvNet stem) is ``embedding`` rather than ``matrix``, so it takes the AdamW
+step: Muon's authors keep embeddings, the first layer and the classifier head on AdamW
+(KellerJordan/Muon README: "for a ConvNet, you should use Muon to optimize all the
+convolutional filters except the first one, and AdamW to optimize everything else"). This
+is the one place that rule lives.
+
 Weight decay applies to every parameter with two or more dimensions and to nothing else.
 """
 
@@ -28,17 +36,33 @@ from torch import nn
 
 ROLES = ("matrix", "embedding", "readout", "vector")
 _EMBEDDING_MODULES = (nn.Embedding, nn.EmbeddingBag)
+_INPUT_LAYER_TYPES = (nn.Embedding, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def parameter_roles(model: nn.Module) -> dict[nn.Parameter, str]:
+def input_layer(model: nn.Module) -> nn.Module | None:
+    """The model's input layer: the first ``nn.Embedding`` / ``nn.Linear`` / ``nn.ConvNd`` in
+    ``model.modules()`` (registration) order, or None when there is none.
+
+    Registration order is forward order in every model of this benchmark (and in
+    torchvision's): the token embedding of the GPT and grokking transformers, ``patch_embed``
+    of the ViT, ``stem_conv`` of the ResNet. A model that registers a hidden layer before
+    its input layer defeats this rule; check it with this function.
+    """
+    return next((m for m in model.modules() if isinstance(m, _INPUT_LAYER_TYPES)), None)
+
+
+def parameter_roles(model: nn.Module, muon: bool = False) -> dict[nn.Parameter, str]:
     """Return the role of every trainable parameter of ``model`` (see the module docstring).
 
     The readout is the module a model exposes as ``model.readout`` (an ``nn.Linear``);
     a model without that attribute has no readout. A parameter shared by several modules
     (a tied readout) gets the role of the first module that owns it in ``model.modules()``.
+    ``muon=True``: the grouping of a Muon-based optimizer, where the weight of
+    :func:`input_layer` is ``embedding`` (AdamW) instead of ``matrix``.
     """
     readout = getattr(model, "readout", None)
     readout_weight = readout.weight if isinstance(readout, nn.Linear) else None
+    first = getattr(input_layer(model), "weight", None) if muon else None
     roles: dict[nn.Parameter, str] = {}
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -48,7 +72,7 @@ def parameter_roles(model: nn.Module) -> dict[nn.Parameter, str]:
                 role = "vector"
             elif param is readout_weight and not _is_tied(model, param, module):
                 role = "readout"
-            elif name.endswith("weight") and not isinstance(module, _EMBEDDING_MODULES):
+            elif name.endswith("weight") and not isinstance(module, _EMBEDDING_MODULES) and param is not first:
                 role = "matrix"
             else:
                 role = "embedding"
@@ -65,18 +89,24 @@ def _is_tied(model: nn.Module, param: nn.Parameter, owner: nn.Module) -> bool:
     )
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> list[dict[str, Any]]:
     """Split ``model``'s parameters into one group per role, in the order of :data:`ROLES`.
 
     Each group is ``{"params": [...], "weight_decay": wd, "role": role}`` where ``wd`` is
     ``weight_decay`` for parameters with two or more dimensions and ``0.0`` otherwise.
     Empty roles are left out. The extra ``role`` key travels inside ``torch.optim``
     param groups, so an optimizer can treat roles differently (Muon, SCALE, DDC-Muon).
+    ``muon``: as for :func:`parameter_roles` (the input layer's weight, moved to the
+    ``embedding`` group, comes first in it).
     """
-    roles = parameter_roles(model)
+    roles = parameter_roles(model, muon=muon)
+    layer = input_layer(model) if muon else None
+    moved = getattr(layer, "weight", None) if not isinstance(layer, _EMBEDDING_MODULES) else None
     groups = []
     for role in ROLES:
         params = [p for p, r in roles.items() if r == role]
+        if role == "embedding" and any(p is moved for p in params):
+            params = [moved] + [p for p in params if p is not moved]
         if params:
             groups.append({
                 "params": params,

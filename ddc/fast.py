@@ -1,0 +1,606 @@
+"""The batched DDC step (``DDC(foreach=True)``, the default).
+
+It computes the same step as the readable reference path (``DDC(foreach=False)``,
+``DDC._gauged_step``), with the work batched:
+
+* **Parameters of a kind together.** Canonical coordinates, weight decay, the Adam moments
+  and the map back run as ``torch._foreach_*`` ops over all gauged parameters at once;
+  the parameters no gauge touches take one foreach AdamW per param group.
+* **One balancing solve for all scale gauges**, on one flat vector of log-scales: the
+  squared norms of the gauged slices are gathered once (``index_add_``), the parameters
+  scaled along two axes (an MLP's up projection: rows in its unit gauge, columns in the
+  norm gain before it) are stacked per shape and their Hessian couplings applied with one
+  ``bmm``. The Newton step is solved by Jacobi-preconditioned conjugate gradients whose
+  tolerance follows the Newton step (inexact Newton: a step of size δ is solved to about
+  δ², which keeps Newton's quadratic convergence), and the host reads the residual only
+  every :data:`CG_CHECK_EVERY` iterations and once per Newton step.
+* **Head rotations in place, through views.** A rotation member whose blocks are a
+  contiguous slice of its axis (every member except RoPE's ``half`` layout) is viewed as
+  ``(n_blocks, block, rest)`` without copying; the so(d) projection of all gauges with the
+  same block size is one batched ``eigh`` (or the closed form for RoPE pairs).
+* **No full-size copies where an in-place update is exact**: the canonical point is built
+  once (``θ·S``), decayed, stepped and rebalanced in place, and written back with one
+  multiply by ``S_back / S``.
+
+The fast path agrees with the reference to round-off (``tests/test_ddc_foreach.py``:
+float64, every task model and both bases, to 1e-12). It does not replicate the
+reference's iteration path of the balancing solve, only its answer (the unique canonical
+point, to ``balance_tol``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import functional as F
+from .gauges import RotationMember, from_blocks, to_blocks
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .optimizer import DDC
+
+#: Conjugate-gradient iterations between two reads of the residual by the host.
+CG_CHECK_EVERY = 4
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _contiguous_slice(member: RotationMember) -> int | None:
+    """Start of ``member``'s entries if they are a contiguous slice of its axis, else None."""
+    perm = member.perm
+    n = perm.numel()
+    start = int(perm[0]) if n else 0
+    if n == 0 or not torch.equal(perm, torch.arange(start, start + n, dtype=perm.dtype)):
+        return None
+    return start
+
+
+def block_view(tensor: torch.Tensor, member: RotationMember, start: int | None = None) -> torch.Tensor | None:
+    """``tensor`` (shaped like ``member.param``) as an ``(n_blocks, block, rest)`` *view*
+    (writing into it writes ``tensor``), or ``None`` when the member's entries are not a
+    contiguous slice of its axis (RoPE's ``half`` layout) or no view exists. ``start``:
+    the slice's start if already known."""
+    if start is None:
+        start = _contiguous_slice(member)
+        if start is None:
+            return None
+    n = member.perm.numel()
+    moved = tensor.movedim(member.axis, 0).narrow(0, start, n)
+    try:  # view() (unlike reshape) never copies: it raises where no view exists
+        return moved.unflatten(0, (n // member.block, member.block)).view(n // member.block, member.block, -1)
+    except RuntimeError:
+        return None
+
+
+class _Blocks:
+    """Block views of one rotation member, with a copy-based fallback."""
+
+    def __init__(self, member: RotationMember, index: int) -> None:
+        self.member = member
+        self.index = index
+        self.start = _contiguous_slice(member)
+        self.viewable = self.start is not None and block_view(member.param.detach(), member, self.start) is not None
+
+    def get(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.viewable:
+            view = block_view(tensor, self.member, self.start)
+            if view is not None:
+                return view
+        return to_blocks(tensor, self.member)
+
+    def set(self, tensor: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Write ``blocks`` into ``tensor``'s member entries; returns the tensor to keep."""
+        if self.viewable:
+            view = block_view(tensor, self.member, self.start)
+            if view is not None:
+                view.copy_(blocks)
+                return tensor
+        return from_blocks(blocks, self.member, into=tensor)
+
+
+def _matvec(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``x @ v`` for stacks ``x`` (L, n, m) and ``v`` (L, m), as the row-vector product
+    ``vᵀ xᵀ`` (on the CPU several times faster than ``bmm`` with a column vector)."""
+    return torch.bmm(v.unsqueeze(1), x.transpose(1, 2)).squeeze(1)
+
+
+class FastPlan:
+    """Index tensors and groupings of one DDC instance's gauges, built once per device."""
+
+    def __init__(self, opt: DDC, device: torch.device) -> None:
+        frame = opt._frame
+        self.device = device
+        self.n_params = len(frame.params)
+        sizes = [g.size for g in frame.scale_gauges]
+        self.sizes = sizes
+        self.offsets = [0]
+        for n in sizes:
+            self.offsets.append(self.offsets[-1] + n)
+        self.n = self.offsets[-1]
+        levels = torch.cat([torch.full((n,), float(g.level), dtype=torch.float64)
+                            for n, g in zip(sizes, frame.scale_gauges)]) if sizes else torch.zeros(0, dtype=torch.float64)
+        self.levels = levels.to(device)
+        self.gauge_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)) \
+            if sizes else torch.zeros(0, dtype=torch.long)
+
+        # Parameters scaled along one axis: their squared norms summed over the other axes
+        # land in one flat vector (term t -> coordinate coord1[t], growing or shrinking side).
+        self.scaled = sorted(frame.scale_axes)
+        self.one: list[tuple[int, int, list[int]]] = []    # (param, axis, other dims)
+        self.two: dict[tuple[int, int], list[int]] = {}    # (n_a, n_b) -> params
+        coord1, sign1 = [], []
+        for i in self.scaled:
+            axes = frame.scale_axes[i]
+            p = frame.params[i]
+            if len(axes) == 1:
+                axis, g, sign = axes[0]
+                self.one.append((i, axis, [d for d in range(p.ndim) if d != axis]))
+                coord1.append(torch.arange(self.offsets[g], self.offsets[g + 1]))
+                sign1.append(torch.full((sizes[g],), float(sign), dtype=torch.float64))
+            else:
+                (a, _, _), (b, _, _) = axes
+                self.two.setdefault((p.shape[a], p.shape[b]), []).append(i)
+        self.coord1 = torch.cat(coord1).to(device) if coord1 else torch.zeros(0, dtype=torch.long, device=device)
+        self.sign1 = torch.cat(sign1).to(device) if sign1 else torch.zeros(0, dtype=torch.float64, device=device)
+        self.side1 = self.coord1 + self.n * (self.sign1 < 0).long()
+        # Parameters scaled along two axes, stacked per shape.
+        self.stacks = []
+        for (na, nb), members in self.two.items():
+            ca, cb, sa, sb, other = [], [], [], [], []
+            for i in members:
+                (a, ga, sga), (b, gb, sgb) = frame.scale_axes[i]
+                ca.append(torch.arange(self.offsets[ga], self.offsets[ga + 1]))
+                cb.append(torch.arange(self.offsets[gb], self.offsets[gb + 1]))
+                sa.append(float(sga))
+                sb.append(float(sgb))
+                other.append([d for d in range(frame.params[i].ndim) if d not in (a, b)])
+            ca_t, cb_t = torch.stack(ca).to(device), torch.stack(cb).to(device)
+            sa_t = torch.tensor(sa, dtype=torch.float64, device=device)[:, None]
+            sb_t = torch.tensor(sb, dtype=torch.float64, device=device)[:, None]
+            self.stacks.append({
+                "params": members, "other": other, "ca": ca_t, "cb": cb_t, "sa": sa_t, "sb": sb_t,
+                "side_a": (ca_t + self.n * (sa_t < 0).long()).reshape(-1),
+                "side_b": (cb_t + self.n * (sb_t < 0).long()).reshape(-1),
+                "coupling": 4 * sa_t * sb_t,   # (L, 1): sign of the off-diagonal Hessian block
+                "flat_a": ca_t.reshape(-1), "flat_b": cb_t.reshape(-1), "shape": (na, nb),
+            })
+        # Per-parameter scale factors: (axis, gauge, sign) per scaled axis.
+        self.factor_axes = {i: frame.scale_axes[i] for i in self.scaled}
+
+        # Rotation gauges: members as block views, grouped by block size.
+        self.rotations: list[list[_Blocks]] = []
+        for gauge in frame.rotation_gauges:
+            self.rotations.append([_Blocks(m, frame.index[m.param]) for m in gauge.members])
+        self.rotation_by_block: dict[int, list[int]] = {}
+        for r, gauge in enumerate(frame.rotation_gauges):
+            self.rotation_by_block.setdefault(gauge.block, []).append(r)
+        self.pool_members = {i: [_Blocks(m, i) for m in members] for i, members in frame.rotation_of.items()}
+        #: Conjugate-gradient iterations run so far (a diagnostic).
+        self.cg_iterations = 0
+
+    # ---------------------------------------------------------------------- scale factors
+
+    def factors(self, log_scales: torch.Tensor, dtype: torch.dtype, like: Sequence[torch.Tensor],
+                times: Sequence[float] | None = None) -> list[torch.Tensor | None]:
+        """The scale factor ``S`` of every parameter for the flat float64 ``log_scales``,
+        broadcastable to it (``None`` for unscaled parameters), times ``times[i]`` where
+        given (weight decay folded into the same multiply)."""
+        pos = torch.exp(log_scales).to(dtype)
+        neg = torch.exp(-log_scales).to(dtype)
+        out: list[torch.Tensor | None] = [None] * self.n_params
+        for i, axes in self.factor_axes.items():
+            ndim = like[i].ndim
+            factor = None
+            for axis, g, s in axes:
+                shape = [1] * ndim
+                shape[axis] = -1
+                piece = (pos if s > 0 else neg)[self.offsets[g]:self.offsets[g + 1]].view(shape)
+                factor = piece if factor is None else factor * piece
+            if times is not None and times[i] != 1.0:
+                factor = factor * times[i]
+            out[i] = factor
+        return out
+
+    # ------------------------------------------------------------------------- balancing
+
+    def reduce(self, points: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The squared entries of the scaled parameters, summed over their unscaled axes
+        (float64): one flat vector for the one-axis terms, one stack per two-axis shape
+        (written straight into a float64 buffer)."""
+        ones = [points[i] for i, _, _ in self.one]
+        squares = torch._foreach_mul(ones, ones)
+        flat = [sq.sum(other) if other else sq for sq, (_, _, other) in zip(squares, self.one)]
+        r1 = torch.cat(flat).double() if flat else torch.zeros(0, dtype=torch.float64, device=self.device)
+        stacks = []
+        for st in self.stacks:
+            first = points[st["params"][0]]
+            buf = torch.empty((len(st["params"]), *st["shape"]), dtype=torch.float64, device=first.device)
+            for k, (i, o) in enumerate(zip(st["params"], st["other"])):
+                if o:
+                    buf[k].copy_((points[i] * points[i]).sum(o))
+                else:
+                    torch.mul(points[i], points[i], out=buf[k])
+            stacks.append(buf)
+        return r1, stacks
+
+    def _sides(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor]
+               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Grow and shrink sums (flat, 2N) at log-scales ``s``, each stack's scalings
+        ``(X, e_a, e_b)`` (the scaled matrix is ``e_a X e_b``, never formed: every use is a
+        matrix-vector product) and the total squared norm."""
+        sides = torch.zeros(2 * self.n, dtype=torch.float64, device=self.device)
+        scaled1 = torch.exp(2 * self.sign1 * s[self.coord1]) * r1
+        sides.index_add_(0, self.side1, scaled1)
+        total = scaled1.sum()
+        scaled = []
+        for st, x in zip(self.stacks, xs):
+            ea = torch.exp(2 * st["sa"] * s[st["ca"]])
+            eb = torch.exp(2 * st["sb"] * s[st["cb"]])
+            rows = ea * _matvec(x, eb)
+            cols = eb * torch.bmm(ea.unsqueeze(1), x).squeeze(1)
+            sides.index_add_(0, st["side_a"], rows.reshape(-1))
+            sides.index_add_(0, st["side_b"], cols.reshape(-1))
+            total = total + rows.sum()
+            scaled.append((x, ea, eb))
+        return sides, scaled, total
+
+    def _hessian(self, diag: torch.Tensor, scaled: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 v: torch.Tensor) -> torch.Tensor:
+        out = diag * v
+        for st, (x, ea, eb) in zip(self.stacks, scaled):
+            to_a = ea * _matvec(x, eb * v[st["cb"]])
+            to_b = eb * torch.bmm((ea * v[st["ca"]]).unsqueeze(1), x).squeeze(1)
+            out.index_add_(0, st["flat_a"], (st["coupling"] * to_a).reshape(-1))
+            out.index_add_(0, st["flat_b"], (st["coupling"] * to_b).reshape(-1))
+        return out
+
+    def solve(self, r1: torch.Tensor, xs: list[torch.Tensor], warm: torch.Tensor | None, tol: float,
+              max_iter: int, reference_norm: float, zero_level: float) -> tuple[torch.Tensor, int, list[int]]:
+        """:func:`ddc.functional.min_norm_log_scales` on the flat layout: the same
+        canonical point (same κ, degenerate and inactive coordinates), by damped Newton
+        with inexact conjugate gradients. Returns the log-scales, the Newton steps taken
+        and the gauges still moving by more than ``tol`` when ``max_iter`` ran out.
+        ``warm=None`` starts from zero (the balancing after the step).
+
+        Stopping: when the Jacobi estimate of the Newton step is below ``tol/2``, or after
+        a full Newton step of size δ solved to ``atol`` with ``2δ² + atol ≤ tol/2``, since
+        Newton's error after a full step is about δ² (measured on GPT small: the step
+        after such a step is below 1e-10 for tol 1e-6), so one more evaluation would only
+        confirm it."""
+        s = torch.zeros(self.n, dtype=torch.float64, device=self.device) if warm is None else warm.clone()
+        if self.n == 0:
+            return s, 0, []
+        level = reference_norm ** 2
+        first = self._sides(s, r1, xs) if warm is None else None
+        sides0 = first[0] if first is not None else self._sides(torch.zeros_like(s), r1, xs)[0]
+        grow0, shrink0 = sides0[:self.n], sides0[self.n:]
+        degenerate = (grow0 * shrink0).sqrt() <= zero_level * level
+        kappa = torch.where(degenerate, torch.where(grow0 >= shrink0, level, -level), self.levels * level)
+        active = (grow0 > 0) | (shrink0 > 0)
+        tiny = torch.finfo(torch.float64).tiny
+        step = torch.zeros_like(s)
+        for newton in range(1, max_iter + 1):
+            sides, scaled, total = first if (first is not None and newton == 1) else self._sides(s, r1, xs)
+            grow, shrink = sides[:self.n], sides[self.n:]
+            grad = torch.where(active, 2 * (grow - shrink - kappa), 0.0)
+            diag = 4 * (grow + shrink)
+            precond = torch.where(active, 1 / diag.clamp_min(tiny), 0.0)
+            step, estimate, atol = self._cg(diag, scaled, grad, precond, tol)
+            largest = float(step.abs().max())
+            if estimate <= 0.5 * tol:
+                # The Jacobi estimate of the Newton step is below tol/2 (the step itself is
+                # within about twice its Jacobi estimate): the point is canonical to tol, as
+                # when the reference stops; the Jacobi step is still taken.
+                return s + step, newton, []
+            t = 1.0
+            if largest > 0.1:  # damped, as the reference: far from the solution only
+                f0 = float(total - 2 * (kappa * s).sum())
+                slope = float(grad @ step)
+                while t > 1e-6:
+                    _, _, tot = self._sides(s + t * step, r1, xs)
+                    if float(tot - 2 * (kappa * (s + t * step)).sum()) <= f0 + 1e-4 * t * slope:
+                        break
+                    t *= 0.5
+            s = s + t * step
+            if largest * t <= tol or (t == 1.0 and 2 * largest * largest + atol <= 0.5 * tol):
+                return s, newton, []
+        moving = (step.abs() * t > tol).cpu()
+        unsettled = sorted(set(self.gauge_of[moving].tolist()))
+        return s, max_iter, unsettled
+
+    def _cg(self, diag: torch.Tensor, scaled: list[torch.Tensor], grad: torch.Tensor, precond: torch.Tensor,
+            tol: float) -> tuple[torch.Tensor, float, float]:
+        """Preconditioned CG for ``H x = -grad``; returns ``x`` and the Jacobi estimate
+        ``max|D⁻¹ grad|`` of the step and the tolerance used. Tolerance: the Newton step δ is solved to
+        ``max(1e-3·tol, min(δ², δ/10))`` (the Jacobi estimate of the remaining correction)."""
+        r = -grad
+        z = precond * r
+        x = torch.zeros_like(grad)
+        estimate, rmax = (float(v) for v in torch.stack([z.abs().max(), r.abs().max()]).tolist())
+        if estimate <= 0.5 * tol or not self.stacks:
+            # Converged, or a diagonal Hessian (no two-axis parameter): the Jacobi step is
+            # the Newton step.
+            return z, estimate, 0.0
+        atol = max(1e-2 * tol, min(estimate * estimate, 0.1 * estimate))
+        stop = 1e-14 * rmax
+        it = 0
+        p = z.clone()
+        rz = r @ z
+        for it in range(1, max(50, 4 * len(self.sizes)) + 1):
+            ap = self._hessian(diag, scaled, p)
+            curvature = p @ ap
+            alpha = torch.where(curvature > 0, rz / curvature.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+            x.add_(alpha * p)
+            r.sub_(alpha * ap)
+            z = precond * r
+            rz_new = r @ z
+            p = z + (rz_new / torch.where(rz != 0, rz, 1.0)) * p
+            rz = rz_new
+            if it % CG_CHECK_EVERY == 0:
+                zmax, rm, curv = torch.stack([z.abs().max(), r.abs().max(), curvature]).tolist()
+                if zmax <= atol or rm <= stop or curv <= 0:
+                    break
+        self.cg_iterations += it
+        return x, estimate, atol
+
+
+# ------------------------------------------------------------------------------ the step
+
+def _adam(opt: DDC, items: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor, torch.Tensor | None]]
+          ) -> list[torch.Tensor]:
+    """Adam directions (to add) for ``(param, group, grad, pooled grad² or None)`` items,
+    the moments created lazily and advanced in place, batched per param group with the
+    arithmetic of :func:`ddc.functional.adam_update`."""
+    out: list[torch.Tensor | None] = [None] * len(items)
+    by_group: dict[int, list[int]] = {}
+    for k, (_, group, _, _) in enumerate(items):
+        by_group.setdefault(id(group), []).append(k)
+    for ks in by_group.values():
+        group = items[ks[0]][1]
+        beta1, beta2 = group["betas"]
+        states = []
+        for k in ks:
+            p, _, grad, _ = items[k]
+            state = opt.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            states.append(state)
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        exp_avgs = [st["exp_avg"] for st in states]
+        exp_avg_sqs = [st["exp_avg_sq"] for st in states]
+        grads = [items[k][2] for k in ks]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        plain = [j for j, k in enumerate(ks) if items[k][3] is None]
+        pooled = [j for j, k in enumerate(ks) if items[k][3] is not None]
+        if plain:
+            torch._foreach_addcmul_([exp_avg_sqs[j] for j in plain], [grads[j] for j in plain],
+                                    [grads[j] for j in plain], value=1 - beta2)
+        if pooled:
+            torch._foreach_add_([exp_avg_sqs[j] for j in pooled], [items[ks[j]][3] for j in pooled],
+                                alpha=1 - beta2)
+        # The step counters live on the CPU (as torch's AdamW keeps them without
+        # capturable=True): reading them is no device synchronisation.
+        counts = [float(s) for s in steps]
+        bc1 = [1 - beta1 ** c for c in counts]
+        bc2_sqrt = [math.sqrt(1 - beta2 ** c) for c in counts]
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
+        update = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_mul_(update, [-group["lr"] / b for b in bc1])
+        for k, u in zip(ks, update):
+            out[k] = u
+    return out  # type: ignore[return-value]
+
+
+def _muon(opt: DDC, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
+    state = opt.state[p]
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+    return F.muon_update(grad, state["momentum_buffer"], group["lr"], opt._muon_momentum(group),
+                         group["nesterov"], opt.orthogonalizer, group["ns_coefficients"],
+                         group["ns_steps"], group["ns_eps"], group["adjust_lr_fn"])
+
+
+def plain_step(opt: DDC, items: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+    """The base step of parameters no gauge touches (``(param, group)`` with a gradient),
+    batched: one foreach AdamW per group, Muon per matrix."""
+    adam, muon = [], []
+    for p, group in items:
+        if p.grad.is_sparse:
+            raise RuntimeError("DDC does not support sparse gradients")
+        grad = p.grad.float() if p.grad.dtype in _LOW_PRECISION else p.grad
+        (muon if opt._uses_muon(group, p) else adam).append((p, group, grad, None))
+    updates = _adam(opt, adam) + [_muon(opt, p, g, grad) for p, g, grad, _ in muon]
+    _apply_plain([(p, g) for p, g, _, _ in adam + muon], updates)
+
+
+def _apply_plain(items: list[tuple[torch.Tensor, dict[str, Any]]], updates: list[torch.Tensor]) -> None:
+    by_group: dict[int, list[int]] = {}
+    for k, (_, group) in enumerate(items):
+        if group["lr"] != 0:
+            by_group.setdefault(id(group), []).append(k)
+    for ks in by_group.values():
+        group = items[ks[0]][1]
+        params = [items[k][0] for k in ks]
+        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(params, [updates[k].to(params[j].dtype) for j, k in enumerate(ks)])
+
+
+def fast_supported(opt: DDC, group_of: dict[int, dict[str, Any]]) -> bool:
+    """The fast gauged step covers the usual case: every gauged parameter is owned, has a
+    gradient and a group with ``lr > 0``. Otherwise (frozen members, lr 0) the reference
+    path runs; it handles those cases with the same result."""
+    params = opt._frame.params
+    return all(i in group_of and params[i].grad is not None and group_of[i]["lr"] != 0
+               for i in range(len(params)))
+
+
+def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
+    """One DDC step on every gauged parameter (see :meth:`DDC._gauged_step`, the
+    reference, for the meaning of each stage)."""
+    frame = opt._frame
+    params = frame.params
+    device = params[0].device
+    plan = opt._fast_plan
+    if plan is None or plan.device != device:
+        plan = opt._fast_plan = FastPlan(opt, device)
+    work = opt._work_dtype()
+    freeze = opt.dead_mode == "freeze"
+    tol, max_iter = opt._balance_tol(), opt.balance_max_iter
+    zero_level = opt._zero_level()
+
+    # 1. Canonical frame: θ* = S · centre(θ), g* = centre(g) / S, and 2. the weight decay
+    # θ* ← (1 − ηλ) θ*, folded into the same multiply (fresh tensors: θ itself is written
+    # only at the end).
+    decay = [1 - group_of[i]["lr"] * group_of[i]["weight_decay"] for i in range(len(params))]
+    points = [p.detach().to(work) for p in params]
+    grads = [p.grad.detach().to(work) for p in params]
+    means: dict[int, torch.Tensor] = {}
+    for i in frame.centred:
+        means[i] = points[i].mean(dim=0, keepdim=True)
+        points[i] = points[i] - means[i]
+        grads[i] = grads[i] - grads[i].mean(dim=0, keepdim=True)
+    sweeps_before = 0
+    log_scales = torch.cat(opt._log_scales) if plan.n else torch.zeros(0, dtype=torch.float64, device=device)
+    scaled: list[int] = []
+    if plan.n:
+        r1, xs = plan.reduce(points)
+        log_scales, sweeps_before, unsettled = plan.solve(r1, xs, log_scales.to(device), tol, max_iter,
+                                                          opt.reference_norm, zero_level)
+        _warn_unsettled(opt, unsettled, tol, max_iter)
+        opt._log_scales = [x.clone() for x in log_scales.split(plan.sizes)]
+        up = plan.factors(log_scales, work, points)
+        up_decayed = plan.factors(log_scales, work, points, times=decay)
+        scaled = [i for i in range(len(params)) if up[i] is not None]
+        new_points = torch._foreach_mul([points[i] for i in scaled], [up_decayed[i] for i in scaled])
+        new_grads = torch._foreach_div([grads[i] for i in scaled], [up[i] for i in scaled])  # as the reference
+        for k, i in enumerate(scaled):
+            points[i], grads[i] = new_points[k], new_grads[k]
+    rest = [i for i in range(len(params)) if i not in set(scaled)]
+    if rest:  # unscaled: a decayed copy (the centred ones are copies already)
+        fresh = torch._foreach_mul([points[i] for i in rest], [decay[i] for i in rest])
+        for i, x in zip(rest, fresh):
+            points[i] = x
+
+    # 3. The base step, in canonical coordinates.
+    adam_items, adam_idx, deltas = [], [], [None] * len(params)
+    for i, p in enumerate(params):
+        group = group_of[i]
+        if opt._uses_muon(group, p):
+            deltas[i] = _muon(opt, p, group, grads[i])
+            continue
+        pooled = None
+        if i in plan.pool_members:
+            pooled = grads[i] * grads[i]
+            for blocks in plan.pool_members[i]:
+                b = blocks.get(pooled)
+                pooled = blocks.set(pooled, b.mean(dim=1, keepdim=True).expand_as(b))
+        adam_items.append((p, group, grads[i], pooled))
+        adam_idx.append(i)
+    for i, d in zip(adam_idx, _adam(opt, adam_items)):
+        deltas[i] = d
+
+    # 4. Dead directions: no translation, no rotation, no rescaling.
+    if freeze:
+        for i in frame.centred:
+            deltas[i].sub_(deltas[i].mean(dim=0, keepdim=True))
+        _remove_rotations(plan, deltas, points)
+    torch._foreach_add_(points, deltas)   # points are now the new canonical points
+    if freeze and plan.n:
+        r1, xs = plan.reduce(points)
+        back, sweeps_after, unsettled = plan.solve(r1, xs, None, tol, max_iter, opt.reference_norm, zero_level)
+        _warn_unsettled(opt, unsettled, tol, max_iter)
+        # 5. Back to the model's coordinates: θ_new = θ*_new · S_back / S (+ the mean).
+        factor = plan.factors(back - log_scales, work, points)
+    else:
+        sweeps_after = 0
+        factor = plan.factors(-log_scales, work, points) if plan.n else [None] * len(params)
+    for i, p in enumerate(params):
+        target = p.detach()
+        if factor[i] is None and i not in means:
+            target.copy_(points[i])
+        elif i in means or p.dtype != work:
+            x = points[i] if factor[i] is None else points[i].mul_(factor[i])
+            target.copy_(x.add_(means[i]) if i in means else x)
+        else:
+            torch.mul(points[i], factor[i], out=target)
+    opt.last_balance_sweeps = (sweeps_before, sweeps_after)
+
+
+def _warn_unsettled(opt: DDC, unsettled: list[int], tol: float, max_iter: int) -> None:
+    frame = opt._frame
+    if unsettled and not frame.warned_cap:
+        frame.warned_cap = True
+        named = ", ".join(repr(frame.scale_gauges[g]) for g in unsettled[:4])
+        more = f" and {len(unsettled) - 4} more" if len(unsettled) > 4 else ""
+        warnings.warn(f"DDC: balancing stopped at balance_max_iter={max_iter} Newton steps before "
+                      f"reaching balance_tol={tol:g} for {named}{more}; equivariance then holds only "
+                      f"to that residual. Raise balance_max_iter (warned once).", RuntimeWarning,
+                      stacklevel=4)
+
+
+def _remove_rotations(plan: FastPlan, deltas: list[torch.Tensor], points: list[torch.Tensor]) -> None:
+    """:func:`ddc.functional.remove_rotation_component` for every rotation gauge, writing
+    the projected deltas in place: RoPE pairs (block 2) by the closed form, elementwise;
+    larger blocks with one batched ``eigh`` over all gauges of that block size."""
+    for block, gauges in plan.rotation_by_block.items():
+        if block == 2:
+            for r in gauges:
+                _remove_pair_rotations(plan.rotations[r], deltas, points)
+            continue
+        # Member k of every gauge of this block size, stacked (one bmm per member position
+        # instead of one per gauge) where the gauges have the same member shapes.
+        views = [[(m, m.get(points[m.index]), m.get(deltas[m.index])) for m in plan.rotations[r]] for r in gauges]
+        shapes = {tuple((x.shape, x.dtype) for _, x, _ in gauge) for gauge in views}
+        if len(shapes) == 1:
+            xs = [torch.cat([gauge[k][1] for gauge in views]) for k in range(len(views[0]))]
+            ds = [torch.cat([gauge[k][2] for gauge in views]) for k in range(len(views[0]))]
+        else:
+            xs, ds = None, None
+        if xs is not None:
+            gram = sum(torch.bmm(x, x.transpose(1, 2)) for x in xs)
+            cross = sum(torch.bmm(d, x.transpose(1, 2)) for d, x in zip(ds, xs))
+        else:
+            gram = torch.cat([sum(x @ x.transpose(1, 2) for _, x, _ in gauge) for gauge in views])
+            cross = torch.cat([sum(d @ x.transpose(1, 2) for _, x, d in gauge) for gauge in views])
+        rhs = cross - cross.transpose(1, 2)
+        eigvals, eigvecs = torch.linalg.eigh(gram)
+        rhs_eig = eigvecs.transpose(1, 2) @ rhs @ eigvecs
+        denom = eigvals.unsqueeze(-1) + eigvals.unsqueeze(-2)
+        # The floor is per matrix, as in the reference, so batching the gauges changes nothing.
+        floor = eigvals.abs().amax(dim=-1, keepdim=True).unsqueeze(-1) * 1e-12 + torch.finfo(gram.dtype).tiny
+        generator = eigvecs @ torch.where(denom > floor, rhs_eig / denom.clamp_min(floor),
+                                          torch.zeros_like(rhs_eig)) @ eigvecs.transpose(1, 2)
+        if xs is not None:
+            projected = [d - torch.bmm(generator, x) for d, x in zip(ds, xs)]
+        start = 0
+        for g, gauge in enumerate(views):
+            n = gauge[0][1].shape[0]
+            for k, (m, x, d) in enumerate(gauge):
+                new = projected[k][start:start + n] if xs is not None else d - generator[start:start + n] @ x
+                deltas[m.index] = m.set(deltas[m.index], new)
+            start += n
+
+
+def _remove_pair_rotations(members: list[_Blocks], deltas: list[torch.Tensor], points: list[torch.Tensor]) -> None:
+    """The so(2) projection of one gauge of 2-blocks (RoPE pairs): with ``x = (x0, x1)``
+    per pair, the generator is ``a·J``, ``a = Σ (d0·x1 − d1·x0) / Σ |x|²`` (the reference's
+    ``rhs / trace``), and ``d ← d − a J x = (d0 − a x1, d1 + a x0)``."""
+    xs = [m.get(points[m.index]) for m in members]
+    ds = [m.get(deltas[m.index]) for m in members]
+    trace = sum(x.square().sum((1, 2)) for x in xs)
+    cross = sum((d * x.flip(1)).sum(2) for d, x in zip(ds, xs))     # (n_blocks, 2): d0·x1, d1·x0
+    rhs = cross[:, 0] - cross[:, 1]
+    floor = trace.abs().amax() * 1e-12 + torch.finfo(trace.dtype).tiny
+    a = torch.where(trace > floor, rhs / trace.clamp_min(floor), torch.zeros_like(rhs))
+    signs = torch.tensor([1.0, -1.0], dtype=trace.dtype, device=trace.device).view(1, 2, 1)
+    for m, x, d in zip(members, xs, ds):
+        deltas[m.index] = m.set(deltas[m.index], d - a.view(-1, 1, 1) * signs * x.flip(1))
