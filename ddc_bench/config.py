@@ -54,6 +54,18 @@ class ScheduleConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Dead-direction diagnostics logged during training (``ddc.diagnostics``; see
+    :mod:`ddc_bench.diagnose`)."""
+
+    #: Steps between readings (at the first log record at or after each multiple, and at
+    #: the last step); 0 → off.
+    every: int = 0
+    #: Samples (sequences or images) in the fixed probe batch the readings are taken on.
+    probe_batch: int = 2
+
+
+@dataclass
 class BenchConfig:
     """Schema of the top level of ``configs/config.yaml``.
 
@@ -81,6 +93,7 @@ class BenchConfig:
     grad_clip: Optional[float] = 1.0
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     progress: bool = True
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     task: Any = None
     optimizer: Any = None
     hardware: Any = None
@@ -175,6 +188,11 @@ def _check_ranges(cfg: Mapping[str, Any]) -> None:
             raise _fail(key, value, "a positive int" + ("" if key == "log_every" else " or null"))
     if cfg["grad_clip"] is not None and cfg["grad_clip"] < 0:
         raise _fail("grad_clip", cfg["grad_clip"], "a non-negative float, or null/0 for no clipping")
+    diag = cfg["diagnostics"]
+    if diag["every"] < 0:
+        raise _fail("diagnostics.every", diag["every"], "a non-negative int (0: off)")
+    if diag["probe_batch"] < 1:
+        raise _fail("diagnostics.probe_batch", diag["probe_batch"], "a positive int")
     sched = cfg["schedule"]
     if not 0.0 <= sched["warmup_fraction"] < 1.0:
         raise _fail("schedule.warmup_fraction", sched["warmup_fraction"], "a float in [0, 1)")
@@ -360,7 +378,8 @@ def validate(cfg: DictConfig, choices: Mapping[str, Any], config_dir: Path = CON
     _check_dataclass(plain, BenchConfig, "")
     defaults = dataclasses.asdict(BenchConfig())
     _check_ranges({**defaults, **plain,
-                   "schedule": {**defaults["schedule"], **plain.get("schedule", {})}})
+                   "schedule": {**defaults["schedule"], **plain.get("schedule", {})},
+                   "diagnostics": {**defaults["diagnostics"], **plain.get("diagnostics", {})}})
     for group in GROUPS:
         if group not in plain:
             raise ConfigError(f"missing config group '{group}' (choose with {group}=NAME)")

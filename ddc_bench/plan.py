@@ -37,11 +37,12 @@ AUTO_ONE_THREAD_BELOW = 2_000_000
 #: Overridden keys that never name the ``<variant>`` folder: they form the rest of the
 #: path (task, size, optimizer, seed, results_dir, run_name), were already in it
 #: (``optimizer.lr`` is the ``lr<lr>`` part), or change how a run executes and is
-#: recorded, not what it computes (hardware, logger, progress, resume, checkpoints).
+#: recorded, not what it computes (hardware, logger, progress, resume, checkpoints,
+#: diagnostics).
 PATH_KEYS = ("task", "task.size", "task.name", "optimizer", "optimizer.name", "optimizer.lr",
              "seed", "results_dir", "run_name", "progress", "resume", "checkpoint_every",
              "experiment", "sweep")
-PATH_PREFIXES = ("hardware", "logger", "hydra")
+PATH_PREFIXES = ("hardware", "logger", "hydra", "diagnostics")
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,10 @@ class RunPlan:
     progress: bool
     world: World = field(default_factory=World)
     ddp_timeout_s: float = 600.0
+    #: ``diagnostics.every``: steps between dead-direction readings; 0 = off.
+    diagnostics_every: int = 0
+    #: ``diagnostics.probe_batch``: samples in the fixed probe batch.
+    probe_batch: int = 2
 
     @property
     def batch_share(self) -> int:
@@ -253,6 +258,7 @@ def make_plan(cfg: DictConfig, overrides: list[str], spec: TaskSpec | None = Non
     folder = results.run_dir(cfg.results_dir, spec.name, spec.size, name, variant, int(cfg.seed))
 
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    diag = resolved.get("diagnostics") or {}
     return RunPlan(
         cfg=cfg, resolved=resolved, overrides=list(overrides), task=spec, seed=int(cfg.seed),
         steps=steps, eval_every=eval_every, log_every=int(cfg.log_every),
@@ -266,15 +272,17 @@ def make_plan(cfg: DictConfig, overrides: list[str], spec: TaskSpec | None = Non
         logger_cfg=OmegaConf.to_container(cfg.logger, resolve=True),  # type: ignore[arg-type]
         progress=bool(cfg.progress), world=world,
         ddp_timeout_s=float(hw.get("timeout_s", 600) or 600),
+        diagnostics_every=int(diag.get("every", 0)), probe_batch=int(diag.get("probe_batch", 2)),
     )
 
 
 def fingerprint(plan: RunPlan) -> dict[str, Any]:
     """The part of the config that decides what a run computes: a resumed or skipped run
     must match it. Leaves out how the run executes or is recorded (hardware, logger,
-    progress, resume, checkpoint_every, results_dir, run_name)."""
+    progress, resume, checkpoint_every, results_dir, run_name, diagnostics: readings only
+    observe, on a forked RNG, so runs with and without them train identically)."""
     ignore = {"hardware", "logger", "progress", "resume", "checkpoint_every", "results_dir",
-              "run_name"}
+              "run_name", "diagnostics"}
     return {k: v for k, v in plan.resolved.items() if k not in ignore}
 
 

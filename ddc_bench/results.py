@@ -126,6 +126,9 @@ class Summary(TypedDict):
     peak_memory_mb: float
     overrides: list[str]
     resumed_from: list[int]
+    #: The last dead-direction diagnostics readings (``diag/...`` keys and their ``step``;
+    #: ``ddc_bench.diagnose``), ``None`` when ``diagnostics.every`` is 0.
+    diagnostics: Optional[dict[str, float]]
     provenance: Provenance
     task_info: dict[str, Any]
     hardware: Hardware

@@ -69,7 +69,8 @@ EXIT_PREEMPTED = 75
 #: A hook called at every training-log and evaluation record, on rank 0, as
 #: ``hook(state, step, record)`` before the record is written: it may add keys to
 #: ``record`` (they go to ``metrics.jsonl``, and from evaluation records into the
-#: summary's ``final`` and ``best``). This is where diagnostics plug in.
+#: summary's ``final`` and ``best``, except ``diag/...`` keys). This is where diagnostics plug
+#: in (:mod:`ddc_bench.diagnose`, on with ``diagnostics.every``).
 StepHook = Callable[["RunState", int, dict[str, Any]], None]
 
 #: Test hook: the run sends itself SIGTERM (a real signal) after this many steps.
@@ -436,6 +437,16 @@ def _train(plan: RunPlan, hooks: Sequence[StepHook], started_at: dt.datetime,
         def wall_clock() -> float:
             return wall_base + time.perf_counter() - wall_start
 
+        # Dead-direction diagnostics (diagnostics.every > 0): one more hook, rank 0 only.
+        diag_hook = None
+        if plan.diagnostics_every and world.main:
+            from ddc_bench.diagnose import DiagnosticsHook, probe_batch
+
+            diag_hook = DiagnosticsHook(plan.diagnostics_every,
+                                        probe_batch(task, plan.probe_batch, device),
+                                        total=plan.steps, start=state.progress.step)
+            hooks = [*hooks, diag_hook]
+
         # ---- 3. steps ---------------------------------------------------------------------
         reset_peak_memory(device)
         with contextlib.ExitStack() as stack:
@@ -452,7 +463,8 @@ def _train(plan: RunPlan, hooks: Sequence[StepHook], started_at: dt.datetime,
         # ---- 4. summary -----------------------------------------------------------------
         identical = distributed.replicas_identical(world, model)
         if world.main:
-            summary = _summary(plan, state, task, prov, threads, identical, wall_clock())
+            summary = _summary(plan, state, task, prov, threads, identical, wall_clock(),
+                               None if diag_hook is None else diag_hook.last)
             results.write_json(plan.folder / results.SUMMARY_FILE, summary)
         distributed.barrier(world)
     finally:
@@ -639,7 +651,9 @@ def after_step(plan: RunPlan, state: RunState, task: Any, net: nn.Module, autoca
         record = {"step": step, "train_time_s": p.train_time, "lr": lr_now,
                   **evaluate(task, state.model, plan.device, autocast)}
         emit(record)
-        p.last_eval = {k: v for k, v in record.items() if k not in ("step", "train_time_s", "lr")}
+        # Diagnostics readings (diag/...) are logged, but are not scores: no final/best.
+        p.last_eval = {k: v for k, v in record.items()
+                       if k not in ("step", "train_time_s", "lr") and not k.startswith("diag/")}
         for key, value in p.last_eval.items():
             if key == "gap_loss":  # a difference, not a score: no "best"
                 continue
@@ -670,7 +684,8 @@ def evaluate(task: Any, model: nn.Module, device: torch.device, autocast: Any) -
 
 
 def _summary(plan: RunPlan, state: RunState, task: Any, prov: dict[str, Any], threads: int,
-             identical: bool | None, wall_time: float) -> results.Summary:
+             identical: bool | None, wall_time: float,
+             diagnostics: dict[str, float] | None = None) -> results.Summary:
     p, target = state.progress, plan.task.target
     return results.Summary(
         task=plan.task.name, task_size=plan.task.size, optimizer=plan.optimizer_name,
@@ -685,7 +700,7 @@ def _summary(plan: RunPlan, state: RunState, task: Any, prov: dict[str, Any], th
         step_time_ms=1000 * p.steady_time / p.steady_steps if p.steady_steps else None,
         units_per_s=p.steady_units / p.steady_time if p.steady_time > 0 else None,
         unit=task.unit_name, peak_memory_mb=peak_memory_mb(plan.device),
-        overrides=plan.overrides, resumed_from=p.resumed_from,
+        overrides=plan.overrides, resumed_from=p.resumed_from, diagnostics=diagnostics,
         provenance=prov,  # type: ignore[typeddict-item]
         task_info=task.describe(),
         hardware=results.Hardware(

@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "source": "builtin", "files": None, "name": None, "config_name": None,
         "text_field": "text", "val_fraction": 0.1, "cache_dir": None, "eval_examples": None,
+        "train_bytes": None,
     },
     "target": {"metric": "val_loss", "value": 1.5, "mode": "min"},  # see configs/task/gpt_lm.yaml
 }
@@ -128,6 +129,15 @@ class GPTLMTask(Task):
         choice(d["source"], SOURCES, "data.source")
         self.context: int = int(m["context"])
         self.train_data, self.val_data, self._data_info = load_corpus(d)
+        if d["train_bytes"] is not None:
+            # Over-training on a small text (many epochs); validation stays the full held-out
+            # split, so the validation-train gap measures memorisation of this prefix.
+            n = d["train_bytes"]
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"task.data.train_bytes must be a positive int (bytes of the "
+                                 f"training text to keep) or null (all), got {n!r}")
+            self.train_data = self.train_data[:n]
+            self._data_info = {**self._data_info, "train_bytes": len(self.train_data)}
         for split, data in (("train", self.train_data), ("val", self.val_data)):
             if len(data) <= self.context + 1:
                 raise ValueError(

@@ -19,7 +19,7 @@ import pandas as pd
 from ddc_bench import results
 from ddc_bench.report import profile
 from ddc_bench.report.loading import finite, load_runs, normalise_target, target_text, task_label
-from ddc_bench.report.plots import colors_for, plot_curves, plot_lr, save_png
+from ddc_bench.report.plots import colors_for, plot_curves, plot_diagnostics, plot_lr, save_png
 from ddc_bench.report.selection import (aggregate_task, compare_to_best, rank_selected,
                                         select_best, selection_metric)
 from ddc_bench.report.tables import (SELECTED_MARK, all_settings_table, fmt_lr,
@@ -163,8 +163,11 @@ def _task_section(root: Path, task: str, task_df: pd.DataFrame, plots_dir: Path,
     curves = plot_curves(task, task_df, agg, chosen, metric, metrics_cache, colors,
                          plots_dir / f"{stem}_curves.png")
     lr_plot = plot_lr(task, task_df, agg, chosen, colors, plots_dir / f"{stem}_lr.png")
+    diag_plot = plot_diagnostics(task, task_df, agg, chosen, metrics_cache, colors,
+                                 plots_dir / f"{stem}_diagnostics.png")
     for p, alt in ((curves, "learning curves of the selected settings"),
-                   (lr_plot, "final metric vs effective learning rate")):
+                   (lr_plot, "final metric vs effective learning rate"),
+                   (diag_plot, "dead-direction diagnostics over steps")):
         if p is not None:
             rel = p.relative_to(root).as_posix()
             written[rel] = p

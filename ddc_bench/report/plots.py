@@ -254,3 +254,55 @@ def plot_lr(task: str, task_df: pd.DataFrame, agg: pd.DataFrame, selected: dict[
     return path
 
 
+
+
+#: The diagnostics panels (``ddc_bench.diagnose``): key or ratio of keys, and title.
+DIAG_PANELS = (("diag/cells_read", "diag/cells_total", "cells read (fraction of cells)"),
+               ("diag/spare_frac", None, "spare FFN fraction (mean over layers)"))
+
+
+def plot_diagnostics(task: str, task_df: pd.DataFrame, agg: pd.DataFrame,
+                     selected: dict[str, Any], metrics: dict[str, list[dict[str, Any]]],
+                     colors: dict[str, str], path: Path) -> Path | None:
+    """Dead-direction diagnostics against step (cells read as a fraction of the cells, spare
+    FFN fraction) for each optimizer's selected setting, mean over seeds ±1 std; ``None``
+    when no run logged diagnostics (``diagnostics.every=0``)."""
+    records = {p: metrics[p] if p in metrics else results.read_metrics(p)
+               for p in task_df["path"]}
+    logged = {k for recs in records.values() for r in recs for k in r}
+    panels = [pnl for pnl in DIAG_PANELS if pnl[0] in logged]
+    if not panels:
+        return None
+    fig = Figure(figsize=(5.2 * len(panels), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, denominator, title) in zip(axes, panels):
+        for opt, g in agg.groupby("optimizer", sort=True):
+            row = agg.loc[selected.get(str(opt), g.index[0])]
+            sel = rows_of(task_df, row)
+            runs = {}
+            for p in sel[~sel["diverged"].astype(bool)]["path"]:
+                s = _series(records[p], key)
+                if denominator is not None:
+                    s = s / _series(records[p], denominator).reindex(s.index)
+                if len(s.dropna()):
+                    runs[p] = s.dropna()
+            if not runs:
+                continue
+            frame = pd.concat(runs, axis=1).sort_index()
+            mean, std = frame.mean(axis=1), frame.std(axis=1, ddof=1)
+            color = colors[str(opt)]
+            ax.plot(mean.index, mean.to_numpy(), color=color, lw=1.8, marker=".",
+                    label=f"{opt} {row['setting']} (n={len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(mean.index, (mean - std).to_numpy(), (mean + std).to_numpy(),
+                                color=color, alpha=0.2, lw=0)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key if denominator is None else f"{key} / {denominator}")
+        ax.grid(True, alpha=0.3)
+    _legend_below(fig, axes)
+    fig.suptitle(f"{task}: dead-direction diagnostics (ddc.diagnostics, fixed probe batch)\n"
+                 "selected setting per optimizer; mean over seeds, band = ±1 std", fontsize=11)
+    save_png(fig, path)
+    return path
