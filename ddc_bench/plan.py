@@ -41,7 +41,7 @@ AUTO_ONE_THREAD_BELOW = 2_000_000
 #: diagnostics).
 PATH_KEYS = ("task", "task.size", "task.name", "optimizer", "optimizer.name", "optimizer.lr",
              "seed", "results_dir", "run_name", "progress", "resume", "checkpoint_every",
-             "experiment", "sweep")
+             "experiment", "scale", "sweep")
 PATH_PREFIXES = ("hardware", "logger", "hydra", "diagnostics")
 
 
