@@ -68,8 +68,10 @@ def block_view(tensor: torch.Tensor, member: RotationMember, start: int | None =
         if start is None:
             return None
     n = member.perm.numel()
-    moved = tensor.movedim(member.axis, 0).narrow(0, start, n)
     try:  # view() (unlike reshape) never copies: it raises where no view exists
+        if member.axis == 0:
+            return tensor.narrow(0, start, n).view(n // member.block, member.block, -1)
+        moved = tensor.movedim(member.axis, 0).narrow(0, start, n)
         return moved.unflatten(0, (n // member.block, member.block)).view(n // member.block, member.block, -1)
     except RuntimeError:
         return None
@@ -184,25 +186,30 @@ class FastPlan:
     # ---------------------------------------------------------------------- scale factors
 
     def factors(self, log_scales: torch.Tensor, dtype: torch.dtype, like: Sequence[torch.Tensor],
-                times: Sequence[float] | None = None) -> list[torch.Tensor | None]:
+                times: Sequence[float] | None = None
+                ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """The scale factor ``S`` of every parameter for the flat float64 ``log_scales``,
-        broadcastable to it (``None`` for unscaled parameters), times ``times[i]`` where
-        given (weight decay folded into the same multiply)."""
+        broadcastable to it (``None`` for unscaled parameters), and the same times
+        ``times[i]`` (weight decay folded into one multiply; ``S`` again if ``times`` is
+        None)."""
         pos = torch.exp(log_scales).to(dtype)
         neg = torch.exp(-log_scales).to(dtype)
         out: list[torch.Tensor | None] = [None] * self.n_params
+        out_times: list[torch.Tensor | None] = [None] * self.n_params
         for i, axes in self.factor_axes.items():
             ndim = like[i].ndim
-            factor = None
+            pieces = []
             for axis, g, s in axes:
                 shape = [1] * ndim
                 shape[axis] = -1
-                piece = (pos if s > 0 else neg)[self.offsets[g]:self.offsets[g + 1]].view(shape)
-                factor = piece if factor is None else factor * piece
-            if times is not None and times[i] != 1.0:
-                factor = factor * times[i]
-            out[i] = factor
-        return out
+                pieces.append((pos if s > 0 else neg)[self.offsets[g]:self.offsets[g + 1]].view(shape))
+            out[i] = pieces[0] if len(pieces) == 1 else pieces[0] * pieces[1]
+            if times is None or times[i] == 1.0:
+                out_times[i] = out[i]
+            else:  # scale the smaller piece, then (for two axes) the same outer product
+                first = pieces[0] * times[i]
+                out_times[i] = first if len(pieces) == 1 else first * pieces[1]
+        return out, out_times
 
     # ------------------------------------------------------------------------- balancing
 
@@ -390,11 +397,14 @@ def _adam(opt: DDC, items: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor
         counts = [float(s) for s in steps]
         bc1 = [1 - beta1 ** c for c in counts]
         bc2_sqrt = [math.sqrt(1 - beta2 ** c) for c in counts]
+        step_size = [-group["lr"] / b for b in bc1]
+        if len(set(counts)) == 1:  # the usual case: one Python number (a list costs a tensor per entry)
+            bc2_sqrt, step_size = bc2_sqrt[0], step_size[0]
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, group["eps"])
         update = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_mul_(update, [-group["lr"] / b for b in bc1])
+        torch._foreach_mul_(update, step_size)
         for k, u in zip(ks, update):
             out[k] = u
     return out  # type: ignore[return-value]
@@ -477,8 +487,7 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
                                                           opt.reference_norm, zero_level)
         _warn_unsettled(opt, unsettled, tol, max_iter)
         opt._log_scales = [x.clone() for x in log_scales.split(plan.sizes)]
-        up = plan.factors(log_scales, work, points)
-        up_decayed = plan.factors(log_scales, work, points, times=decay)
+        up, up_decayed = plan.factors(log_scales, work, points, times=decay)
         scaled = [i for i in range(len(params)) if up[i] is not None]
         new_points = torch._foreach_mul([points[i] for i in scaled], [up_decayed[i] for i in scaled])
         new_grads = torch._foreach_div([grads[i] for i in scaled], [up[i] for i in scaled])  # as the reference
@@ -519,10 +528,10 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
         back, sweeps_after, unsettled = plan.solve(r1, xs, None, tol, max_iter, opt.reference_norm, zero_level)
         _warn_unsettled(opt, unsettled, tol, max_iter)
         # 5. Back to the model's coordinates: θ_new = θ*_new · S_back / S (+ the mean).
-        factor = plan.factors(back - log_scales, work, points)
+        factor = plan.factors(back - log_scales, work, points)[0]
     else:
         sweeps_after = 0
-        factor = plan.factors(-log_scales, work, points) if plan.n else [None] * len(params)
+        factor = plan.factors(-log_scales, work, points)[0] if plan.n else [None] * len(params)
     for i, p in enumerate(params):
         target = p.detach()
         if factor[i] is None and i not in means:

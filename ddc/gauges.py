@@ -319,8 +319,10 @@ def from_blocks(blocks: torch.Tensor, member: RotationMember, into: torch.Tensor
     """Inverse of :func:`to_blocks`: a tensor shaped like ``member.param``. A member whose
     ``perm`` covers only part of its axis (a slice of a packed parameter) writes its
     entries into a copy of ``into``; the rest of ``into`` is kept."""
-    shape = list(member.param.shape)
-    axis_len = shape.pop(member.axis)
+    # No list.pop(axis): under torch.compile ``member.axis`` may be a symbolic int, which
+    # Dynamo cannot use as a list index.
+    axis_len = member.param.shape[member.axis]
+    shape = [n for d, n in enumerate(member.param.shape) if d != member.axis]
     values = blocks.reshape([member.perm.numel()] + shape)
     if into is None:
         if member.perm.numel() != axis_len:
