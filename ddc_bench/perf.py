@@ -86,8 +86,11 @@ from ddc_bench.train import peak_memory_mb, reset_peak_memory, sync, to_device
 TASK_NAMES = ("gpt_lm", "vit_cifar", "resnet_cifar", "grok_modadd")
 #: The reference AdamW row per device type.
 REFERENCE = {"cpu": "adamw_foreach", "cuda": "adamw_fused"}
+#: DDC's readable reference step (``foreach=False``) under its own row name, to time it
+#: side by side with the default batched step: name -> (registry name, extra options).
+VARIANTS = {"ddc_ref": ("ddc", {"foreach": False}), "ddc_muon_ref": ("ddc_muon", {"foreach": False})}
 #: Which optimizer a DDC variant is compared with (``None``: the reference row).
-BASE_OF = {"ddc": None, "ddc_muon": "muon"}
+BASE_OF = {"ddc": None, "ddc_muon": "muon", "ddc_ref": None, "ddc_muon_ref": "muon"}
 #: Distinct batches cycled through while timing (enough to vary the data, few enough to
 #: keep large-batch tasks in memory).
 BATCH_CYCLE = 8
@@ -139,6 +142,9 @@ def build_named_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
             betas=tuple(options["betas"]), eps=float(options["eps"]),
             weight_decay=float(options["weight_decay"]),
             foreach=name == "adamw_foreach", fused=True if name == "adamw_fused" else None)
+    if name in VARIANTS:
+        base, extra = VARIANTS[name]
+        return build_optimizer(model, {**load_group_defaults("optimizer", base), **extra})
     return build_optimizer(model, load_group_defaults("optimizer", name))
 
 
@@ -576,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", default="small", choices=("tiny", "small", "paper"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--optimizers", default="adamw,ddc,muon,ddc_muon",
-                        help="comma list of harness optimizers (the reference AdamW row is always added)")
+                        help="comma list of harness optimizers (the reference AdamW row is always added); "
+                        "ddc_ref / ddc_muon_ref: DDC's reference step (foreach=False)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per optimizer (median)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
@@ -620,10 +627,10 @@ def run_perf(args: argparse.Namespace, command: str = "ddc-bench-perf") -> dict[
 
     ``command`` is the command line recorded in ``report.md``."""
     check_args(args)
-    known = sorted(registry())
+    known = sorted(registry()) + list(VARIANTS)
     tasks = list(TASK_NAMES) if args.tasks == "all" else _parse_names(args.tasks, TASK_NAMES, "task(s)")
     names = _parse_names(args.optimizers, known, "optimizer(s)")
-    overhead_names = _parse_names(args.overhead_optimizers, known, "overhead optimizer(s)") \
+    overhead_names = _parse_names(args.overhead_optimizers, sorted(registry()), "overhead optimizer(s)") \
         if args.overhead_steps else []
     scale = parse_scale(args.scale, args.size) if not args.no_scaling else []
     if args.profile is not None:
