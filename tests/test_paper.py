@@ -13,7 +13,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from ddc_bench import paper, results, train
+from ddc_bench import paper, train
 from ddc_bench.config import CONFIG_DIR, validate
 
 EXPERIMENTS = [c.name for c in paper.CLAIMS]
@@ -170,11 +170,20 @@ def test_make_figures_on_empty_results_says_not_run_yet(tmp_path, capsys):
     assert not any((tmp_path / "paper").glob("*/*/*.png"))
 
 
-def test_committed_results_readme_and_figures_command(tmp_path):
-    """``make figures`` runs the figures step on the committed results folder."""
-    makefile = (REPO_ROOT / "Makefile").read_text()
-    assert "-m ddc_bench.paper figures" in makefile
-    assert (REPO_ROOT / "results" / "paper" / "README.md").is_file()
+def test_committed_table_is_what_make_figures_builds_from_the_committed_results(tmp_path):
+    """``make figures`` (``python -m ddc_bench.paper figures``) on a copy of the committed
+    results/paper/ rebuilds exactly the README's committed table."""
+    import shutil
+
+    assert "-m ddc_bench.paper figures" in (REPO_ROOT / "Makefile").read_text()
+    out = tmp_path / "results" / "paper"
+    shutil.copytree(REPO_ROOT / "results" / "paper", out)
+    readme = tmp_path / "README.md"
+    committed = (REPO_ROOT / "README.md").read_text()
+    readme.write_text(committed)
+    paper.figures(out, readme)
+    assert readme.read_text() == committed
+    assert (out / "README.md").read_text() == (REPO_ROOT / "results" / "paper" / "README.md").read_text()
 
 
 def test_collect_without_runs_is_one_line(tmp_path, capsys):
