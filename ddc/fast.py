@@ -356,11 +356,14 @@ class FastPlan:
 
 # ------------------------------------------------------------------------------ the step
 
-def _adam(opt: DDC, items: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor, torch.Tensor | None]]
-          ) -> list[torch.Tensor]:
+def _adam(opt: DDC, items: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor, torch.Tensor | None]],
+          targets: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
     """Adam directions (to add) for ``(param, group, grad, pooled grad² or None)`` items,
     the moments created lazily and advanced in place, batched per param group with the
-    arithmetic of :func:`ddc.functional.adam_update`."""
+    arithmetic of :func:`ddc.functional.adam_update`. Where ``targets[k]`` is a tensor the
+    direction is added to it in place (one ``addcdiv_``, no update tensor) and ``None`` is
+    returned for that item."""
+    targets = targets if targets is not None else [None] * len(items)
     out: list[torch.Tensor | None] = [None] * len(items)
     by_group: dict[int, list[int]] = {}
     for k, (_, group, _, _) in enumerate(items):
@@ -403,10 +406,17 @@ def _adam(opt: DDC, items: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, group["eps"])
-        update = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_mul_(update, step_size)
-        for k, u in zip(ks, update):
-            out[k] = u
+        into = [j for j, k in enumerate(ks) if targets[k] is not None]
+        apart = [j for j, k in enumerate(ks) if targets[k] is None]
+        if into:
+            torch._foreach_addcdiv_([targets[ks[j]] for j in into], [exp_avgs[j] for j in into],
+                                    [denom[j] for j in into],
+                                    step_size if isinstance(step_size, float) else [step_size[j] for j in into])
+        if apart:
+            update = torch._foreach_div([exp_avgs[j] for j in apart], [denom[j] for j in apart])
+            torch._foreach_mul_(update, step_size if isinstance(step_size, float) else [step_size[j] for j in apart])
+            for j, u in zip(apart, update):
+                out[ks[j]] = u
     return out  # type: ignore[return-value]
 
 
@@ -514,7 +524,10 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
                 pooled = blocks.set(pooled, b.mean(dim=1, keepdim=True).expand_as(b))
         adam_items.append((p, group, grads[i], pooled))
         adam_idx.append(i)
-    for i, d in zip(adam_idx, _adam(opt, adam_items)):
+    # Parameters whose step is not projected afterwards (no rotation, no centring, or
+    # dead_mode "free") take it straight into their canonical point.
+    direct = [None if freeze and (i in plan.pool_members or i in means) else points[i] for i in adam_idx]
+    for i, d in zip(adam_idx, _adam(opt, adam_items, direct)):
         deltas[i] = d
 
     # 4. Dead directions: no translation, no rotation, no rescaling.
@@ -522,7 +535,9 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
         for i in frame.centred:
             deltas[i].sub_(deltas[i].mean(dim=0, keepdim=True))
         _remove_rotations(plan, deltas, points)
-    torch._foreach_add_(points, deltas)   # points are now the new canonical points
+    moved = [i for i in range(len(params)) if deltas[i] is not None]
+    if moved:  # the new canonical points
+        torch._foreach_add_([points[i] for i in moved], [deltas[i] for i in moved])
     if freeze and plan.n:
         r1, xs = plan.reduce(points)
         back, sweeps_after, unsettled = plan.solve(r1, xs, None, tol, max_iter, opt.reference_norm, zero_level)

@@ -120,6 +120,15 @@ def test_fast_step_equals_reference_on_degenerate_orbits(case, base):
 
 
 @pytest.mark.parametrize("base", BASES)
+def test_fast_step_equals_reference_with_dead_mode_free(base):
+    torch.manual_seed(0)
+    model = TinyTransformer(mlp="swiglu").double()
+    worst, _ = deviation(model, make_batches(model, STEPS), classification_loss, base=base, lr=1e-2,
+                         dead_mode="free", **BASES[base])
+    assert worst <= TOLERANCE
+
+
+@pytest.mark.parametrize("base", BASES)
 def test_fast_step_equals_reference_on_a_deep_relu_chain(base):
     """Every hidden layer sits in two unit gauges: the conjugate-gradient solve is coupled."""
     torch.manual_seed(0)
