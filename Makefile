@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # torch and torchvision are pinned to the builds this project is tested with.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install quickstart test test-slow bench clean-quickstart
+.PHONY: install quickstart test test-slow bench clean-quickstart figures paper-cpu
 
 install: $(VENV)/.installed
 
@@ -31,3 +31,16 @@ test-slow: install
 
 bench: install
 	$(BIN)/ddc-bench-perf
+
+# The DDC paper's claims (configs/experiment/{lm_overtrain,vit_scratch,grok_depth,dead_rates}).
+# figures: redraw every figure and the README table from the committed results/paper/ (no training).
+figures: install
+	$(BIN)/python -m ddc_bench.paper figures
+
+# paper-cpu: the four experiments at cpu scale (runs in results/paper-runs/), then collect + figures.
+paper-cpu: install
+	$(BIN)/ddc-bench --multirun experiment=lm_overtrain
+	$(BIN)/ddc-bench --multirun experiment=vit_scratch
+	$(BIN)/ddc-bench --multirun experiment=grok_depth
+	$(BIN)/ddc-bench --multirun experiment=dead_rates
+	$(BIN)/python -m ddc_bench.paper collect --scale cpu
