@@ -19,7 +19,7 @@ from torch.optim.adamw import adamw as adamw_kernel
 
 from ddc.muon_kernels import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS
 from ddc.muon_kernels import muon as muon_kernel
-from ddc.param_groups import param_groups
+from ddc.param_groups import input_layer, param_groups  # noqa: F401  (input_layer: re-exported by baselines)
 
 from ._options import (
     as_betas,
@@ -328,38 +328,12 @@ def build_muon(
     )
 
 
-_INPUT_LAYER_TYPES = (nn.Embedding, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def input_layer(model: nn.Module) -> nn.Module | None:
-    """The model's input layer: the first ``nn.Embedding`` / ``nn.Linear`` / ``nn.ConvNd`` in
-    ``model.modules()`` (registration) order, or None when there is none.
-
-    Registration order is forward order in every model of this benchmark (and in
-    torchvision's): the token embedding of the GPT and grokking transformers, ``patch_embed``
-    of the ViT, ``stem_conv`` of the ResNet. A model that registers a hidden layer before
-    its input layer defeats this rule; check it with this function.
-    """
-    return next((m for m in model.modules() if isinstance(m, _INPUT_LAYER_TYPES)), None)
-
-
 def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """:func:`ddc.param_groups.param_groups`, with the weight of the model's
+    """:func:`ddc.param_groups.param_groups` with ``muon=True``: the weight of the model's
     :func:`input_layer` moved from ``matrix`` (Muon) to ``embedding`` (AdamW), as Muon's
-    authors prescribe. Weight decay is unchanged (the input weight is 2-D either way)."""
-    groups = param_groups(model, weight_decay)
-    first = input_layer(model)
-    weight = getattr(first, "weight", None)
-    matrix = next((g for g in groups if g["role"] == "matrix"), None)
-    if weight is None or matrix is None or not any(p is weight for p in matrix["params"]):
-        return groups  # an nn.Embedding input: already on AdamW
-    matrix["params"] = [p for p in matrix["params"] if p is not weight]
-    embedding = next((g for g in groups if g["role"] == "embedding"), None)
-    if embedding is None:
-        embedding = {"params": [], "weight_decay": weight_decay, "role": "embedding"}
-        groups.insert(groups.index(matrix) + 1, embedding)
-    embedding["params"] = [weight, *embedding["params"]]
-    return [g for g in groups if g["params"]]
+    authors prescribe (the rule lives in ``ddc.param_groups``, which DDC-Muon uses too).
+    Weight decay is unchanged (the input weight is 2-D either way)."""
+    return param_groups(model, weight_decay, muon=True)
 
 
 def _ns_steps(name: str, value: Any) -> int:
