@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from cifar_fixture import write_fake_cifar
 from ddc_bench.config import CONFIG_DIR
 
 REPO_ROOT = CONFIG_DIR.parent
@@ -175,3 +176,12 @@ def ddc_bench(*args: str, cwd: Path, env: dict[str, str] | None = None,
     # No terminal on stdin, as under a scheduler: nothing may wait for an answer.
     return subprocess.run([*command, *args], cwd=cwd, env=full_env, capture_output=True,
                           stdin=subprocess.DEVNULL, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small fake CIFAR-10 (40 train, 20 test images) for building the CIFAR task models;
+    test modules that need other contents define their own ``cifar_root``."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar(root, "cifar10", n_train=40, n_test=20)
+    return root

@@ -6,22 +6,18 @@ gauges), RoPE's "half" layout and packed attention (copy-based block path), with
 at all, and with bfloat16 parameters (to bfloat16 round-off, see BF16_TOLERANCE)."""
 
 import copy
-import itertools
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
-from cifar_fixture import write_fake_cifar
 from ddc import DDC
 from ddc.gauges import HeadRotation, HeadRotationVO, NormGain
 from ddc_models import ReluChain, ReluMLP, TinyTransformer, classification_loss, make_batches
-from tasks import build_task
 from test_ddc_degenerate import CASES as DEGENERATE
-from test_ddc_tasks import CASES as TASK_CASES
+from task_models import CASES as TASK_CASES
+from task_models import float64_case
 
 STEPS = 4
 TOLERANCE = 1e-12
@@ -38,27 +34,6 @@ MUON_SVD_TOLERANCE = 1e-11
 #: is two bfloat16 ulps of the largest entry (measured: 0, bit-identical, on one thread).
 BF16_TOLERANCE = 2 ** -6
 BASES = {"adam": {}, "muon": {"orthogonalizer": "svd"}}
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "task"
-
-
-@pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar(root, "cifar10", n_train=40, n_test=20)
-    return root
-
-
-def task_model(case, cifar_root):
-    name, overrides = TASK_CASES[case]
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / f"{name}.yaml"), {"size": "tiny"}, overrides)
-    if "root" in cfg.get("data", {}):
-        cfg.data.root = str(cifar_root)
-    task = build_task(cfg)
-    torch.manual_seed(0)
-    model = task.build_model().double()
-    batches = [tuple(t.double() if t.is_floating_point() else t for t in b)
-               for b in itertools.islice(task.train_batches(0), STEPS)]
-    return model, batches
 
 
 def logits_loss(model, batch):
@@ -95,7 +70,7 @@ def deviation(model, batches, loss_fn, gauges=None, **options):
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("case", TASK_CASES)
 def test_fast_step_equals_reference_on_task_models(case, base, cifar_root):
-    model, batches = task_model(case, cifar_root)
+    model, batches = float64_case(case, cifar_root, STEPS)
     # lr and weight decay of configs/optimizer/ddc.yaml. At lr 1e-2 the tiny grokking
     # transformer amplifies round-off: the deviation grows from 1e-15 after one step to
     # 1e-12 after four whatever balance_tol is (measured), which tests the dynamics rather

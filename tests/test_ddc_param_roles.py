@@ -4,37 +4,15 @@ kind: Muon for ``matrix``, AdamW for the rest) on every task model: one rule,
 embedding, ResNet stem) to AdamW in both."""
 
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from baselines import BASELINES
-from cifar_fixture import write_fake_cifar
 from ddc import DDC
 from ddc.param_groups import input_layer, parameter_roles
-from tasks import build_task
-from test_ddc_tasks import CASES
+from task_models import CASES, build_case
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "task"
-
-
-@pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar(root, "cifar10", n_train=40, n_test=20)
-    return root
-
-
-def build(case, cifar_root):
-    name, overrides = CASES[case]
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / f"{name}.yaml"), {"size": "tiny"}, overrides)
-    if "root" in cfg.get("data", {}):
-        cfg.data.root = str(cifar_root)
-    task = build_task(cfg)
-    torch.manual_seed(0)
-    return task, task.build_model()
 
 
 def roles_of(optimizer):
@@ -43,7 +21,7 @@ def roles_of(optimizer):
 
 @pytest.mark.parametrize("case", CASES)
 def test_ddc_muon_and_muon_assign_identical_roles(case, cifar_root):
-    task, model = build(case, cifar_root)
+    task, model = build_case(case, cifar_root)
     muon = BASELINES["muon"](model)
     ddc_muon = DDC(model, base="muon")
     assert roles_of(ddc_muon) == roles_of(muon)

@@ -2,55 +2,23 @@
 gauge passes verify_gauges, and each model's full gauge set gives exact equivariance on
 both bases (AdamW, in the same harness, does not)."""
 
-import itertools
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from cifar_fixture import write_fake_cifar
 from ddc import DDC, verify_gauges
 from ddc_models import equivariance_deviation
-from tasks import build_task
+from task_models import CASES, float64_case
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "task"
-CASES = {
-    "gpt-swiglu-rope-layernorm": ("gpt_lm", {}),
-    "gpt-relu-norope-rmsnorm": ("gpt_lm", {"model": {"mlp": "relu", "norm": "rmsnorm", "rope": False}}),
-    "gpt-gelu-bias": ("gpt_lm", {"model": {"mlp": "gelu", "bias": True}}),
-    "gpt-tied": ("gpt_lm", {"model": {"tied": True}}),
-    "vit": ("vit_cifar", {}),
-    "vit-swiglu-rmsnorm": ("vit_cifar", {"model": {"mlp": "swiglu", "norm": "rmsnorm"}}),
-    "resnet": ("resnet_cifar", {}),
-    "grok": ("grok_modadd", {}),
-}
 STEPS = 10
 
 
-@pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar(root, "cifar10", n_train=40, n_test=20)
-    return root
-
-
 def build(case, cifar_root):
-    name, overrides = CASES[case]
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / f"{name}.yaml"), {"size": "tiny"}, overrides)
-    if "root" in cfg.get("data", {}):
-        cfg.data.root = str(cifar_root)
-    task = build_task(cfg)
-    torch.manual_seed(0)
-    model = task.build_model().double()
-    batches = [tuple(t.double() if t.is_floating_point() else t for t in b)
-               for b in itertools.islice(task.train_batches(0), STEPS)]
-    return model, batches
+    return float64_case(case, cifar_root, STEPS)
 
 
 def float64_loss(model, batch):
-    """Cross-entropy in float64 (the tasks' own losses compute it in float32)."""
+    """Cross-entropy and the logits (verify_gauges compares both)."""
     inputs, targets = batch[0], batch[1]
     logits = model(inputs)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)), logits

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_fixture import write_fake_cifar
 from ddc import DDC, find_gauges, verify_gauges
 from ddc.gauges import (HeadRotation, HeadRotationVO, LogitShift, NormGain, RotationGauge, ScaleGauge,
                         UnitRescale)
@@ -22,13 +21,6 @@ def signature(gauge):
         return type(gauge).__name__, frozenset((id(m.param), m.axis, m.block, tuple(m.perm.tolist()))
                                                for m in gauge.members)
     return type(gauge).__name__, frozenset(id(p) for p in gauge.parameters())
-
-
-@pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar(root, "cifar10", n_train=40, n_test=20)
-    return root
 
 
 @pytest.mark.parametrize("case", CASES)
