@@ -37,7 +37,6 @@ measured cost.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -501,7 +500,7 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
         r1, xs = plan.reduce(points)
         log_scales, sweeps_before, unsettled = plan.solve(r1, xs, log_scales.to(device), tol, max_iter,
                                                           opt.reference_norm, zero_level)
-        _warn_unsettled(opt, unsettled, tol, max_iter)
+        opt._frame.warn_unsettled(unsettled, tol, max_iter)
         opt._log_scales = [x.clone() for x in log_scales.split(plan.sizes)]
         up, up_decayed = plan.factors(log_scales, work, points, times=decay)
         scaled = [i for i in range(len(params)) if up[i] is not None]
@@ -547,7 +546,7 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
     if freeze and plan.n:
         r1, xs = plan.reduce(points)
         back, sweeps_after, unsettled = plan.solve(r1, xs, None, tol, max_iter, opt.reference_norm, zero_level)
-        _warn_unsettled(opt, unsettled, tol, max_iter)
+        opt._frame.warn_unsettled(unsettled, tol, max_iter)
         # 5. Back to the model's coordinates: θ_new = θ*_new · S_back / S (+ the mean).
         factor = plan.factors(back - log_scales, work, points)[0]
     else:
@@ -563,18 +562,6 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
         else:
             torch.mul(points[i], factor[i], out=target)
     opt.last_balance_sweeps = (sweeps_before, sweeps_after)
-
-
-def _warn_unsettled(opt: DDC, unsettled: list[int], tol: float, max_iter: int) -> None:
-    frame = opt._frame
-    if unsettled and not frame.warned_cap:
-        frame.warned_cap = True
-        named = ", ".join(repr(frame.scale_gauges[g]) for g in unsettled[:4])
-        more = f" and {len(unsettled) - 4} more" if len(unsettled) > 4 else ""
-        warnings.warn(f"DDC: balancing stopped at balance_max_iter={max_iter} Newton steps before "
-                      f"reaching balance_tol={tol:g} for {named}{more}; equivariance then holds only "
-                      f"to that residual. Raise balance_max_iter (warned once).", RuntimeWarning,
-                      stacklevel=4)
 
 
 def _remove_rotations(plan: FastPlan, deltas: list[torch.Tensor], points: list[torch.Tensor]) -> None:

@@ -129,15 +129,21 @@ class _Frame:
         levels = [g.level for g in self.scale_gauges]
         scales, steps, unsettled = F.min_norm_log_scales(reduced, axes, sizes, warm, tol, max_iter,
                                                          reference_norm, zero_level, levels)
-        if unsettled and not self.warned_cap:
-            self.warned_cap = True
-            named = ", ".join(repr(self.scale_gauges[g]) for g in unsettled[:4])
-            more = f" and {len(unsettled) - 4} more" if len(unsettled) > 4 else ""
-            warnings.warn(f"DDC: balancing stopped at balance_max_iter={max_iter} Newton steps before "
-                          f"reaching balance_tol={tol:g} for {named}{more}; equivariance then holds only "
-                          f"to that residual. Raise balance_max_iter (warned once).", RuntimeWarning,
-                          stacklevel=3)
+        self.warn_unsettled(unsettled, tol, max_iter)
         return scales, steps
+
+    def warn_unsettled(self, unsettled: list[int], tol: float, max_iter: int) -> None:
+        """Warn once per gauge set, naming the scale gauges (indices ``unsettled``) whose
+        balancing stopped at ``max_iter`` before reaching ``tol``."""
+        if not unsettled or self.warned_cap:
+            return
+        self.warned_cap = True
+        named = ", ".join(repr(self.scale_gauges[g]) for g in unsettled[:4])
+        more = f" and {len(unsettled) - 4} more" if len(unsettled) > 4 else ""
+        warnings.warn(f"DDC: balancing stopped at balance_max_iter={max_iter} Newton steps before "
+                      f"reaching balance_tol={tol:g} for {named}{more}; equivariance then holds only "
+                      f"to that residual. Raise balance_max_iter (warned once).", RuntimeWarning,
+                      stacklevel=4)
 
 
 def _pool_over_blocks(x: torch.Tensor, member: RotationMember) -> torch.Tensor:
