@@ -7,6 +7,7 @@ real tasks; the real tasks are exercised by ``test_matrix.py`` and the CLI tests
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -185,3 +186,25 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
     write_fake_cifar(root, "cifar10", n_train=40, n_test=20)
     return root
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a network connection fails the test."""
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """wandb in offline mode writing under ``tmp_path/wandb_dir`` (skips without wandb)."""
+    pytest.importorskip("wandb")
+    folder = tmp_path / "wandb_dir"
+    folder.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(folder))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return folder

@@ -3,7 +3,6 @@ a fixed split, one-channel 8 × 8 images, and a few training steps that learn.""
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -12,16 +11,6 @@ from tasks import build_task
 from tasks.cifar import DIGITS_VAL_FRACTION, load_digits_split
 
 pytest.importorskip("sklearn")
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to open a network connection fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the digits data tried to use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def _task(**overrides):

@@ -286,12 +286,7 @@ def test_resume_true_without_checkpoint_and_another_config_are_refused(tmp_path,
         train.run(cfg, overrides=[])
 
 
-def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path, fake_task, monkeypatch):
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    (tmp_path / "wandb_dir").mkdir()
+def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path, fake_task, wandb_offline, monkeypatch):
     cfg = base_config(tmp_path, steps=6, checkpoint_every=0)
     cfg.logger = {"name": "wandb", "project": "ddc-bench-test", "entity": None, "group": None,
                   "tags": [], "mode": None}

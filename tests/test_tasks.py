@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import socket
 from pathlib import Path
 
 import pytest
@@ -64,16 +63,6 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_fake_cifar(root, "cifar10", n_train=100, n_test=40)
     write_fake_cifar(root, "cifar100", n_train=100, n_test=40)
     return root
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to open a network connection fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a task tried to use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def tiny_cfg(name: str, corpus_cache: str, cifar_root: Path, **data) -> dict:

@@ -302,12 +302,7 @@ def test_wandb_missing_is_one_clear_error(tmp_path, fake_task, monkeypatch):
     assert not (tmp_path / "results").exists()  # failed before creating the run folder
 
 
-def test_wandb_offline(tmp_path, fake_task, monkeypatch):
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    (tmp_path / "wandb_dir").mkdir()
+def test_wandb_offline(tmp_path, fake_task, wandb_offline):
     cfg = base_config(tmp_path, steps=4, log_every=1)
     cfg.logger = {"name": "wandb", "project": "ddc-bench-test", "entity": None, "group": None,
                   "tags": ["test"], "mode": None}
