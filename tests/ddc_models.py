@@ -151,6 +151,18 @@ def gauges_by_kind(model: nn.Module, kind: type) -> list:
     return [g for g in model.gauges() if type(g) is kind]
 
 
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list,
+                loss_fn: Callable = classification_loss, clip: Callable | None = None) -> None:
+    """One optimizer step per batch; ``clip(model, optimizer)`` runs between backward and
+    step, where a training loop's gradient clipping does."""
+    for batch in batches:
+        optimizer.zero_grad()
+        loss_fn(model, batch)[0].backward()
+        if clip is not None:
+            clip(model, optimizer)
+        optimizer.step()
+
+
 def equivariance_deviation(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, batches: list,
                            select: Callable[[nn.Module], list] | None = None, seed: int = 0,
                            clip: Callable | None = None) -> float:
@@ -166,13 +178,7 @@ def equivariance_deviation(model: nn.Module, make_optimizer: Callable, loss_fn: 
     for gauge, element in zip(select(model_b), elements):
         gauge.act(element)
     for m in (model_a, model_b):
-        opt = make_optimizer(m, select(m))
-        for batch in batches:
-            opt.zero_grad()
-            loss_fn(m, batch)[0].backward()
-            if clip is not None:
-                clip(m, opt)
-            opt.step()
+        train_steps(m, make_optimizer(m, select(m)), batches, loss_fn, clip)
     for gauge, element in zip(select(model_a), elements):
         gauge.act(element)
     worst = 0.0

@@ -13,7 +13,8 @@ from torch import nn
 
 from ddc import DDC, GaugeDeclarationError, parameter_roles
 from ddc.gauges import LogitShift, UnitRescale
-from ddc_models import ReluChain, ReluMLP, TinyTransformer, classification_loss, equivariance_deviation, make_batches
+from ddc_models import (ReluChain, ReluMLP, TinyTransformer, classification_loss, equivariance_deviation,
+                        make_batches, train_steps)
 
 BASES = [("adam", {}), ("muon", {"orthogonalizer": "svd"})]
 
@@ -21,15 +22,6 @@ BASES = [("adam", {}), ("muon", {"orthogonalizer": "svd"})]
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def train(model, optimizer, batches, clip=None):
-    for batch in batches:
-        optimizer.zero_grad()
-        classification_loss(model, batch)[0].backward()
-        if clip is not None:
-            clip(model, optimizer)
-        optimizer.step()
 
 
 def snapshot(model):
@@ -108,7 +100,7 @@ def test_a_capped_balancing_solve_warns_once_naming_the_gauges():
         gauge.act(gauge.random_element(generator) ** 4)   # far from balanced
     opt = DDC(model, lr=1e-2, balance_max_iter=1)
     with pytest.warns(RuntimeWarning, match=r"balance_max_iter=1 .*UnitRescale") as record:
-        train(model, opt, make_batches(model, 3))
+        train_steps(model, opt, make_batches(model, 3))
     assert sum("balance_max_iter" in str(w.message) for w in record) == 1
 
 
@@ -125,11 +117,11 @@ def test_low_precision_parameters_with_every_gauge(dtype, base):
         still_model = copy.deepcopy(model)
         still = DDC(still_model, base=base, lr=0.0, weight_decay=0.0)
         before = snapshot(still_model)
-        train(still_model, still, batches)
+        train_steps(still_model, still, batches)
         assert all(torch.equal(a, b) for a, b in zip(before, still_model.parameters()))
         opt = DDC(model, base=base, lr=1e-2, weight_decay=0.1)
         start = snapshot(model)
-        train(model, opt, batches)
+        train_steps(model, opt, batches)
         assert all(torch.isfinite(p).all() for p in model.parameters())
         assert any(not torch.equal(a, b) for a, b in zip(start, model.parameters()))
 
@@ -162,7 +154,7 @@ def test_lr_zero_group_is_untouched():
     opt = DDC([{"params": norms, "lr": 0.0}, {"params": rest}], gauges=model.gauges(), lr=1e-2, weight_decay=0.1)
     before = [p.detach().clone() for p in norms]
     rest_before = [p.detach().clone() for p in rest]
-    train(model, opt, make_batches(model, 3))
+    train_steps(model, opt, make_batches(model, 3))
     assert all(torch.equal(a, b) for a, b in zip(before, norms))
     assert any(not torch.equal(a, b) for a, b in zip(rest_before, rest))
 
@@ -276,16 +268,16 @@ def test_distributed_checkpoint_round_trip_resumes_exactly(base, options):
     batches = make_batches(model, 8)
     make = lambda m: DDC(m, base=base, lr=1e-2, weight_decay=0.1, **options)
     opt = make(model)
-    train(model, opt, batches[:4])
+    train_steps(model, opt, batches[:4])
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(get_optimizer_state_dict(model, opt))
     assert any(k.startswith("ddc_log_scales") for st in saved_opt["state"].values() for k in st)
-    train(model, opt, batches[4:])
+    train_steps(model, opt, batches[4:])
 
     resumed = TinyTransformer(rope="interleaved").float()
     resumed.load_state_dict(saved_model)
     resumed_opt = make(resumed)
     set_optimizer_state_dict(resumed, resumed_opt, saved_opt)
-    train(resumed, resumed_opt, batches[4:])
+    train_steps(resumed, resumed_opt, batches[4:])
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)

@@ -219,9 +219,11 @@ def test_every_task_stream_restarts_exactly_and_shards_partition_it(task_name, n
 # Checkpoint faults: one line, never a silent mix
 # --------------------------------------------------------------------------------------
 
-def _interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple:
-    cfg = base_config(tmp_path, steps=6, checkpoint_every=0)
-    monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, "3")
+def _interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, at_step: int = 3,
+                 checkpoint_every: int = 0) -> tuple:
+    """A 6-step fake run stopped by a real SIGTERM after ``at_step`` steps: (cfg, folder)."""
+    cfg = base_config(tmp_path, steps=6, checkpoint_every=checkpoint_every)
+    monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, str(at_step))
     with pytest.raises(train.Preempted):
         train.run(cfg, overrides=[])
     monkeypatch.delenv(train.SIGNAL_AT_STEP_ENV)
@@ -262,12 +264,7 @@ def test_damaged_checkpoint_is_one_line_and_resume_false_starts_afresh(
 
 def test_missing_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, fake_task, monkeypatch):
     """A crash between save's two renames leaves only checkpoint.prev.pt: resume from it."""
-    cfg = base_config(tmp_path, steps=6, checkpoint_every=2)
-    monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, "5")
-    with pytest.raises(train.Preempted):
-        train.run(cfg, overrides=[])
-    monkeypatch.delenv(train.SIGNAL_AT_STEP_ENV)
-    folder = results.run_dir(cfg.results_dir, "fake", "tiny", "adamw", "lr0.001", 0)
+    cfg, folder = _interrupted(tmp_path, monkeypatch, at_step=5, checkpoint_every=2)
     (folder / results.CHECKPOINT_FILE).unlink()  # latest (step 5) gone; prev is step 4
     summary = train.run(cfg, overrides=[])
     assert summary["resumed_from"] == [4] and summary["steps_done"] == 6
