@@ -188,6 +188,12 @@ class DDC(Optimizer):
             coordinate is zero (a zero-initialised readout or down projection, a dead unit)
             the non-zero side gets norm ρ; a norm gain's side exceeds its consumers' by ρ²
             in squared norm (``ScaleGauge.level``).
+        foreach: ``True`` (default): the batched step (``ddc/fast.py``); ``False``: the
+            readable reference step, one parameter at a time. Both compute the same step.
+        compile: with ``foreach``, run the batched step's tensor work through
+            ``torch.compile`` (``docs/ddc.md``, "The batched step"): faster steps after a
+            one-off compilation at the first step (tens of seconds on a CPU); the same
+            step to round-off.
     """
 
     def __init__(
@@ -214,6 +220,7 @@ class DDC(Optimizer):
         example_input: Any = None,
         loss: str | None = "cross_entropy",
         foreach: bool = True,
+        compile: bool = False,
     ) -> None:
         if base not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {base!r}")
@@ -263,6 +270,7 @@ class DDC(Optimizer):
         self.balance_max_iter = balance_max_iter
         self.reference_norm = reference_norm
         self.foreach = bool(foreach)
+        self.compile = bool(compile)
         self._fast_plan: fast.FastPlan | None = None   # built at the first fast step
         self.gauges = list(gauges or [])
         if model is not None:

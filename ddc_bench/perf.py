@@ -88,9 +88,13 @@ TASK_NAMES = ("gpt_lm", "vit_cifar", "resnet_cifar", "grok_modadd")
 REFERENCE = {"cpu": "adamw_foreach", "cuda": "adamw_fused"}
 #: DDC's readable reference step (``foreach=False``) under its own row name, to time it
 #: side by side with the default batched step: name -> (registry name, extra options).
-VARIANTS = {"ddc_ref": ("ddc", {"foreach": False}), "ddc_muon_ref": ("ddc_muon", {"foreach": False})}
+#: ``ddc_compiled`` / ``ddc_muon_compiled``: the batched step with ``compile=True`` (the
+#: compilation happens in the warm-up steps).
+VARIANTS = {"ddc_ref": ("ddc", {"foreach": False}), "ddc_muon_ref": ("ddc_muon", {"foreach": False}),
+            "ddc_compiled": ("ddc", {"compile": True}), "ddc_muon_compiled": ("ddc_muon", {"compile": True})}
 #: Which optimizer a DDC variant is compared with (``None``: the reference row).
-BASE_OF = {"ddc": None, "ddc_muon": "muon", "ddc_ref": None, "ddc_muon_ref": "muon"}
+BASE_OF = {"ddc": None, "ddc_muon": "muon", "ddc_ref": None, "ddc_muon_ref": "muon",
+           "ddc_compiled": None, "ddc_muon_compiled": "muon"}
 #: Distinct batches cycled through while timing (enough to vary the data, few enough to
 #: keep large-batch tasks in memory).
 BATCH_CYCLE = 8
