@@ -345,13 +345,25 @@ class FastPlan:
         """``F(s) = ‖S(s)·θ‖² − 2 κ·s`` (the line search's function; one kernel)."""
         return self._sides(s, r1, xs)[2] - 2 * (kappa * s).sum()
 
+    def first_system(self, r1: torch.Tensor, xs: list[torch.Tensor], warm: torch.Tensor | None, level: float,
+                     zero_level: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """The start of :meth:`solve` (κ, the active coordinates, the Newton system at the
+        warm start, or at 0 for ``warm=None``): the step's kernels that compute the squared
+        norms run it too, which saves the solve a kernel call."""
+        if warm is None:
+            return self._evaluate_zero(r1, xs, level, zero_level)
+        return self._evaluate_warm(warm, r1, xs, level, zero_level)
+
     def solve(self, r1: torch.Tensor, xs: list[torch.Tensor], warm: torch.Tensor | None, tol: float,
-              max_iter: int, reference_norm: float, zero_level: float) -> tuple[torch.Tensor, int, list[int]]:
+              max_iter: int, reference_norm: float, zero_level: float,
+              first: tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None = None
+              ) -> tuple[torch.Tensor, int, list[int]]:
         """:func:`ddc.functional.min_norm_log_scales` on the flat layout: the same
         canonical point (same κ, degenerate and inactive coordinates), by damped Newton
         with inexact conjugate gradients. Returns the log-scales, the Newton steps taken
         and the gauges still moving by more than ``tol`` when ``max_iter`` ran out.
-        ``warm=None`` starts from zero (the balancing after the step).
+        ``warm=None`` starts from zero (the balancing after the step). ``first``: the
+        solve's start (:meth:`first_system`) if already computed.
 
         Stopping: when the Jacobi estimate of the Newton step is below ``tol/2``, or after
         a full Newton step of size δ solved to ``atol`` with ``2δ² + atol ≤ tol/2``, since
@@ -364,10 +376,10 @@ class FastPlan:
         if self.n == 0:
             return s, 0, []
         level = reference_norm ** 2
-        if warm is None:
-            kappa, active, system = self.kernel("evaluate_zero")(r1, xs, level, zero_level)
-        else:
-            kappa, active, system = self.kernel("evaluate_warm")(s, r1, xs, level, zero_level)
+        if first is None:
+            first = self.kernel("evaluate_zero")(r1, xs, level, zero_level) if warm is None else \
+                self.kernel("evaluate_warm")(s, r1, xs, level, zero_level)
+        kappa, active, system = first
         step, t = torch.zeros_like(s), 1.0
         for newton in range(1, max_iter + 1):
             if system is None:
@@ -623,12 +635,14 @@ class _Spec:
                                                 work, device if compiled else None)))
 
 
-def _prepare(plan: FastPlan, params: list[torch.Tensor], grads: list[torch.Tensor], work: torch.dtype
-             ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None], Any]:
+def _prepare(plan: FastPlan, params: list[torch.Tensor], grads: list[torch.Tensor], work: torch.dtype,
+             warm: torch.Tensor, level: float, zero_level: float
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None], Any, Any]:
     """Step 1's start: the points and gradients in the working precision, the readouts
     centred (``means``: the vocabulary means taken out, None elsewhere), and the squared
-    norms the balancing solve reads (:meth:`FastPlan.reduce`; None without scale gauges).
-    Fresh tensors throughout except where ``.to`` keeps a tensor (never written)."""
+    norms the balancing solve reads (:meth:`FastPlan.reduce`) with the solve's start at
+    the stored frame ``warm`` (:meth:`FastPlan.first_system`); both None without scale
+    gauges. Fresh tensors throughout except where ``.to`` keeps a tensor (never written)."""
     points = [p.to(work) for p in params]
     grads = [g.to(work) for g in grads]
     means: list[torch.Tensor | None] = [None] * len(points)
@@ -636,17 +650,20 @@ def _prepare(plan: FastPlan, params: list[torch.Tensor], grads: list[torch.Tenso
         means[i] = points[i].mean(dim=0, keepdim=True)
         points[i] = points[i] - means[i]
         grads[i] = grads[i] - grads[i].mean(dim=0, keepdim=True)
-    return points, grads, means, plan.reduce(points) if plan.n else None
+    if not plan.n:
+        return points, grads, means, None, None
+    reduced = plan.reduce(points)
+    return points, grads, means, reduced, plan.first_system(*reduced, warm, level, zero_level)
 
 
 def _middle(plan: FastPlan, spec: _Spec, points: list[torch.Tensor], grads: list[torch.Tensor],
-            log_scales: torch.Tensor, work: torch.dtype, freeze: bool
-            ) -> tuple[list[torch.Tensor], Any]:
+            log_scales: torch.Tensor, work: torch.dtype, freeze: bool, level: float, zero_level: float
+            ) -> tuple[list[torch.Tensor], Any, Any]:
     """Steps 1 to 4 after the frame is known: the canonical point ``θ* = S·θ`` with the
     weight decay folded into the same multiply and the canonical gradient ``g* = g/S``,
     the base step there, its dead components removed (``freeze``), and the new canonical
-    points; returns them (fresh tensors) and, for the re-balancing, their squared norms
-    (None when there is none to do)."""
+    points; returns them (fresh tensors) and, for the re-balancing, their squared norms and
+    the solve's start from 0 (None when there is none to do)."""
     n = len(points)
     points, grads = list(points), list(grads)
     scaled: list[int] = []
@@ -690,7 +707,10 @@ def _middle(plan: FastPlan, spec: _Spec, points: list[torch.Tensor], grads: list
     moved = [i for i in range(n) if deltas[i] is not None]
     if moved:  # the new canonical points
         torch._foreach_add_([points[i] for i in moved], [deltas[i] for i in moved])
-    return points, plan.reduce(points) if freeze and plan.n else None
+    if not (freeze and plan.n):
+        return points, None, None
+    reduced = plan.reduce(points)
+    return points, reduced, plan.first_system(*reduced, None, level, zero_level)
 
 
 def _write_back(plan: FastPlan, params: list[torch.Tensor], points: list[torch.Tensor],
@@ -728,19 +748,21 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
     spec = _Spec(opt, group_of, grads, work, plan.compiled)
 
     # 1. Canonical frame (the solve warm-starts from the stored frame).
-    points, grads, means, reduced = plan.kernel("prepare")(params, grads, work)
-    sweeps_before = 0
+    level = opt.reference_norm ** 2
     log_scales = torch.cat(opt._log_scales).to(device) if plan.n else torch.zeros(0, dtype=torch.float64, device=device)
+    points, grads, means, reduced, first = plan.kernel("prepare")(params, grads, work, log_scales, level, zero_level)
+    sweeps_before = 0
     if plan.n:
         log_scales, sweeps_before, unsettled = plan.solve(*reduced, log_scales, tol, max_iter,
-                                                          opt.reference_norm, zero_level)
+                                                          opt.reference_norm, zero_level, first)
         frame.warn_unsettled(unsettled, tol, max_iter)
         opt._log_scales = [x.clone() for x in log_scales.split(plan.sizes)]
     # 2-4. Weight decay, the base step, the dead directions removed.
-    points, reduced = plan.kernel("middle")(spec, points, grads, log_scales, work, freeze)
+    points, reduced, first = plan.kernel("middle")(spec, points, grads, log_scales, work, freeze, level, zero_level)
     sweeps_after = 0
     if reduced is not None:
-        back, sweeps_after, unsettled = plan.solve(*reduced, None, tol, max_iter, opt.reference_norm, zero_level)
+        back, sweeps_after, unsettled = plan.solve(*reduced, None, tol, max_iter, opt.reference_norm, zero_level,
+                                                   first)
         frame.warn_unsettled(unsettled, tol, max_iter)
         log_scales = back - log_scales
     elif plan.n:
@@ -756,8 +778,7 @@ def _remove_rotations(plan: FastPlan, deltas: list[torch.Tensor], points: list[t
     larger blocks with one batched ``eigh`` over all gauges of that block size."""
     for block, gauges in plan.rotation_by_block.items():
         if block == 2:
-            for r in gauges:
-                _remove_pair_rotations(plan.rotations[r], deltas, points)
+            _remove_pair_rotations([plan.rotations[r] for r in gauges], deltas, points)
             continue
         # Member k of every gauge of this block size, stacked (one bmm per member position
         # instead of one per gauge) where the gauges have the same member shapes.
@@ -793,17 +814,28 @@ def _remove_rotations(plan: FastPlan, deltas: list[torch.Tensor], points: list[t
             start += n
 
 
-def _remove_pair_rotations(members: list[_Blocks], deltas: list[torch.Tensor], points: list[torch.Tensor]) -> None:
-    """The so(2) projection of one gauge of 2-blocks (RoPE pairs): with ``x = (x0, x1)``
-    per pair, the generator is ``a·J``, ``a = Σ (d0·x1 − d1·x0) / Σ |x|²`` (the reference's
-    ``rhs / trace``), and ``d ← d − a J x = (d0 − a x1, d1 + a x0)``."""
-    xs = [m.get(points[m.index]) for m in members]
-    ds = [m.get(deltas[m.index]) for m in members]
-    trace = sum(x.square().sum((1, 2)) for x in xs)
-    cross = sum((d * x.flip(1)).sum(2) for d, x in zip(ds, xs))     # (n_blocks, 2): d0·x1, d1·x0
-    rhs = cross[:, 0] - cross[:, 1]
-    floor = trace.abs().amax() * 1e-12 + torch.finfo(trace.dtype).tiny
-    a = torch.where(trace > floor, rhs / trace.clamp_min(floor), torch.zeros_like(rhs))
-    signs = torch.tensor([1.0, -1.0], dtype=trace.dtype, device=trace.device).view(1, 2, 1)
-    for m, x, d in zip(members, xs, ds):
-        deltas[m.index] = m.set(deltas[m.index], d - a.view(-1, 1, 1) * signs * x.flip(1))
+def _remove_pair_rotations(gauges: list[list[_Blocks]], deltas: list[torch.Tensor],
+                           points: list[torch.Tensor]) -> None:
+    """The so(2) projection of gauges of 2-blocks (RoPE pairs): with ``x = (x0, x1)`` per
+    pair, the generator is ``a·J``, ``a = Σ (d0·x1 − d1·x0) / Σ |x|²`` (the reference's
+    ``rhs / trace``, floored per gauge as there), and ``d ← d − a J x = (d0 − a x1, d1 + a x0)``.
+    Gauges whose members have the same shapes (a model's layers) are stacked and projected
+    together: one pass of these few ops instead of one per layer."""
+    views = [[(m, m.get(points[m.index]), m.get(deltas[m.index])) for m in members] for members in gauges]
+    if len({tuple((x.shape, x.dtype) for _, x, _ in gauge) for gauge in views}) != 1:
+        for members in gauges:  # unequal shapes: one gauge at a time
+            _remove_pair_rotations([members], deltas, points)
+        return
+    xs = [torch.stack([gauge[k][1] for gauge in views]) for k in range(len(views[0]))]   # (G, n, 2, rest)
+    ds = [torch.stack([gauge[k][2] for gauge in views]) for k in range(len(views[0]))]
+    trace = sum(x.square().sum((2, 3)) for x in xs)                       # (G, n)
+    cross = sum((d * x.flip(2)).sum(3) for d, x in zip(ds, xs))           # (G, n, 2): d0·x1, d1·x0
+    rhs = cross[..., 0] - cross[..., 1]
+    floor = trace.abs().amax(dim=1, keepdim=True) * 1e-12 + torch.finfo(trace.dtype).tiny
+    a = torch.where(trace > floor, rhs / trace.clamp_min(floor), torch.zeros_like(rhs))[..., None, None]
+    signs = torch.tensor([1.0, -1.0], dtype=trace.dtype, device=trace.device).view(1, 1, 2, 1)
+    for k, (x, d) in enumerate(zip(xs, ds)):
+        new = d - a * signs * x.flip(2)
+        for g, gauge in enumerate(views):
+            m = gauge[k][0]
+            deltas[m.index] = m.set(deltas[m.index], new[g])
