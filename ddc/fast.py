@@ -49,8 +49,10 @@ from .gauges import RotationMember, from_blocks, to_blocks
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import DDC
 
-#: Conjugate-gradient iterations between two reads of the residual by the host.
-CG_CHECK_EVERY = 4
+#: Conjugate-gradient iterations between two reads of the residual by the host. Measured
+#: on GPT small (30 training steps): 5.1 iterations a step when checking after every one,
+#: 6.2 every 2, 8.0 every 4 (each Newton step needs about 2.5).
+CG_CHECK_EVERY = 2
 #: Kernels that run eagerly even with ``DDC(compile=True)`` (see :meth:`FastPlan.kernel`).
 _EAGER_KERNELS = ("cg_block",)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
