@@ -86,6 +86,9 @@ from ddc_bench.train import peak_memory_mb, reset_peak_memory, sync, to_device
 TASK_NAMES = ("gpt_lm", "vit_cifar", "resnet_cifar", "grok_modadd")
 #: The reference AdamW row per device type.
 REFERENCE = {"cpu": "adamw_foreach", "cuda": "adamw_fused"}
+#: torch's AdamW (foreach) with its step run through ``torch.compile`` (as torch's
+#: tutorial "Compiling the optimizer" does): the fair companion of the ``*_compiled`` rows.
+ADAMW_COMPILED = "adamw_compiled"
 #: DDC's readable reference step (``foreach=False``) under its own row name, to time it
 #: side by side with the default batched step: name -> (registry name, extra options).
 #: ``ddc_compiled`` / ``ddc_muon_compiled``: the batched step with ``compile=True`` (the
@@ -94,7 +97,7 @@ VARIANTS = {"ddc_ref": ("ddc", {"foreach": False}), "ddc_muon_ref": ("ddc_muon",
             "ddc_compiled": ("ddc", {"compile": True}), "ddc_muon_compiled": ("ddc_muon", {"compile": True})}
 #: Which optimizer a DDC variant is compared with (``None``: the reference row).
 BASE_OF = {"ddc": None, "ddc_muon": "muon", "ddc_ref": None, "ddc_muon_ref": "muon",
-           "ddc_compiled": None, "ddc_muon_compiled": "muon"}
+           "ddc_compiled": ADAMW_COMPILED, "ddc_muon_compiled": "muon"}
 #: Distinct batches cycled through while timing (enough to vary the data, few enough to
 #: keep large-batch tasks in memory).
 BATCH_CYCLE = 8
@@ -138,14 +141,18 @@ def build_task_or_fail(cfg: dict[str, Any]) -> Any:
 
 def build_named_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     """A harness optimizer by registry name (options from ``configs/optimizer/<name>.yaml``),
-    or a reference AdamW (``adamw_foreach``/``adamw_fused``, ``adamw.yaml``'s options)."""
-    if name in REFERENCE.values():
+    or a reference AdamW (``adamw_foreach``/``adamw_fused``, ``adamw.yaml``'s options;
+    ``adamw_compiled``: the foreach one with ``torch.compile``d steps)."""
+    if name in (*REFERENCE.values(), ADAMW_COMPILED):
         options = load_group_defaults("optimizer", "adamw")
-        return torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             param_groups(model, float(options["weight_decay"])), lr=float(options["lr"]),
             betas=tuple(options["betas"]), eps=float(options["eps"]),
             weight_decay=float(options["weight_decay"]),
-            foreach=name == "adamw_foreach", fused=True if name == "adamw_fused" else None)
+            foreach=name != "adamw_fused", fused=True if name == "adamw_fused" else None)
+        if name == ADAMW_COMPILED:
+            optimizer.step = torch.compile(optimizer.step)  # type: ignore[method-assign]
+        return optimizer
     if name in VARIANTS:
         base, extra = VARIANTS[name]
         return build_optimizer(model, {**load_group_defaults("optimizer", base), **extra})
@@ -317,7 +324,8 @@ def add_ratios(rows: list[dict[str, Any]], reference: str) -> None:
         r["peak_mib_vs_ref"] = r["peak_mib"] - ref["peak_mib"] if both else None
         base = None
         if r["optimizer"] in BASE_OF:
-            base = by_name.get((r["task"], BASE_OF[r["optimizer"]] or reference))
+            base = by_name.get((r["task"], BASE_OF[r["optimizer"]] or reference)) \
+                or by_name.get((r["task"], reference))  # a base not measured: the reference
         r["step_vs_base"] = r["step_ms"] / base["step_ms"] if base else None
         r["base"] = base["optimizer"] if base else None
 
@@ -631,7 +639,7 @@ def run_perf(args: argparse.Namespace, command: str = "ddc-bench-perf") -> dict[
 
     ``command`` is the command line recorded in ``report.md``."""
     check_args(args)
-    known = sorted(registry()) + list(VARIANTS)
+    known = sorted(registry()) + list(VARIANTS) + [ADAMW_COMPILED]
     tasks = list(TASK_NAMES) if args.tasks == "all" else _parse_names(args.tasks, TASK_NAMES, "task(s)")
     names = _parse_names(args.optimizers, known, "optimizer(s)")
     overhead_names = _parse_names(args.overhead_optimizers, sorted(registry()), "overhead optimizer(s)") \

@@ -1,5 +1,6 @@
-"""ddc-bench-perf's ``ddc_ref`` / ``ddc_muon_ref`` rows: DDC's reference step
-(``foreach=False``) timed side by side with the default batched step (no timing is
+"""ddc-bench-perf's ``ddc_ref`` / ``ddc_muon_ref`` rows (DDC's reference step,
+``foreach=False``) and ``ddc_compiled`` / ``ddc_muon_compiled`` / ``adamw_compiled`` rows
+(``torch.compile``d steps), timed side by side with the default ones (no timing is
 asserted)."""
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ def test_reference_variants_build_the_reference_step():
         opt = perf.build_named_optimizer(name, model)
         assert isinstance(opt, DDC) and opt.foreach is False and opt.base == base
     assert perf.build_named_optimizer("ddc", model).foreach is True
+    for name, base in (("ddc_compiled", "adam"), ("ddc_muon_compiled", "muon")):
+        opt = perf.build_named_optimizer(name, model)
+        assert isinstance(opt, DDC) and opt.compile is True and opt.foreach is True and opt.base == base
+    assert perf.build_named_optimizer("ddc", model).compile is False
 
 
 @pytest.mark.slow  # ~25 s: a peak-memory process per optimizer
@@ -49,3 +54,15 @@ def test_reference_variants_are_not_runner_optimizers(tmp_path, capsys, restore_
                    "--out", str(tmp_path / "p")])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ddc_ref" in err[0] and "accepted" in err[0]
+
+
+@pytest.mark.slow  # ~1 min: compiling the kernels
+def test_compiled_rows_compare_with_compiled_adamw(tmp_path, restore_threads):
+    out = tmp_path / "perf"
+    perf.main(["--tasks", "grok_modadd", "--size", "tiny", "--optimizers", "adamw_compiled,ddc_compiled",
+               "--steps", "2", "--warmup", "2", "--overhead-steps", "0", "--no-scaling", "--out", str(out)])
+    with open(out / "steps.csv", newline="") as f:
+        rows = {r["optimizer"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"adamw_foreach", "adamw_compiled", "ddc_compiled"}
+    assert rows["ddc_compiled"]["base"] == "adamw_compiled"
+    assert float(rows["ddc_compiled"]["step_ms"]) > 0
