@@ -21,6 +21,15 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+def _step_rows(tmp_path, optimizers, warmup):
+    """steps.csv of a step-time-only ddc-bench-perf run on the tiny grokking model, by optimizer."""
+    out = tmp_path / "perf"
+    perf.main(["--tasks", "grok_modadd", "--size", "tiny", "--optimizers", optimizers, "--steps", "2",
+               "--warmup", str(warmup), "--overhead-steps", "0", "--no-scaling", "--out", str(out)])
+    with open(out / "steps.csv", newline="") as f:
+        return {r["optimizer"]: r for r in csv.DictReader(f)}
+
+
 def test_reference_variants_build_the_reference_step():
     from tasks.grok_modadd import GrokTransformer
 
@@ -37,11 +46,7 @@ def test_reference_variants_build_the_reference_step():
 
 @pytest.mark.slow  # ~25 s: a peak-memory process per optimizer
 def test_reference_rows_sit_next_to_the_fast_ones(tmp_path, restore_threads):
-    out = tmp_path / "perf"
-    perf.main(["--tasks", "grok_modadd", "--size", "tiny", "--optimizers", "ddc,ddc_ref,muon,ddc_muon_ref",
-               "--steps", "2", "--warmup", "1", "--overhead-steps", "0", "--no-scaling", "--out", str(out)])
-    with open(out / "steps.csv", newline="") as f:
-        rows = {r["optimizer"]: r for r in csv.DictReader(f)}
+    rows = _step_rows(tmp_path, "ddc,ddc_ref,muon,ddc_muon_ref", warmup=1)
     assert set(rows) == {"adamw_foreach", "ddc", "ddc_ref", "muon", "ddc_muon_ref"}
     assert rows["ddc_ref"]["base"] == "adamw_foreach" and rows["ddc_muon_ref"]["base"] == "muon"
 
@@ -58,11 +63,7 @@ def test_reference_variants_are_not_runner_optimizers(tmp_path, capsys, restore_
 
 @pytest.mark.slow  # ~1 min: compiling the kernels
 def test_compiled_rows_compare_with_compiled_adamw(tmp_path, restore_threads):
-    out = tmp_path / "perf"
-    perf.main(["--tasks", "grok_modadd", "--size", "tiny", "--optimizers", "adamw_compiled,ddc_compiled",
-               "--steps", "2", "--warmup", "2", "--overhead-steps", "0", "--no-scaling", "--out", str(out)])
-    with open(out / "steps.csv", newline="") as f:
-        rows = {r["optimizer"]: r for r in csv.DictReader(f)}
+    rows = _step_rows(tmp_path, "adamw_compiled,ddc_compiled", warmup=2)
     assert set(rows) == {"adamw_foreach", "adamw_compiled", "ddc_compiled"}
     assert rows["ddc_compiled"]["base"] == "adamw_compiled"
     assert float(rows["ddc_compiled"]["step_ms"]) > 0
