@@ -23,6 +23,11 @@ It computes the same step as the readable reference path (``DDC(foreach=False)``
   projects it) and rebalanced in place, and written back with one multiply by
   ``S_back / S``.
 
+* **Kernels.** The tensor work is a few functions without host reads
+  (:meth:`FastPlan.kernel`); with ``DDC(compile=True)`` they run through ``torch.compile``,
+  which fuses the elementwise passes. The numbers that change every step reach them as
+  0-d tensors in that mode, so an lr schedule does not recompile them.
+
 A step in which some gauged parameter has no gradient, is not the optimizer's, or sits in
 a group at lr 0 runs the reference path instead (:func:`fast_supported`).
 
