@@ -485,7 +485,7 @@ class _AdamGroup:
         self.eps = group["eps"]
         # The step counters live on the CPU (as torch's AdamW keeps them without
         # capturable=True): reading them is no device synchronisation.
-        counts = torch.stack(steps).tolist() if len(steps) > 1 else [float(s) for s in steps]
+        counts = [float(s) for s in steps]
         bc2_sqrt = [math.sqrt(1 - self.beta2 ** c) for c in counts]
         step_size = [-group["lr"] / (1 - self.beta1 ** c) for c in counts]
         if len(set(counts)) == 1:  # the usual case: one number (a list costs a tensor per entry)
@@ -736,11 +736,18 @@ def _write_back(plan: FastPlan, params: list[torch.Tensor], points: list[torch.T
             torch.mul(points[i], factor[i], out=target)
 
 
+@torch.compiler.disable
 def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
     """One DDC step on every gauged parameter (see :meth:`DDC._gauged_step`, the
     reference, for the meaning of each stage). The tensor work runs in the plan's kernels
     (:meth:`FastPlan.kernel`: compiled with ``DDC(compile=True)``); between them the host
-    reads only the balancing solve's stopping numbers."""
+    reads only the balancing solve's stopping numbers.
+
+    An outer ``torch.compile`` (of ``opt.step`` or of a training step that calls it) does
+    not trace into this function: traced whole, it graph-breaks at the solve's host reads,
+    ran slower than eager, and (torch 2.14) computed a wrong step from the second step on
+    for the centred readout of a small transformer (``test_compiled_step_runs_and_matches_eager``;
+    cause not found). ``compile=True`` compiles the kernels instead."""
     frame = opt._frame
     params = [p.detach() for p in frame.params]
     device = params[0].device
