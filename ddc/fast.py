@@ -464,8 +464,9 @@ class FastPlan:
 
 class _AdamGroup:
     """One param group's share of a batched Adam step, prepared on the host: the moments
-    (created lazily), the step counters advanced, and the bias corrections as Python
-    numbers (one number when the counters agree, as usual; a list otherwise)."""
+    (created lazily), the step counters advanced, and the bias corrections (one number when
+    the counters agree, as usual; a list otherwise), as Python numbers or, for the compiled
+    step, 0-d tensors."""
 
     def __init__(self, opt: DDC, group: dict[str, Any], items: list[tuple[torch.Tensor, torch.Tensor]],
                  dtype: torch.dtype | None = None, tensors_on: torch.device | None = None) -> None:
@@ -530,15 +531,18 @@ def _adam_math(hp: _AdamGroup, grads: list[torch.Tensor], pooled: list[torch.Ten
     if into and not hp.tensor_scalars:
         torch._foreach_addcdiv_([targets[j] for j in into], [exp_avgs[j] for j in into],
                                 [denom[j] for j in into], hp.pick(hp.step_size, into))
-    elif into:  # tensor step sizes (the compiled step): the compiler fuses these passes
-        update = torch._foreach_div([exp_avgs[j] for j in into], [denom[j] for j in into])
-        torch._foreach_mul_(update, hp.pick(hp.step_size, into))
-        torch._foreach_add_([targets[j] for j in into], update)
-    if apart:
-        update = torch._foreach_div([exp_avgs[j] for j in apart], [denom[j] for j in apart])
-        torch._foreach_mul_(update, hp.pick(hp.step_size, apart))
-        for j, u in zip(apart, update):
-            out[j] = u
+        into = []
+    # The rest as update tensors; with tensor step sizes (the compiled step, where addcdiv
+    # takes no 0-d tensor) those with a target are added to it, passes the compiler fuses.
+    rest = into + apart
+    if rest:
+        update = torch._foreach_div([exp_avgs[j] for j in rest], [denom[j] for j in rest])
+        torch._foreach_mul_(update, hp.pick(hp.step_size, rest))
+        for j, u in zip(rest, update):
+            if targets[j] is not None:
+                targets[j].add_(u)
+            else:
+                out[j] = u
     return out
 
 
