@@ -205,7 +205,7 @@ class FastPlan:
     def kernel(self, name: str) -> Any:
         """The step's kernel ``name``: a piece of tensor work with no host read (the
         step's functions :func:`_prepare`, :func:`_middle`, :func:`_write_back` bound to
-        this plan, and the solve's :meth:`_levels`, :meth:`_evaluate`,
+        this plan, and the solve's :meth:`_evaluate`, :meth:`_evaluate_warm`,
         :meth:`_evaluate_zero`, :meth:`_objective`, :meth:`_cg_block`), compiled with
         ``torch.compile`` when the optimizer was built with ``compile=True``. The
         uncompiled and compiled kernels are the same code, so both paths compute the same
