@@ -205,8 +205,8 @@ class FastPlan:
     def kernel(self, name: str) -> Any:
         """The step's kernel ``name``: a piece of tensor work with no host read (the
         step's functions :func:`_prepare`, :func:`_middle`, :func:`_write_back` bound to
-        this plan, and the solve's :meth:`_evaluate`, :meth:`_evaluate_warm`,
-        :meth:`_evaluate_zero`, :meth:`_objective`, :meth:`_cg_block`), compiled with
+        this plan, and the solve's :meth:`_evaluate`, :meth:`_objective`,
+        :meth:`_cg_block`), compiled with
         ``torch.compile`` when the optimizer was built with ``compile=True``. The
         uncompiled and compiled kernels are the same code, so both paths compute the same
         step (to round-off: the compiler may fuse and reorder arithmetic)."""
@@ -336,14 +336,14 @@ class FastPlan:
 
     def _evaluate_zero(self, r1: torch.Tensor, xs: list[torch.Tensor], level: float, zero_level: float
                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """κ, the active coordinates and the Newton system at log-scales 0 (one kernel)."""
+        """κ, the active coordinates and the Newton system at log-scales 0."""
         kappa, active, at_zero = self._levels(r1, xs, level, zero_level)
         s = torch.zeros(self.n, dtype=torch.float64, device=self.device)
         return kappa, active, self._system(s, kappa, active, at_zero)
 
     def _evaluate_warm(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor], level: float,
                        zero_level: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """κ, the active coordinates and the Newton system at the warm start ``s`` (one kernel)."""
+        """κ, the active coordinates and the Newton system at the warm start ``s``."""
         kappa, active, _ = self._levels(r1, xs, level, zero_level)
         return kappa, active, self._evaluate(s, r1, xs, kappa, active)
 
@@ -362,15 +362,15 @@ class FastPlan:
         return self._evaluate_warm(warm, r1, xs, level, zero_level)
 
     def solve(self, r1: torch.Tensor, xs: list[torch.Tensor], warm: torch.Tensor | None, tol: float,
-              max_iter: int, reference_norm: float, zero_level: float,
-              first: tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None = None
+              max_iter: int, first: tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
               ) -> tuple[torch.Tensor, int, list[int]]:
         """:func:`ddc.functional.min_norm_log_scales` on the flat layout: the same
         canonical point (same κ, degenerate and inactive coordinates), by damped Newton
         with inexact conjugate gradients. Returns the log-scales, the Newton steps taken
         and the gauges still moving by more than ``tol`` when ``max_iter`` ran out.
         ``warm=None`` starts from zero (the balancing after the step). ``first``: the
-        solve's start (:meth:`first_system`) if already computed.
+        solve's start, :meth:`first_system` at ``warm``, computed by the kernel that
+        produced ``r1`` and ``xs``.
 
         Stopping: when the Jacobi estimate of the Newton step is below ``tol/2``, or after
         a full Newton step of size δ solved to ``atol`` with ``2δ² + atol ≤ tol/2``, since
@@ -382,10 +382,6 @@ class FastPlan:
         s = torch.zeros(self.n, dtype=torch.float64, device=self.device) if warm is None else warm.clone()
         if self.n == 0:
             return s, 0, []
-        level = reference_norm ** 2
-        if first is None:
-            first = self.kernel("evaluate_zero")(r1, xs, level, zero_level) if warm is None else \
-                self.kernel("evaluate_warm")(s, r1, xs, level, zero_level)
         kappa, active, system = first
         step, t = torch.zeros_like(s), 1.0
         for newton in range(1, max_iter + 1):
@@ -771,16 +767,14 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
     points, grads, means, reduced, first = plan.kernel("prepare")(params, grads, work, log_scales, level, zero_level)
     sweeps_before = 0
     if plan.n:
-        log_scales, sweeps_before, unsettled = plan.solve(*reduced, log_scales, tol, max_iter,
-                                                          opt.reference_norm, zero_level, first)
+        log_scales, sweeps_before, unsettled = plan.solve(*reduced, log_scales, tol, max_iter, first)
         frame.warn_unsettled(unsettled, tol, max_iter)
         opt._log_scales = [x.clone() for x in log_scales.split(plan.sizes)]
     # 2-4. Weight decay, the base step, the dead directions removed.
     points, reduced, first = plan.kernel("middle")(spec, points, grads, log_scales, work, freeze, level, zero_level)
     sweeps_after = 0
     if reduced is not None:
-        back, sweeps_after, unsettled = plan.solve(*reduced, None, tol, max_iter, opt.reference_norm, zero_level,
-                                                   first)
+        back, sweeps_after, unsettled = plan.solve(*reduced, None, tol, max_iter, first)
         frame.warn_unsettled(unsettled, tol, max_iter)
         log_scales = back - log_scales
     elif plan.n:
