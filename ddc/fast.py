@@ -17,7 +17,9 @@ It computes the same step as the readable reference path (``DDC(foreach=False)``
 * **Head rotations in place, through views.** A rotation member whose blocks are a
   contiguous slice of its axis (every member except RoPE's ``half`` layout) is viewed as
   ``(n_blocks, block, rest)`` without copying; the so(d) projection of all gauges with the
-  same block size is one batched ``eigh`` (or the closed form for RoPE pairs).
+  same block size is one batched ``eigh`` (or the closed form for RoPE pairs), or with
+  ``DDC(rotation_solve="cg")`` a few CG iterations in an earlier step's eigenbasis
+  (:func:`_lyapunov`).
 * **No full-size copies where an in-place update is exact**: the canonical point is built
   once (``θ·S·(1 − ηλ)``), stepped (Adam's step added with ``addcdiv_`` where nothing
   projects it) and rebalanced in place, and written back with one multiply by
@@ -61,6 +63,18 @@ CG_CHECK_EVERY = 2
 #: Kernels that run eagerly even with ``DDC(compile=True)`` (see :meth:`FastPlan.kernel`).
 _EAGER_KERNELS = ("cg_block",)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+#: The so(d) projection's CG (:func:`_lyapunov_cg`): iterations at most before it falls
+#: back to ``eigh``, iterations between two reads of its residual by the host, and its
+#: stopping residual (relative, in units of the working precision's eps): 8, about the
+#: residual of the eigh solve itself (measured, float32 and float64, 16-64 wide: median
+#: 8-10 eps), so both are exact to the same round-off.
+ROTATION_MAX_ITER = 16
+ROTATION_CHECK_EVERY = 2
+#: A solve that needed more iterations than this drops its basis: the next step takes a
+#: fresh one by ``eigh`` (the basis drifts as the weights move; float64 on tiny models at lr
+#: 1e-3 needs about 10 iterations one step after the eigh, float32 about half).
+ROTATION_REFRESH_AFTER = 8
+ROTATION_TOL_EPS = 8
 
 
 def _contiguous_slice(member: RotationMember) -> int | None:
@@ -196,6 +210,10 @@ class FastPlan:
             self.rotation_by_block.setdefault(gauge.block, []).append(r)
         self.pool_members = {i: [_Blocks(m, i) for m in members] for i, members in frame.rotation_of.items()}
         self.centred = sorted(frame.centred)
+        #: The so(d) projections' basis per block size: the eigenvectors of the last
+        #: ``eigh`` (:func:`_lyapunov`), and how each solve went (a diagnostic).
+        self.rotation_basis: dict[int, torch.Tensor] = {}
+        self.rotation_solves = {"eigh": 0, "cg": 0, "cg_iterations": 0}
         #: Conjugate-gradient iterations run so far (a diagnostic).
         self.cg_iterations = 0
         #: ``DDC(compile=True)``: the kernels are ``torch.compile``d (at their first call).
@@ -212,7 +230,7 @@ class FastPlan:
         step (to round-off: the compiler may fuse and reorder arithmetic)."""
         fn = self._kernels.get(name)
         if fn is None:
-            step_fn = {"prepare": _prepare, "middle": _middle, "write_back": _write_back}.get(name)
+            step_fn = {"prepare": _prepare, "middle": _middle, "finish": _finish, "write_back": _write_back}.get(name)
             if step_fn is None:
                 fn = getattr(self, "_" + name)
                 # The CG block stays eager: compiled (torch 2.14, CPU) it ran 2.4x slower
@@ -710,7 +728,16 @@ def _middle(plan: FastPlan, spec: _Spec, points: list[torch.Tensor], grads: list
     if freeze:
         for i in plan.centred:
             deltas[i].sub_(deltas[i].mean(dim=0, keepdim=True))
-        _remove_rotations(plan, deltas, points)
+        if plan.rotations:  # the so(d) projections read the host: gauged_step runs them
+            return points, deltas, None
+    return _finish(plan, points, deltas, freeze, level, zero_level)
+
+
+def _finish(plan: FastPlan, points: list[torch.Tensor], deltas: list[torch.Tensor | None], freeze: bool,
+            level: float, zero_level: float) -> tuple[list[torch.Tensor], Any, Any]:
+    """Step 4's end: the new canonical points ``θ* + Δ`` and, for the re-balancing, their
+    squared norms and the solve's start from 0 (None when there is none to do)."""
+    n = len(points)
     moved = [i for i in range(n) if deltas[i] is not None]
     if moved:  # the new canonical points
         torch._foreach_add_([points[i] for i in moved], [deltas[i] for i in moved])
@@ -772,6 +799,9 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
         opt._log_scales = [x.clone() for x in log_scales.split(plan.sizes)]
     # 2-4. Weight decay, the base step, the dead directions removed.
     points, reduced, first = plan.kernel("middle")(spec, points, grads, log_scales, work, freeze, level, zero_level)
+    if freeze and plan.rotations:  # ``reduced`` holds the deltas: project them, then finish
+        _remove_rotations(opt, plan, reduced, points)
+        points, reduced, first = plan.kernel("finish")(points, reduced, freeze, level, zero_level)
     sweeps_after = 0
     if reduced is not None:
         back, sweeps_after, unsettled = plan.solve(*reduced, None, tol, max_iter, first)
@@ -784,10 +814,10 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
     opt.last_balance_sweeps = (sweeps_before, sweeps_after)
 
 
-def _remove_rotations(plan: FastPlan, deltas: list[torch.Tensor], points: list[torch.Tensor]) -> None:
+def _remove_rotations(opt: DDC, plan: FastPlan, deltas: list[torch.Tensor], points: list[torch.Tensor]) -> None:
     """:func:`ddc.functional.remove_rotation_component` for every rotation gauge, writing
     the projected deltas in place: RoPE pairs (block 2) by the closed form, elementwise;
-    larger blocks with one batched ``eigh`` over all gauges of that block size."""
+    larger blocks batched over all gauges of that block size (:func:`_lyapunov`)."""
     for block, gauges in plan.rotation_by_block.items():
         if block == 2:
             _remove_pair_rotations([plan.rotations[r] for r in gauges], deltas, points)
@@ -807,14 +837,7 @@ def _remove_rotations(plan: FastPlan, deltas: list[torch.Tensor], points: list[t
         else:
             gram = torch.cat([sum(x @ x.transpose(1, 2) for _, x, _ in gauge) for gauge in views])
             cross = torch.cat([sum(d @ x.transpose(1, 2) for _, x, d in gauge) for gauge in views])
-        rhs = cross - cross.transpose(1, 2)
-        eigvals, eigvecs = torch.linalg.eigh(gram)
-        rhs_eig = eigvecs.transpose(1, 2) @ rhs @ eigvecs
-        denom = eigvals.unsqueeze(-1) + eigvals.unsqueeze(-2)
-        # The floor is per matrix, as in the reference, so batching the gauges changes nothing.
-        floor = eigvals.abs().amax(dim=-1, keepdim=True).unsqueeze(-1) * 1e-12 + torch.finfo(gram.dtype).tiny
-        generator = eigvecs @ torch.where(denom > floor, rhs_eig / denom.clamp_min(floor),
-                                          torch.zeros_like(rhs_eig)) @ eigvecs.transpose(1, 2)
+        generator = _lyapunov(opt, plan, block, gram, cross - cross.transpose(1, 2))
         if xs is not None:
             projected = [d - torch.bmm(generator, x) for d, x in zip(ds, xs)]
         start = 0
@@ -851,3 +874,135 @@ def _remove_pair_rotations(gauges: list[list[_Blocks]], deltas: list[torch.Tenso
         for g, gauge in enumerate(views):
             m = gauge[k][0]
             deltas[m.index] = m.set(deltas[m.index], new[g])
+
+
+def _lyapunov(opt: DDC, plan: FastPlan, block: int, gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """The skew ``A`` with ``A M + M A = rhs`` per matrix (``M = gram``, symmetric PSD), as
+    :func:`ddc.functional.remove_rotation_component` solves it: by ``eigh`` (the reference's
+    way), or with ``DDC(rotation_solve="cg")`` by preconditioned CG in the eigenbasis of an
+    earlier step's ``M`` (:func:`_lyapunov_cg`) when there is one and CG converges, else
+    by ``eigh``, whose eigenvectors become the basis for the next steps. ``gram`` stacks the gauges ``plan.rotation_by_block[block]``
+    in order; the basis is kept per gauge in the optimizer's state (:func:`_store_basis`)."""
+    cg = opt.rotation_solve == "cg"
+    basis = plan.rotation_basis.get(block) if cg else None
+    if cg and basis is None:
+        basis = plan.rotation_basis[block] = _load_basis(opt, plan, block)
+    if basis is not None and basis.shape == gram.shape and basis.dtype == gram.dtype:
+        solved = _lyapunov_cg(plan, basis, gram, rhs)
+        if solved is not None:
+            generator, stale = solved
+            if stale:
+                del plan.rotation_basis[block]
+                _store_basis(opt, plan, block, None)
+            return generator
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    if cg:
+        plan.rotation_basis[block] = eigvecs
+        _store_basis(opt, plan, block, eigvecs)
+    plan.rotation_solves["eigh"] += 1
+    rhs_eig = eigvecs.transpose(1, 2) @ rhs @ eigvecs
+    denom = eigvals.unsqueeze(-1) + eigvals.unsqueeze(-2)
+    # The floor is per matrix, as in the reference, so batching the gauges changes nothing.
+    floor = eigvals.abs().amax(dim=-1, keepdim=True).unsqueeze(-1) * 1e-12 + torch.finfo(gram.dtype).tiny
+    return eigvecs @ torch.where(denom > floor, rhs_eig / denom.clamp_min(floor),
+                                 torch.zeros_like(rhs_eig)) @ eigvecs.transpose(1, 2)
+
+
+def _lyapunov_cg(plan: FastPlan, basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor
+                 ) -> tuple[torch.Tensor, bool] | None:
+    """:func:`_lyapunov` by conjugate gradients (and whether the basis has gone stale:
+    :data:`ROTATION_REFRESH_AFTER`), or None if they do not converge in
+    :data:`ROTATION_MAX_ITER` iterations (or a matrix is near-singular, where the
+    reference floors eigenvalue pairs).
+
+    Why: a batched ``eigh`` is the costliest op of the step where heads are large (CUDA,
+    144 matrices 64×64: 122 ms, against 2 ms for a fused AdamW step of the whole model),
+    while ``M`` moves little per step. In the eigenbasis ``V`` of an earlier ``M``, the
+    operator ``A ↦ M̂A + AM̂`` (``M̂ = VᵀMV``) is nearly diagonal on skew matrices, with
+    diagonal ``M̂_ii + M̂_jj``; CG preconditioned by it converges in a few iterations, each
+    one batched matrix product (``AM̂ = -(M̂A)ᵀ`` for skew ``A``). Stops at a relative
+    residual of :data:`ROTATION_TOL_EPS` eps of the working precision (float64: 1.8e-15), as
+    accurate as the reference's eigh solve."""
+    vt = basis.transpose(1, 2)
+    m = vt @ gram @ basis
+    m = 0.5 * (m + m.transpose(1, 2))
+    r = vt @ rhs @ basis
+    r = 0.5 * (r - r.transpose(1, 2))   # skew to the last bit: CG cannot reduce a symmetric part
+    d = m.diagonal(dim1=1, dim2=2)
+    inv = 1.0 / (d.unsqueeze(-1) + d.unsqueeze(-2)).clamp_min(torch.finfo(m.dtype).tiny)
+    # Near-singular (smallest diagonal below 1e-8 of the largest): the reference floors
+    # pairs of tiny eigenvalues there, which CG does not; eigh does it.
+    singular = (d.amin(dim=1) <= 1e-8 * d.amax(dim=1)).any()
+    target = (ROTATION_TOL_EPS * torch.finfo(m.dtype).eps) ** 2 * r.square().sum((1, 2))
+
+    def apply(a: torch.Tensor) -> torch.Tensor:
+        ma = m @ a
+        return ma - ma.transpose(1, 2)
+
+    x = r * inv                     # exact if M has not moved since the basis was taken
+    r = r - apply(x)
+    z = r * inv
+    p = z
+    rz = (r * z).sum((1, 2))
+    iterations = 0
+    while True:
+        done, bad = torch.stack([((r.square().sum((1, 2)) <= target).all()), singular]).tolist()
+        if bad:
+            return None
+        if done:
+            break
+        if iterations >= ROTATION_MAX_ITER:
+            return None
+        for _ in range(ROTATION_CHECK_EVERY):
+            q = apply(p)
+            curvature = (p * q).sum((1, 2))
+            alpha = torch.where(curvature > 0, rz / curvature.clamp_min(torch.finfo(m.dtype).tiny), 0.0)
+            x = x + alpha[:, None, None] * p
+            r = r - alpha[:, None, None] * q
+            z = r * inv
+            rz_new = (r * z).sum((1, 2))
+            p = z + (rz_new / torch.where(rz != 0, rz, 1.0))[:, None, None] * p
+            rz = rz_new
+        iterations += ROTATION_CHECK_EVERY
+    plan.rotation_solves["cg"] += 1
+    plan.rotation_solves["cg_iterations"] += iterations
+    return basis @ x @ vt, iterations > ROTATION_REFRESH_AFTER
+
+
+
+def _basis_slices(plan: FastPlan, block: int) -> list[tuple[int, int, int]]:
+    """(gauge, start, stop) of each rotation gauge of ``block`` in the stacked matrices of
+    :func:`_remove_rotations`."""
+    out, start = [], 0
+    for r in plan.rotation_by_block[block]:
+        member = plan.rotations[r][0].member
+        n = member.perm.numel() // member.block
+        out.append((r, start, start + n))
+        start += n
+    return out
+
+
+def _load_basis(opt: DDC, plan: FastPlan, block: int) -> torch.Tensor | None:
+    """The stacked basis of ``block`` from the optimizer's state (None unless every gauge
+    of that block size has one: a fresh or reference-path optimizer)."""
+    parts = []
+    for r, start, stop in _basis_slices(plan, block):
+        param, key = opt._rotation_anchors[r]
+        value = opt.state[param].get(key) if param is not None and param in opt.state else None
+        if value is None or value.shape[0] != stop - start:
+            return None
+        parts.append(value)
+    return torch.cat(parts) if parts else None
+
+
+def _store_basis(opt: DDC, plan: FastPlan, block: int, basis: torch.Tensor | None) -> None:
+    """Each gauge's slice of ``basis`` into the state of its anchor (own copies: a saved view
+    would save the whole stacked tensor); ``None`` removes them."""
+    for r, start, stop in _basis_slices(plan, block):
+        param, key = opt._rotation_anchors[r]
+        if param is None:
+            continue
+        if basis is None:
+            opt.state[param].pop(key, None)
+        else:
+            opt.state[param][key] = basis[start:stop].clone()

@@ -44,6 +44,7 @@ BASES = ("adam", "muon")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 DEAD_MODES = ("freeze", "free")
 ORTHOGONALIZERS = ("newton_schulz", "svd")
+ROTATION_SOLVES = ("eigh", "cg")
 
 
 class _Frame:
@@ -194,6 +195,16 @@ class DDC(Optimizer):
             ``torch.compile`` (``docs/ddc.md``, "The batched step"): faster steps after a
             one-off compilation at the first step (tens of seconds on a CPU); the same
             step to round-off.
+        rotation_solve: how the batched step solves the so(d) projection of head
+            rotations with blocks wider than 2 (a Lyapunov equation per head):
+            ``"eigh"`` (default), a batched eigendecomposition every step, as the
+            reference; ``"cg"``: conjugate gradients preconditioned by the eigenbasis of
+            an earlier step (``eigh`` again only when they do not converge in a few
+            iterations). The same step to round-off; ``"cg"`` is much faster where the
+            batched ``eigh`` is slow (CUDA, heads wider than 32: ``docs/ddc.md``, "The
+            batched step"), but keeps that basis, ``d × d`` per head, in the optimizer
+            state (so a resumed run continues identically): more than the per-row
+            vectors the default keeps beyond AdamW's state.
     """
 
     def __init__(
@@ -221,11 +232,14 @@ class DDC(Optimizer):
         loss: str | None = "cross_entropy",
         foreach: bool = True,
         compile: bool = False,
+        rotation_solve: str = "eigh",
     ) -> None:
         if base not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {base!r}")
         if dead_mode not in DEAD_MODES:
             raise ValueError(f"dead_mode must be one of {DEAD_MODES}, got {dead_mode!r}")
+        if rotation_solve not in ROTATION_SOLVES:
+            raise ValueError(f"rotation_solve must be one of {ROTATION_SOLVES}, got {rotation_solve!r}")
         if orthogonalizer not in ORTHOGONALIZERS:
             raise ValueError(f"orthogonalizer must be one of {ORTHOGONALIZERS}, got {orthogonalizer!r}")
         if not lr >= 0.0:
@@ -271,6 +285,7 @@ class DDC(Optimizer):
         self.reference_norm = reference_norm
         self.foreach = bool(foreach)
         self.compile = bool(compile)
+        self.rotation_solve = rotation_solve
         self._fast_plan: fast.FastPlan | None = None   # built at the first fast step
         self.gauges = list(gauges or [])
         if model is not None:
@@ -297,6 +312,13 @@ class DDC(Optimizer):
             anchor = next((m for m in gauge.members if m.param in owned), None)
             self._anchors.append((anchor.param, f"ddc_log_scales_axis{anchor.axis}") if anchor else (None, ""))
         self._unanchored: dict[int, torch.Tensor] = {}
+        # The batched step's so(d) projections keep the eigenbasis of their last eigh per
+        # rotation gauge (the preconditioner of their CG, ``ddc.fast._lyapunov``) in the
+        # state of a member the optimizer owns, so a resumed run continues identically.
+        self._rotation_anchors: list[tuple[torch.Tensor | None, str]] = []
+        for r, gauge in enumerate(self._frame.rotation_gauges):
+            anchor = next((m for m in gauge.members if m.param in owned), None)
+            self._rotation_anchors.append((anchor.param, f"ddc_rotation_basis{r}") if anchor else (None, ""))
         #: Newton steps the last balancing solves took (start of step, after the step); for diagnostics.
         self.last_balance_sweeps: tuple[int, int] = (0, 0)
 
@@ -329,11 +351,18 @@ class DDC(Optimizer):
         by_id = dict(zip(saved_ids, params))
         scales = {(i, key): value for i, st in state_dict["state"].items() for key, value in st.items()
                   if isinstance(key, str) and key.startswith("ddc_log_scales")}
+        bases = {(i, key): value for i, st in state_dict["state"].items() for key, value in st.items()
+                 if isinstance(key, str) and key.startswith("ddc_rotation_basis")}
         super().load_state_dict(state_dict)
         for (i, key), value in scales.items():
             if i in by_id:
                 p = by_id[i]
                 self.state[p][key] = value.detach().to(dtype=torch.float64, device=p.device).clone()
+        for (i, key), value in bases.items():  # in their own (working) precision, as saved
+            if i in by_id:
+                self.state[by_id[i]][key] = value.detach().to(device=by_id[i].device).clone()
+        if self._fast_plan is not None:
+            self._fast_plan.rotation_basis.clear()
 
     def _muon_momentum(self, group: dict[str, Any]) -> float:
         """Muon's momentum for ``group``. Schedulers that cycle momentum (OneCycleLR,

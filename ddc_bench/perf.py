@@ -92,12 +92,14 @@ ADAMW_COMPILED = "adamw_compiled"
 #: DDC's readable reference step (``foreach=False``) under its own row name, to time it
 #: side by side with the default batched step: name -> (registry name, extra options).
 #: ``ddc_compiled`` / ``ddc_muon_compiled``: the batched step with ``compile=True`` (the
-#: compilation happens in the warm-up steps).
+#: compilation happens in the warm-up steps). ``ddc_cg`` / ``ddc_muon_cg``: the head
+#: rotations' so(d) projections by CG (``rotation_solve="cg"``) instead of ``eigh``.
 VARIANTS = {"ddc_ref": ("ddc", {"foreach": False}), "ddc_muon_ref": ("ddc_muon", {"foreach": False}),
-            "ddc_compiled": ("ddc", {"compile": True}), "ddc_muon_compiled": ("ddc_muon", {"compile": True})}
+            "ddc_compiled": ("ddc", {"compile": True}), "ddc_muon_compiled": ("ddc_muon", {"compile": True}),
+            "ddc_cg": ("ddc", {"rotation_solve": "cg"}), "ddc_muon_cg": ("ddc_muon", {"rotation_solve": "cg"})}
 #: Which optimizer a DDC variant is compared with (``None``: the reference row).
 BASE_OF = {"ddc": None, "ddc_muon": "muon", "ddc_ref": None, "ddc_muon_ref": "muon",
-           "ddc_compiled": ADAMW_COMPILED, "ddc_muon_compiled": "muon"}
+           "ddc_compiled": ADAMW_COMPILED, "ddc_muon_compiled": "muon", "ddc_cg": None, "ddc_muon_cg": "muon"}
 #: Distinct batches cycled through while timing (enough to vary the data, few enough to
 #: keep large-batch tasks in memory).
 BATCH_CYCLE = 8
@@ -448,7 +450,10 @@ def profile_step(task: Any, name: str, device: torch.device, steps: int = 10, to
         for _ in range(steps):
             setup.optimizer.step()
         sync(device)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=top)
+    if device.type == "cuda":  # where the device's time goes, too
+        table += "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=top)
     return f"torch.profiler: {steps} x {name}.step() on {task.name}-{task.size}, {device}\n{table}"
 
 

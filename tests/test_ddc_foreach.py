@@ -155,6 +155,59 @@ def test_fast_step_equals_reference_elsewhere(case, base):
     assert worst <= TOLERANCE, f"{case}/{base}: fast vs reference {worst:.2e}"
 
 
+ROTATION_CASES = ["gpt-swiglu-rope-layernorm", "gpt-relu-norope-rmsnorm", "vit", "grok"]
+
+
+@pytest.mark.parametrize("case", ROTATION_CASES + ["packed-attention"] + list(DEGENERATE))
+def test_cg_rotation_solve_equals_reference(case, cifar_root):
+    """``rotation_solve="cg"``: the so(d) projections by CG in an earlier eigenbasis give
+    the reference step (which uses eigh) to round-off, and CG did run (after the first
+    step's eigh)."""
+    if case == "packed-attention":
+        torch.manual_seed(0)
+        model = PackedAttention().double()
+        g = torch.Generator().manual_seed(0)
+        batches = [(torch.randint(0, 11, (3, 5), generator=g), torch.randint(0, 11, (3, 5), generator=g))
+                   for _ in range(STEPS)]
+        worst, runs = deviation(model, batches, classification_loss, lr=1e-2, rotation_solve="cg")
+        worst = _without_key_bias(runs)
+    elif case in DEGENERATE:
+        torch.manual_seed(0)
+        model = DEGENERATE[case]()
+        worst, runs = deviation(model, make_batches(model, STEPS), classification_loss, lr=1e-2,
+                                rotation_solve="cg")
+    else:
+        model, batches = float64_case(case, cifar_root, STEPS)
+        worst, runs = deviation(model, batches, logits_loss, lr=1e-3, weight_decay=0.1, rotation_solve="cg")
+    solves = runs[1][1]._fast_plan.rotation_solves
+    assert worst <= TOLERANCE, f"{case}: fast (cg) vs reference {worst:.2e}, {solves}"
+    if case != "dead-units":  # (no rotation gauge)
+        assert solves["cg"] >= 1, solves
+
+
+def _without_key_bias(runs):
+    """The deviation with the key slice of ``in_proj_bias`` compared on its own.
+
+    The key bias is a dead coordinate: it shifts every logit of a query alike, so its
+    gradient is zero but for round-off, and Adam divides that round-off by ``eps`` into
+    steps of about 1e-12 (measured: 5e-12 after 4 steps in both paths). The two paths'
+    round-off differs in the last bit (the so(d) projection's CG and the reference's eigh
+    agree to 2e-15), so their key biases differ by about their size, 1e-12, which is
+    2.6e-11 of the bias's largest (query/value) entry. Both must stay at round-off
+    level; every other coordinate must agree to ``TOLERANCE``."""
+    (ref, _), (fast, _) = runs
+    worst = 0.0
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
+        a, b = a.detach(), b.detach()
+        if name == "attn.in_proj_bias":
+            width = a.numel() // 3
+            key = slice(width, 2 * width)
+            assert a[key].abs().max() <= 1e-10 and b[key].abs().max() <= 1e-10
+            a, b = torch.cat([a[:width], a[2 * width:]]), torch.cat([b[:width], b[2 * width:]])
+        worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-300)))
+    return worst
+
+
 class _nothing:
     def __enter__(self):
         return self

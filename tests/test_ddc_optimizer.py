@@ -135,17 +135,18 @@ def test_a_step_has_no_dead_component():
 
 # ------------------------------------------------------- contract 4: a torch.optim.Optimizer
 
-def test_state_dict_round_trip_continues_identically():
+@pytest.mark.parametrize("rotation_solve", ["eigh", "cg"])
+def test_state_dict_round_trip_continues_identically(rotation_solve):
     model = TinyTransformer().double()
     batches = make_batches(model, 8)
-    optimizer = DDC(model, lr=1e-2, weight_decay=0.1)
+    optimizer = DDC(model, lr=1e-2, weight_decay=0.1, rotation_solve=rotation_solve)
     train(model, optimizer, batches[:4])
     saved_model, saved_state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
     train(model, optimizer, batches[4:])
 
     resumed = TinyTransformer().double()
     resumed.load_state_dict(saved_model)
-    resumed_opt = DDC(resumed, lr=123.0, weight_decay=0.1)   # lr comes back from the state dict
+    resumed_opt = DDC(resumed, lr=123.0, weight_decay=0.1, rotation_solve=rotation_solve)   # lr comes back
     resumed_opt.load_state_dict(saved_state)
     assert resumed_opt.param_groups[0]["lr"] == 1e-2
     train(resumed, resumed_opt, batches[4:])
@@ -213,6 +214,7 @@ def test_param_groups_and_explicit_gauges():
     (dict(betas=(0.9, 1.0)), "betas"),
     (dict(dead_mode="sometimes"), "dead_mode"),
     (dict(orthogonalizer="qr"), "orthogonalizer"),
+    (dict(rotation_solve="lu"), "rotation_solve must be one of"),
 ])
 def test_constructor_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -247,6 +249,22 @@ def test_state_is_no_larger_than_adamw_plus_vectors():
     is_scale = lambda k: k.startswith("ddc_log_scales")
     assert state_bytes(ddc, lambda k: not is_scale(k)) <= state_bytes(adamw)
     assert state_bytes(ddc, is_scale) == 8 * sum(g.size for g in ddc._frame.scale_gauges)
+
+
+def test_cg_rotation_solve_keeps_one_basis_per_head_in_the_state():
+    """``rotation_solve="cg"`` keeps, beyond the default's state, exactly one d×d basis per
+    head block of each rotation gauge (the documented cost of that option)."""
+    model = TinyTransformer(width=16).double()
+    batches = make_batches(model, 2)
+    default_model, cg_model = copy.deepcopy(model), copy.deepcopy(model)
+    default, cg = DDC(default_model), DDC(cg_model, rotation_solve="cg")
+    train(default_model, default, batches)
+    train(cg_model, cg, batches)
+    is_basis = lambda k: k.startswith("ddc_rotation_basis")
+    assert state_bytes(cg, lambda k: not is_basis(k)) == state_bytes(default)
+    blocks = [(m.perm.numel() // m.block, m.block) for g in cg._frame.rotation_gauges for m in g.members[:1]
+              if m.block > 2]   # RoPE pairs: closed form, no basis
+    assert blocks and state_bytes(cg, is_basis) == 8 * sum(n * d * d for n, d in blocks)
 
 
 # ---------------------------------------------------------------- gauge verification
