@@ -64,16 +64,15 @@ CG_CHECK_EVERY = 2
 _EAGER_KERNELS = ("cg_block",)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 #: The so(d) projection's CG (:func:`_lyapunov_cg`): iterations at most before it falls
-#: back to ``eigh``, iterations between two reads of its residual by the host, and its
+#: back to ``eigh`` and takes a fresh basis (measured on GPT small, float32, lr 1e-3: 6
+#: iterations one step after the eigh, 16 after 30 steps, 18-22 from step 90 to 200, no
+#: fallback in 200 steps: the basis drifts slowly, and an iteration costs far less than
+#: an eigh where CG pays at all), iterations between two reads of its residual by the host, and its
 #: stopping residual (relative, in units of the working precision's eps): 8, about the
 #: residual of the eigh solve itself (measured, float32 and float64, 16-64 wide: median
 #: 8-10 eps), so both are exact to the same round-off.
-ROTATION_MAX_ITER = 16
+ROTATION_MAX_ITER = 32
 ROTATION_CHECK_EVERY = 2
-#: A solve that needed more iterations than this drops its basis: the next step takes a
-#: fresh one by ``eigh`` (the basis drifts as the weights move; float64 on tiny models at lr
-#: 1e-3 needs about 10 iterations one step after the eigh, float32 about half).
-ROTATION_REFRESH_AFTER = 8
 ROTATION_TOL_EPS = 8
 
 
@@ -682,8 +681,8 @@ def _prepare(plan: FastPlan, params: list[torch.Tensor], grads: list[torch.Tenso
 
 
 def _middle(plan: FastPlan, spec: _Spec, points: list[torch.Tensor], grads: list[torch.Tensor],
-            log_scales: torch.Tensor, work: torch.dtype, freeze: bool, level: float, zero_level: float
-            ) -> tuple[list[torch.Tensor], Any, Any]:
+            log_scales: torch.Tensor, work: torch.dtype, freeze: bool, level: float, zero_level: float,
+            rotations_inside: bool = True) -> tuple[list[torch.Tensor], Any, Any]:
     """Steps 1 to 4 after the frame is known: the canonical point ``θ* = S·θ`` with the
     weight decay folded into the same multiply and the canonical gradient ``g* = g/S``,
     the base step there, its dead components removed (``freeze``), and the new canonical
@@ -728,8 +727,9 @@ def _middle(plan: FastPlan, spec: _Spec, points: list[torch.Tensor], grads: list
     if freeze:
         for i in plan.centred:
             deltas[i].sub_(deltas[i].mean(dim=0, keepdim=True))
-        if plan.rotations:  # the so(d) projections read the host: gauged_step runs them
-            return points, deltas, None
+        if plan.rotations and not rotations_inside:
+            return points, deltas, None  # the CG so(d) projections read the host: gauged_step runs them
+        _remove_rotations(plan, deltas, points)
     return _finish(plan, points, deltas, freeze, level, zero_level)
 
 
@@ -798,9 +798,11 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
         frame.warn_unsettled(unsettled, tol, max_iter)
         opt._log_scales = [x.clone() for x in log_scales.split(plan.sizes)]
     # 2-4. Weight decay, the base step, the dead directions removed.
-    points, reduced, first = plan.kernel("middle")(spec, points, grads, log_scales, work, freeze, level, zero_level)
-    if freeze and plan.rotations:  # ``reduced`` holds the deltas: project them, then finish
-        _remove_rotations(opt, plan, reduced, points)
+    inside = opt.rotation_solve == "eigh"
+    points, reduced, first = plan.kernel("middle")(spec, points, grads, log_scales, work, freeze, level,
+                                                   zero_level, inside)
+    if freeze and plan.rotations and not inside:  # ``reduced`` holds the deltas: project, then finish
+        _remove_rotations(plan, reduced, points, opt)
         points, reduced, first = plan.kernel("finish")(points, reduced, freeze, level, zero_level)
     sweeps_after = 0
     if reduced is not None:
@@ -814,10 +816,12 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
     opt.last_balance_sweeps = (sweeps_before, sweeps_after)
 
 
-def _remove_rotations(opt: DDC, plan: FastPlan, deltas: list[torch.Tensor], points: list[torch.Tensor]) -> None:
+def _remove_rotations(plan: FastPlan, deltas: list[torch.Tensor], points: list[torch.Tensor],
+                      opt: DDC | None = None) -> None:
     """:func:`ddc.functional.remove_rotation_component` for every rotation gauge, writing
     the projected deltas in place: RoPE pairs (block 2) by the closed form, elementwise;
-    larger blocks batched over all gauges of that block size (:func:`_lyapunov`)."""
+    larger blocks batched over all gauges of that block size (:func:`_lyapunov`; ``opt``
+    given: its ``rotation_solve``, else ``eigh``)."""
     for block, gauges in plan.rotation_by_block.items():
         if block == 2:
             _remove_pair_rotations([plan.rotations[r] for r in gauges], deltas, points)
@@ -837,7 +841,7 @@ def _remove_rotations(opt: DDC, plan: FastPlan, deltas: list[torch.Tensor], poin
         else:
             gram = torch.cat([sum(x @ x.transpose(1, 2) for _, x, _ in gauge) for gauge in views])
             cross = torch.cat([sum(d @ x.transpose(1, 2) for _, x, d in gauge) for gauge in views])
-        generator = _lyapunov(opt, plan, block, gram, cross - cross.transpose(1, 2))
+        generator = _lyapunov(plan, block, gram, cross - cross.transpose(1, 2), opt)
         if xs is not None:
             projected = [d - torch.bmm(generator, x) for d, x in zip(ds, xs)]
         start = 0
@@ -876,24 +880,21 @@ def _remove_pair_rotations(gauges: list[list[_Blocks]], deltas: list[torch.Tenso
             deltas[m.index] = m.set(deltas[m.index], new[g])
 
 
-def _lyapunov(opt: DDC, plan: FastPlan, block: int, gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+def _lyapunov(plan: FastPlan, block: int, gram: torch.Tensor, rhs: torch.Tensor, opt: DDC | None = None
+              ) -> torch.Tensor:
     """The skew ``A`` with ``A M + M A = rhs`` per matrix (``M = gram``, symmetric PSD), as
     :func:`ddc.functional.remove_rotation_component` solves it: by ``eigh`` (the reference's
-    way), or with ``DDC(rotation_solve="cg")`` by preconditioned CG in the eigenbasis of an
+    way, and without ``opt``), or with ``DDC(rotation_solve="cg")`` by preconditioned CG in the eigenbasis of an
     earlier step's ``M`` (:func:`_lyapunov_cg`) when there is one and CG converges, else
     by ``eigh``, whose eigenvectors become the basis for the next steps. ``gram`` stacks the gauges ``plan.rotation_by_block[block]``
     in order; the basis is kept per gauge in the optimizer's state (:func:`_store_basis`)."""
-    cg = opt.rotation_solve == "cg"
+    cg = opt is not None and opt.rotation_solve == "cg"
     basis = plan.rotation_basis.get(block) if cg else None
     if cg and basis is None:
         basis = plan.rotation_basis[block] = _load_basis(opt, plan, block)
     if basis is not None and basis.shape == gram.shape and basis.dtype == gram.dtype:
-        solved = _lyapunov_cg(plan, basis, gram, rhs)
-        if solved is not None:
-            generator, stale = solved
-            if stale:
-                del plan.rotation_basis[block]
-                _store_basis(opt, plan, block, None)
+        generator = _lyapunov_cg(plan, basis, gram, rhs)
+        if generator is not None:
             return generator
     eigvals, eigvecs = torch.linalg.eigh(gram)
     if cg:
@@ -909,9 +910,8 @@ def _lyapunov(opt: DDC, plan: FastPlan, block: int, gram: torch.Tensor, rhs: tor
 
 
 def _lyapunov_cg(plan: FastPlan, basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor
-                 ) -> tuple[torch.Tensor, bool] | None:
-    """:func:`_lyapunov` by conjugate gradients (and whether the basis has gone stale:
-    :data:`ROTATION_REFRESH_AFTER`), or None if they do not converge in
+                 ) -> torch.Tensor | None:
+    """:func:`_lyapunov` by conjugate gradients, or None if they do not converge in
     :data:`ROTATION_MAX_ITER` iterations (or a matrix is near-singular, where the
     reference floors eigenvalue pairs).
 
@@ -966,7 +966,7 @@ def _lyapunov_cg(plan: FastPlan, basis: torch.Tensor, gram: torch.Tensor, rhs: t
         iterations += ROTATION_CHECK_EVERY
     plan.rotation_solves["cg"] += 1
     plan.rotation_solves["cg_iterations"] += iterations
-    return basis @ x @ vt, iterations > ROTATION_REFRESH_AFTER
+    return basis @ x @ vt
 
 
 
@@ -995,14 +995,10 @@ def _load_basis(opt: DDC, plan: FastPlan, block: int) -> torch.Tensor | None:
     return torch.cat(parts) if parts else None
 
 
-def _store_basis(opt: DDC, plan: FastPlan, block: int, basis: torch.Tensor | None) -> None:
+def _store_basis(opt: DDC, plan: FastPlan, block: int, basis: torch.Tensor) -> None:
     """Each gauge's slice of ``basis`` into the state of its anchor (own copies: a saved view
-    would save the whole stacked tensor); ``None`` removes them."""
+    would save the whole stacked tensor)."""
     for r, start, stop in _basis_slices(plan, block):
         param, key = opt._rotation_anchors[r]
-        if param is None:
-            continue
-        if basis is None:
-            opt.state[param].pop(key, None)
-        else:
+        if param is not None:
             opt.state[param][key] = basis[start:stop].clone()
