@@ -64,15 +64,19 @@ CG_CHECK_EVERY = 2
 _EAGER_KERNELS = ("cg_block",)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 #: The so(d) projection's CG (:func:`_lyapunov_cg`): iterations at most before it falls
-#: back to ``eigh`` and takes a fresh basis (measured on GPT small, float32, lr 1e-3: 6
-#: iterations one step after the eigh, 16 after 30 steps, 18-22 from step 90 to 200, no
-#: fallback in 200 steps: the basis drifts slowly, and an iteration costs far less than
-#: an eigh where CG pays at all), iterations between two reads of its residual by the host, and its
+#: back to ``eigh``, iterations between two reads of its residual by the host, and its
 #: stopping residual (relative, in units of the working precision's eps): 8, about the
 #: residual of the eigh solve itself (measured, float32 and float64, 16-64 wide: median
 #: 8-10 eps), so both are exact to the same round-off.
-ROTATION_MAX_ITER = 32
+ROTATION_MAX_ITER = 16
 ROTATION_CHECK_EVERY = 2
+#: A solve that needed more iterations than this drops its basis: the next step takes a
+#: fresh one by ``eigh``. The basis drifts as the weights move (GPT small, float32, lr 1e-3,
+#: never refreshed: 6 iterations one step after the eigh, 16 after 30 steps, 18-22 from
+#: step 90 to 200). Refreshing only when CG fails (32 iterations) measured slower on GPT
+#: paper on an H200 (41.7 against 34.5 ms a step: more iterations, each with host reads,
+#: and the eigh still needed).
+ROTATION_REFRESH_AFTER = 8
 ROTATION_TOL_EPS = 8
 
 
@@ -893,8 +897,12 @@ def _lyapunov(plan: FastPlan, block: int, gram: torch.Tensor, rhs: torch.Tensor,
     if cg and basis is None:
         basis = plan.rotation_basis[block] = _load_basis(opt, plan, block)
     if basis is not None and basis.shape == gram.shape and basis.dtype == gram.dtype:
-        generator = _lyapunov_cg(plan, basis, gram, rhs)
-        if generator is not None:
+        solved = _lyapunov_cg(plan, basis, gram, rhs)
+        if solved is not None:
+            generator, stale = solved
+            if stale:
+                del plan.rotation_basis[block]
+                _store_basis(opt, plan, block, None)
             return generator
     eigvals, eigvecs = torch.linalg.eigh(gram)
     if cg:
@@ -910,8 +918,9 @@ def _lyapunov(plan: FastPlan, block: int, gram: torch.Tensor, rhs: torch.Tensor,
 
 
 def _lyapunov_cg(plan: FastPlan, basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor
-                 ) -> torch.Tensor | None:
-    """:func:`_lyapunov` by conjugate gradients, or None if they do not converge in
+                 ) -> tuple[torch.Tensor, bool] | None:
+    """:func:`_lyapunov` by conjugate gradients (and whether the basis has gone stale:
+    :data:`ROTATION_REFRESH_AFTER`), or None if they do not converge in
     :data:`ROTATION_MAX_ITER` iterations (or a matrix is near-singular, where the
     reference floors eigenvalue pairs).
 
@@ -966,7 +975,7 @@ def _lyapunov_cg(plan: FastPlan, basis: torch.Tensor, gram: torch.Tensor, rhs: t
         iterations += ROTATION_CHECK_EVERY
     plan.rotation_solves["cg"] += 1
     plan.rotation_solves["cg_iterations"] += iterations
-    return basis @ x @ vt
+    return basis @ x @ vt, iterations > ROTATION_REFRESH_AFTER
 
 
 
@@ -995,10 +1004,14 @@ def _load_basis(opt: DDC, plan: FastPlan, block: int) -> torch.Tensor | None:
     return torch.cat(parts) if parts else None
 
 
-def _store_basis(opt: DDC, plan: FastPlan, block: int, basis: torch.Tensor) -> None:
+def _store_basis(opt: DDC, plan: FastPlan, block: int, basis: torch.Tensor | None) -> None:
     """Each gauge's slice of ``basis`` into the state of its anchor (own copies: a saved view
-    would save the whole stacked tensor)."""
+    would save the whole stacked tensor); ``None`` removes them."""
     for r, start, stop in _basis_slices(plan, block):
         param, key = opt._rotation_anchors[r]
-        if param is not None:
+        if param is None:
+            continue
+        if basis is None:
+            opt.state[param].pop(key, None)
+        else:
             opt.state[param][key] = basis[start:stop].clone()
