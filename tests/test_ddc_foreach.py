@@ -268,10 +268,11 @@ COMPILED_TOLERANCE = 1e-12
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base", BASES)
-def test_compile_option_matches_eager_and_does_not_recompile(base, cifar_root):
+@pytest.mark.parametrize("base,rotation_solve", [("adam", "eigh"), ("muon", "eigh"), ("adam", "cg")])
+def test_compile_option_matches_eager_and_does_not_recompile(base, rotation_solve, cifar_root):
     """``DDC(compile=True)`` computes the eager batched step's parameters (float64, GPT
-    tiny with every gauge kind of the task model, both bases), under an lr that changes
+    tiny with every gauge kind of the task model, both bases, both rotation solves: with
+    ``cg`` the so(d) projections run eagerly between two kernels), under an lr that changes
     every step (a scheduler), and compiles only in its first steps: the numbers that change
     every step reach the kernels as tensors, not as constants that would force a
     recompilation each step. Slow: compiling the kernels takes about a minute."""
@@ -281,7 +282,8 @@ def test_compile_option_matches_eager_and_does_not_recompile(base, cifar_root):
     runs, graphs = [], []
     for compiled in (False, True):
         m = copy.deepcopy(model)
-        opt = DDC(m, base=base, lr=1e-3, weight_decay=0.1, balance_tol=1e-14, compile=compiled, **BASES[base])
+        opt = DDC(m, base=base, lr=1e-3, weight_decay=0.1, balance_tol=1e-14, compile=compiled,
+                  rotation_solve=rotation_solve, **BASES[base])
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
         for k, batch in enumerate(batches):
             opt.zero_grad()
