@@ -70,6 +70,7 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 #: 8-10 eps), so both are exact to the same round-off.
 ROTATION_MAX_ITER = 16
 ROTATION_CHECK_EVERY = 2
+ROTATION_TOL_EPS = 8
 #: A solve that needed more iterations than this drops its basis: the next step takes a
 #: fresh one by ``eigh``. The basis drifts as the weights move (GPT small, float32, lr 1e-3,
 #: never refreshed: 6 iterations one step after the eigh, 16 after 30 steps, 18-22 from
@@ -77,7 +78,6 @@ ROTATION_CHECK_EVERY = 2
 #: paper on an H200 (41.7 against 34.5 ms a step: more iterations, each with host reads,
 #: and the eigh still needed).
 ROTATION_REFRESH_AFTER = 8
-ROTATION_TOL_EPS = 8
 
 
 def _contiguous_slice(member: RotationMember) -> int | None:
@@ -887,10 +887,11 @@ def _remove_pair_rotations(gauges: list[list[_Blocks]], deltas: list[torch.Tenso
 def _lyapunov(plan: FastPlan, block: int, gram: torch.Tensor, rhs: torch.Tensor, opt: DDC | None = None
               ) -> torch.Tensor:
     """The skew ``A`` with ``A M + M A = rhs`` per matrix (``M = gram``, symmetric PSD), as
-    :func:`ddc.functional.remove_rotation_component` solves it: by ``eigh`` (the reference's
-    way, and without ``opt``), or with ``DDC(rotation_solve="cg")`` by preconditioned CG in the eigenbasis of an
-    earlier step's ``M`` (:func:`_lyapunov_cg`) when there is one and CG converges, else
-    by ``eigh``, whose eigenvectors become the basis for the next steps. ``gram`` stacks the gauges ``plan.rotation_by_block[block]``
+    :func:`ddc.functional.remove_rotation_component` solves it: by ``eigh`` (the
+    reference's way; also without ``opt``), or with ``DDC(rotation_solve="cg")`` by
+    preconditioned CG in the eigenbasis of an earlier step's ``M`` (:func:`_lyapunov_cg`)
+    when there is one and CG converges, else by ``eigh``, whose eigenvectors become the
+    basis for the next steps. ``gram`` stacks the gauges ``plan.rotation_by_block[block]``
     in order; the basis is kept per gauge in the optimizer's state (:func:`_store_basis`)."""
     cg = opt is not None and opt.rotation_solve == "cg"
     basis = plan.rotation_basis.get(block) if cg else None
@@ -976,7 +977,6 @@ def _lyapunov_cg(plan: FastPlan, basis: torch.Tensor, gram: torch.Tensor, rhs: t
     plan.rotation_solves["cg"] += 1
     plan.rotation_solves["cg_iterations"] += iterations
     return basis @ x @ vt, iterations > ROTATION_REFRESH_AFTER
-
 
 
 def _basis_slices(plan: FastPlan, block: int) -> list[tuple[int, int, int]]:
