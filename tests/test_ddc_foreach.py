@@ -132,6 +132,13 @@ class PackedAttention(nn.Module):
         return [HeadRotation.packed(self.attn), HeadRotationVO.packed(self.attn)]
 
 
+def packed_attention_batches():
+    """``STEPS`` token batches for :class:`PackedAttention` (vocabulary 11)."""
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 11, (3, 5), generator=g), torch.randint(0, 11, (3, 5), generator=g))
+            for _ in range(STEPS)]
+
+
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("case", ["rope-half", "packed-attention", "no-gauges"])
 def test_fast_step_equals_reference_elsewhere(case, base):
@@ -143,12 +150,7 @@ def test_fast_step_equals_reference_elsewhere(case, base):
     else:
         model = ReluMLP().double()
     gauges = (lambda m: []) if case == "no-gauges" else None
-    g = torch.Generator().manual_seed(0)
-    if case == "packed-attention":
-        batches = [(torch.randint(0, 11, (3, 5), generator=g), torch.randint(0, 11, (3, 5), generator=g))
-                   for _ in range(STEPS)]
-    else:
-        batches = make_batches(model, STEPS)
+    batches = packed_attention_batches() if case == "packed-attention" else make_batches(model, STEPS)
     with pytest.warns(UserWarning, match="no gauges") if case == "no-gauges" else _nothing():
         worst, _ = deviation(model, batches, classification_loss, gauges=gauges, base=base, lr=1e-2,
                              **BASES[base])
@@ -166,10 +168,8 @@ def test_cg_rotation_solve_equals_reference(case, cifar_root):
     if case == "packed-attention":
         torch.manual_seed(0)
         model = PackedAttention().double()
-        g = torch.Generator().manual_seed(0)
-        batches = [(torch.randint(0, 11, (3, 5), generator=g), torch.randint(0, 11, (3, 5), generator=g))
-                   for _ in range(STEPS)]
-        worst, runs = deviation(model, batches, classification_loss, lr=1e-2, rotation_solve="cg")
+        worst, runs = deviation(model, packed_attention_batches(), classification_loss, lr=1e-2,
+                                rotation_solve="cg")
         worst = _without_key_bias(runs)
     elif case in DEGENERATE:
         torch.manual_seed(0)
