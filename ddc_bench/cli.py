@@ -38,11 +38,13 @@ from ddc_bench.checkpoint import CheckpointError
 from ddc_bench.config import CONFIG_DIR, ConfigError, validate
 from ddc_bench.distributed import DistributedError
 from ddc_bench.loggers import LoggerError
-from ddc_bench.results import ResultsDirError, RunExistsError, RunLockedError, check_results_dir
+from ddc_bench.results import (MetricsFileError, ResultsDirError, RunExistsError, RunLockedError,
+                               check_results_dir)
+from ddc_bench.signals import stop_outside_steps
 
 #: Errors reported as one line: their messages say what to change.
 USER_ERRORS = (ConfigError, RunExistsError, RunLockedError, ResultsDirError, CheckpointError,
-               DistributedError, FileNotFoundError, LoggerError, ImportError)
+               MetricsFileError, DistributedError, FileNotFoundError, LoggerError, ImportError)
 #: The sweep configs that need hydra-submitit-launcher (the ``cluster`` extra).
 SUBMITIT_SWEEPS = ("slurm", "submitit_local")
 
@@ -150,6 +152,7 @@ def _argument_error(argv: list[str]) -> str | None:
 
 def main() -> None:
     """Entry point of the ``ddc-bench`` console script."""
+    stop_outside_steps()  # SIGTERM before or between training steps: one line, exit 75
     problem = _argument_error(sys.argv[1:])
     if problem is not None:
         print(f"ddc-bench: error: {problem}", file=sys.stderr)

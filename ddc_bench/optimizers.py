@@ -1,8 +1,13 @@
 """Optimizer registry: ``optimizer.name`` in the config → a builder.
 
-Every builder has the signature ``build(model, **options) -> torch.optim.Optimizer`` where
-``options`` are the fields of ``configs/optimizer/<name>.yaml`` other than ``name``. The
-baselines come from ``baselines.BASELINES``; ``ddc`` and ``ddc_muon`` build
+Every builder has the signature ``build(model, **options)`` where ``options`` are the
+fields of ``configs/optimizer/<name>.yaml`` other than ``name``, and returns a
+``torch.optim.Optimizer`` or a :class:`~ddc_bench.training_optimizer.TrainingOptimizer`
+(what the training loop needs besides the optimizer: its own clipping, a start-up check,
+...). A builder that declares a keyword ``loss_fn`` also receives the task's loss,
+``loss_fn(model, batch) -> loss`` (DDC checks its gauge declarations with it).
+
+The baselines come from ``baselines.BASELINES``; ``ddc`` and ``ddc_muon`` build
 ``ddc.DDC(model, **options)`` (the two YAMLs differ only in their options). Both packages
 are imported lazily, when an optimizer is built, so the harness works (and fails with a
 clear message) while one of them is missing.
@@ -10,22 +15,46 @@ clear message) while one of them is missing.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-Builder = Callable[..., torch.optim.Optimizer]
+from ddc_bench.config import ConfigError
+from ddc_bench.training_optimizer import TrainingOptimizer
+
+Builder = Callable[..., "torch.optim.Optimizer | TrainingOptimizer"]
+#: ``loss_fn(model, batch)``: the task's mean loss on ``batch``.
+LossFn = Callable[[nn.Module, tuple], torch.Tensor]
 
 #: Optimizers implemented by ``ddc.DDC``; the YAML options select the variant.
 DDC_NAMES = ("ddc", "ddc_muon")
 
 
-def _build_ddc(model: nn.Module, **options: Any) -> torch.optim.Optimizer:
-    from ddc import DDC  # lazy: the baselines must not depend on DDC being importable
+def _build_ddc(model: nn.Module, *, loss_fn: LossFn | None = None,
+               **options: Any) -> TrainingOptimizer:
+    """``ddc.DDC``: clipping measured in DDC's canonical frame, and (given the task's
+    loss) a start-up check that the model's declared gauges are exact symmetries, which
+    DDC relies on."""
+    from ddc import DDC  # lazy: the harness must not need DDC to run the baselines
 
-    return DDC(model, **options)
+    optimizer = DDC(model, **options)
+
+    def check_gauges(checked: nn.Module, batch: tuple) -> None:
+        from ddc import verify_gauges
+        from ddc.verify import GaugeDeclarationError
+
+        try:
+            verify_gauges(checked, loss_fn, batch)
+        except GaugeDeclarationError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else "GaugeDeclarationError"
+            raise ConfigError(f"the model declares a gauge that is not an exact symmetry: "
+                              f"{first}") from None
+
+    return TrainingOptimizer(optimizer, clip_grad_norm=optimizer.clip_grad_norm_,
+                             startup_check=None if loss_fn is None else check_gauges)
 
 
 def registry() -> dict[str, Builder]:
@@ -38,8 +67,12 @@ def registry() -> dict[str, Builder]:
     return builders
 
 
-def build_optimizer(model: nn.Module, optimizer_cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """Build the optimizer described by ``optimizer_cfg`` (``name`` plus options) for ``model``."""
+def build_optimizer(model: nn.Module, optimizer_cfg: Mapping[str, Any],
+                    loss_fn: LossFn | None = None) -> TrainingOptimizer:
+    """Build the optimizer described by ``optimizer_cfg`` (``name`` plus options) for
+    ``model``; a plain ``torch.optim.Optimizer`` comes back wrapped with the loop's defaults.
+    ``loss_fn`` reaches the builders that declare it (without it, they skip what needs it).
+    """
     options = dict(optimizer_cfg)
     name = options.pop("name")
     builders = registry()
@@ -47,4 +80,15 @@ def build_optimizer(model: nn.Module, optimizer_cfg: Mapping[str, Any]) -> torch
         raise KeyError(
             f"unknown optimizer {name!r}; known: {', '.join(sorted(builders))}"
         )
-    return builders[name](model, **options)
+    builder = builders[name]
+    if loss_fn is not None and _accepts_loss_fn(builder):
+        options["loss_fn"] = loss_fn
+    built = builder(model, **options)
+    return built if isinstance(built, TrainingOptimizer) else TrainingOptimizer(built)
+
+
+def _accepts_loss_fn(builder: Builder) -> bool:
+    try:
+        return "loss_fn" in inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # a builtin or a class without a readable signature
+        return False

@@ -57,10 +57,12 @@ WANDB_ID_FILE = "wandb_id"
 # --------------------------------------------------------------------------------------
 
 class Target(TypedDict):
-    """The time/steps-to-target goal and when it was first reached (``None``: never)."""
+    """The time/steps-to-target goal and when it was first reached (``None``: never).
+    ``mode``: ``"max"`` (reached when the metric is at least ``value``) or ``"min"``."""
 
     metric: str
     value: float
+    mode: str
     step: Optional[int]
     time_s: Optional[float]
 
@@ -139,8 +141,30 @@ SUMMARY_KEYS: frozenset[str] = frozenset(Summary.__annotations__)
 
 
 def higher_is_better(metric: str) -> bool:
-    """Accuracies are better when higher; losses, perplexities and gaps when lower."""
+    """Accuracies are better when higher; losses, perplexities and gaps when lower (the
+    direction of a metric without a declared target ``mode``)."""
     return metric.endswith("acc") or metric.endswith("accuracy")
+
+
+def better(metric: str, new: float, old: float) -> bool:
+    """Whether ``new`` is a better value of ``metric`` than ``old``."""
+    return new > old if higher_is_better(metric) else new < old
+
+
+def target_mode(metric: str, mode: str | None = None) -> str:
+    """A target's direction: its declared ``mode`` (``"max"``/``"min"``), else the one
+    :func:`higher_is_better` gives the metric (targets recorded before the mode was)."""
+    if mode is not None:
+        return mode
+    return "max" if higher_is_better(metric) else "min"
+
+
+def target_reached(value: float, threshold: float, mode: str) -> bool:
+    """The one rule for "target reached": ``value`` at least (``max``) or at most
+    (``min``) ``threshold``; a non-finite value never reaches it."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value >= threshold if mode == "max" else value <= threshold
 
 
 class RunExistsError(FileExistsError):
@@ -328,6 +352,10 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
 
 
+class MetricsFileError(ValueError):
+    """``metrics.jsonl`` no longer matches the checkpoint a run resumes from."""
+
+
 class MetricsWriter:
     """Appends metric records to ``metrics.jsonl``.
 
@@ -343,9 +371,10 @@ class MetricsWriter:
         if truncate_to is not None:
             with open(self.path, "ab") as f:
                 if f.tell() < truncate_to:
-                    raise ValueError(
+                    raise MetricsFileError(
                         f"{self.path} is shorter ({f.tell()} bytes) than its checkpoint records "
-                        f"({truncate_to} bytes): it was changed after the checkpoint")
+                        f"({truncate_to} bytes): lines were lost after the checkpoint; restore "
+                        f"the file, or resume=false to start afresh (the old folder is moved aside)")
                 f.truncate(truncate_to)
         self._file = open(self.path, "a")
 

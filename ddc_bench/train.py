@@ -6,40 +6,36 @@ It has four parts, in this order:
 
 1. **Plan** (:func:`ddc_bench.plan.make_plan`): every config value resolved and checked,
    before any data, model or folder exists.
-2. **Set-up**: the task, model, optimizer and LR schedule, together the
-   :class:`~ddc_bench.state.RunState`; DDC's gauge declarations are verified on the first
-   batch. Then the run folder: locked (:class:`~ddc_bench.results.RunLock`), and either
-   skipped (already finished with this config), resumed (it holds a checkpoint) or
-   started afresh (leftovers of an interrupted run without checkpoint are moved aside).
-3. **Steps**: per optimizer step, :func:`train_step`: fetch the next batch, forward and
-   backward it in ``hardware.grad_accum`` micro-batches (DDP synchronises gradients on the
-   last one), stop as *diverged* on a non-finite loss, clip, step the optimizer and the
-   schedule, stop as *diverged* on non-finite parameters. Then :func:`after_step`, the one
-   place where logging, evaluation, hooks and checkpointing happen.
+2. **Set-up**: the task, model, optimizer (a
+   :class:`~ddc_bench.training_optimizer.TrainingOptimizer`: the optimizer plus what the
+   loop must do for it) and LR schedule, together the :class:`~ddc_bench.state.RunState`;
+   the optimizer's start-up check runs on the first batch. Then the run folder: locked
+   (:class:`~ddc_bench.results.RunLock`), and either skipped (already finished with this
+   config), resumed (it holds a checkpoint) or started afresh (leftovers of an interrupted
+   run without checkpoint are moved aside).
+3. **Steps** (:func:`train_loop`): per optimizer step, :func:`train_step`: fetch the next
+   batch, forward and backward it in ``hardware.grad_accum`` micro-batches (DDP
+   synchronises gradients on the last one), stop as *diverged* on a non-finite loss, clip,
+   step the optimizer and the schedule, stop as *diverged* on non-finite parameters. Then
+   :func:`after_step`, rank 0's logging, evaluation and hooks, and the checkpoint.
 4. **Summary** (:class:`ddc_bench.results.Summary`), written last: the run is finished.
 
-SIGTERM and SIGINT (what Slurm and Ctrl-C send) are caught: at the next step boundary the
-run writes a checkpoint, prints where and how to resume, and :class:`Preempted` is raised
-(the command exits with :data:`EXIT_PREEMPTED`). Only step work counts as training time
-(``train_time_s``; evaluation, logging and checkpoints are excluded, CUDA is synchronized
-before each clock read); ``step_time_ms`` and ``units_per_s`` are steady-state (each
-session's first step, which pays one-time costs such as ``torch.compile``, is left out).
+The loop names no optimizer: everything optimizer-specific comes from the
+``TrainingOptimizer`` fields. SIGTERM and SIGINT are caught (:mod:`ddc_bench.signals`): at
+the next step boundary the run writes a checkpoint and :class:`Preempted` is raised. Only
+step work counts as training time (``train_time_s``; evaluation, logging and checkpoints
+are excluded, CUDA is synchronized before each clock read); ``step_time_ms`` and
+``units_per_s`` are steady-state (each session's first step, which pays one-time costs
+such as ``torch.compile``, is left out).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib.util
-import logging
 import math
-import os
 import random
-import re
-import resource
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -54,17 +50,17 @@ from tqdm import tqdm
 from ddc_bench import checkpoint, distributed, provenance, results
 from ddc_bench.config import ConfigError
 from ddc_bench.loggers import make_logger, require_logger
-from ddc_bench.optimizers import DDC_NAMES, build_optimizer
+from ddc_bench.memory import peak_memory_mb, reset_peak_memory
+from ddc_bench.optimizers import build_optimizer
 from ddc_bench.plan import (DEFAULT_THREADS, RunPlan, TaskSpec, diff_keys, fingerprint,
                             make_plan, resolve_threads, task_spec)
 from ddc_bench.schedule import build_scheduler, lr_factor
+from ddc_bench.signals import EXIT_PREEMPTED, Preempted, StopSignals
 from ddc_bench.state import RunState
+from ddc_bench.task_setup import build_task_cleanly, first_line
+from ddc_bench.training_optimizer import TrainingOptimizer
 
 __all__ = ["run", "Preempted", "AlreadyFinished", "EXIT_PREEMPTED", "StepHook", "DEFAULT_THREADS"]
-
-#: Exit status of a run stopped by SIGTERM/SIGINT after writing its checkpoint
-#: (``EX_TEMPFAIL``: "try again later", which is what resuming does).
-EXIT_PREEMPTED = 75
 
 #: A hook called at every training-log and evaluation record, on rank 0, as
 #: ``hook(state, step, record)`` before the record is written: it may add keys to
@@ -73,20 +69,13 @@ EXIT_PREEMPTED = 75
 #: in (:mod:`ddc_bench.diagnose`, on with ``diagnostics.every``).
 StepHook = Callable[["RunState", int, dict[str, Any]], None]
 
-#: Test hook: the run sends itself SIGTERM (a real signal) after this many steps.
-SIGNAL_AT_STEP_ENV = "DDC_BENCH_SIGNAL_AT_STEP"
-
-
-class Preempted(Exception):
-    """The run was stopped by a signal after writing a checkpoint (one-line message)."""
-
 
 class AlreadyFinished(results.RunExistsError):
     """The run folder already holds this run, finished with the same config: nothing to do."""
 
 
 # --------------------------------------------------------------------------------------
-# Small helpers (seeding, batches, memory, clocks, signals)
+# Small helpers (seeding, batches, clocks)
 # --------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
@@ -114,13 +103,15 @@ def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[to
 
 def accumulate_gradients(task: Any, net: nn.Module, batch: tuple[torch.Tensor, ...], parts: int,
                          device: torch.device, autocast: Any = contextlib.nullcontext,
-                         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> float:
+                         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                         create_graph: bool = False) -> float:
     """Forward and backward ``batch`` in ``parts`` micro-batches; return the batch's mean loss.
 
     Each micro-batch's mean loss is weighted by its share of the batch's units (samples or
     tokens), so the accumulated gradient equals the gradient of the full-batch mean loss,
     also when the batch does not split evenly. ``no_sync`` (DDP's ``net.no_sync``) wraps
     every micro-batch but the last, so gradients are all-reduced once per step.
+    ``create_graph`` keeps the backward graph (optimizers that read second derivatives).
     """
     units = task.batch_units(batch)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -132,7 +123,7 @@ def accumulate_gradients(task: Any, net: nn.Module, batch: tuple[torch.Tensor, .
         with skip_sync:
             with autocast():
                 loss, _ = task.loss(net, micro)
-            (loss * weight).backward()
+            (loss * weight).backward(create_graph=create_graph)
         loss_sum += loss.detach().double() * weight
     return loss_sum.item()  # one device sync per step; also feeds the divergence check
 
@@ -146,36 +137,6 @@ def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so that a clock read measures finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh peak-memory measurement for this run.
-
-    On CPU the peak resident set size is per process; Linux lets us reset it
-    (``/proc/self/clear_refs``), which matters when ``--multirun`` runs several runs in one
-    process. Elsewhere the process-lifetime peak from ``resource`` is reported.
-    """
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of the run in MiB: CUDA ``max_memory_allocated``, else peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    with contextlib.suppress(OSError):
-        match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-        if match:
-            return int(match.group(1)) / 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB else
-
-
-def _better(metric: str, new: float, old: float) -> bool:
-    return new > old if results.higher_is_better(metric) else new < old
 
 
 def _build_task(task_cfg: Any, *, num_workers: int) -> Any:
@@ -201,104 +162,6 @@ def _hydra_overrides() -> list[str]:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _missing_dirs(paths: Sequence[Any]) -> list[Path]:
-    """The topmost not-yet-existing folder of each path (what a failed build may leave)."""
-    out = []
-    for p in paths:
-        if not p:
-            continue
-        path = Path(str(p)).expanduser().absolute()
-        top = None
-        while not path.exists() and path.parent != path:
-            top, path = path, path.parent
-        if top is not None:
-            out.append(top)
-    return out
-
-
-def _remove_empty_tree(top: Path) -> None:
-    """Remove ``top`` if it holds nothing but empty folders (never a file)."""
-    if not top.is_dir():
-        return
-    for folder in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-    with contextlib.suppress(OSError):
-        top.rmdir()
-
-
-def build_task_cleanly(task_cfg: Any, num_workers: int) -> Any:
-    """Build the task; a bad value or an unreachable download becomes one
-    :class:`ConfigError` line, and data folders the failed build created empty are removed."""
-    data = task_cfg.get("data") or {}
-    created = _missing_dirs([data.get("root"), data.get("cache_dir")])
-    # huggingface_hub logs every retry of an unreachable Hub; the failure is reported below.
-    # (Imported first: their imports set the level themselves.)
-    if data.get("source") == "hub":
-        for name in ("huggingface_hub", "datasets"):
-            if importlib.util.find_spec(name) is not None:
-                importlib.import_module(name)
-    hub_log = logging.getLogger("huggingface_hub")
-    level = hub_log.level
-    hub_log.setLevel(logging.ERROR)
-    try:
-        return _build_task(task_cfg, num_workers=num_workers)
-    except (ValueError, TypeError) as err:  # a bad task config value (e.g. task.size=huge)
-        raise ConfigError(f"task={task_cfg.get('name')}: {_first_line(err)}") from None
-    except FileNotFoundError:
-        raise
-    except OSError as err:  # URLError, ConnectionError, ...: no network or no access
-        raise ConfigError(
-            f"task={task_cfg.get('name')}: could not fetch the data ({_first_line(err)}); "
-            f"check the network, or use data that is already on disk") from None
-    except BaseException:
-        for top in created:
-            _remove_empty_tree(top)
-        raise
-    finally:
-        hub_log.setLevel(level)
-        for top in created:  # also after the errors converted above
-            if top.exists() and not any(p.is_file() for p in top.rglob("*")):
-                _remove_empty_tree(top)
-
-
-class StopSignals:
-    """Catches SIGTERM and SIGINT while a run trains: the first one is recorded in
-    :attr:`received` (the loop stops at the next step boundary, with a checkpoint); a
-    second one stops the process at once (exit status :data:`EXIT_PREEMPTED`). Handlers can
-    only be installed in the main thread; elsewhere this does nothing."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.received is not None:
-            print(f"[ddc-bench] second {name}: stopping now, without a checkpoint", file=sys.stderr,
-                  flush=True)
-            os._exit(EXIT_PREEMPTED)
-        self.received = name
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 # --------------------------------------------------------------------------------------
@@ -338,6 +201,151 @@ def run(cfg: DictConfig, overrides: list[str] | None = None,
         distributed.shutdown()
 
 
+def _train(plan: RunPlan, hooks: Sequence[StepHook], started_at: dt.datetime,
+           wall_start: float) -> results.Summary:
+    world, device = plan.world, plan.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: standard for fp32 training
+        torch.backends.cudnn.allow_tf32 = True
+
+    def autocast() -> contextlib.AbstractContextManager:  # a fresh context per use
+        if plan.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=plan.autocast_dtype)
+
+    # ---- 2. set-up: task, model, optimizer, schedule ----------------------------------
+    seed_everything(plan.seed)  # before build_model: the initialisation draws from torch's RNG
+    task = build_task_cleanly(plan.cfg.task, plan.num_workers, build=_build_task)
+    model = task.build_model().to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    threads = resolve_threads(plan.threads_setting, sum(p.numel() for p in params))
+    torch.set_num_threads(threads)  # also restores the default between runs of one sweep
+    try:
+        training = build_optimizer(model, {"name": plan.optimizer_name, **plan.optimizer_options},
+                                   loss_fn=lambda m, b: task.loss(m, b)[0])
+    except (ValueError, TypeError, KeyError) as err:  # a bad option (e.g. optimizer.lr=-1)
+        raise ConfigError(f"optimizer={plan.optimizer_name}: {first_line(err)}") from None
+    schedule = plan.schedule if training.external_schedule else {
+        **plan.schedule, "warmup_steps": 0, "kind": "constant"}  # the optimizer schedules itself
+    state = RunState(model, training.optimizer, build_scheduler(training.optimizer, **schedule))
+    if training.startup_check is not None:
+        _startup_check(plan, task, model, training.startup_check)
+    # DDP wraps the module for forward/backward; the optimizer and checkpoints use `model`.
+    net: nn.Module = model
+    if world.active:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = torch.compile(net) if plan.compile else net
+
+    # ---- the run folder: lock, then resume or start afresh -------------------------------
+    logger = None
+    summary: results.Summary | None = None
+    with _locked_run_folder(plan) as mode:
+        try:
+            metrics_offset = None
+            if mode == "resume":
+                payload, path = checkpoint.load(plan.folder)
+                _check_resumable(plan, payload, path)
+                state.restore(payload)
+                state.progress.resumed_from.append(state.progress.step)
+                metrics_offset = payload["metrics_offset"]
+                if world.main:
+                    print(f"[ddc-bench] resuming {plan.folder} from step {state.progress.step} ({path.name})")
+            prov = provenance.collect(device, started_at)
+            if world.main:
+                print(f"[ddc-bench] {plan.task.name}-{plan.task.size} {plan.optimizer_name} {plan.variant} "
+                      f"seed={plan.seed}: {plan.steps} steps on {prov['device']}, threads={threads}"
+                      + (f", {world.size} DDP processes" if world.active else "")
+                      + f" -> {plan.folder}")
+                logger = make_logger(plan.logger_cfg, name=f"{plan.optimizer_name}-{plan.variant}-seed{plan.seed}",
+                                     group=f"{plan.task.name}-{plan.task.size}", config=plan.resolved,
+                                     run_folder=plan.folder)
+
+            # Wall time over every session of the run (a resumed run adds to its old total).
+            wall_base = state.progress.wall_time
+
+            def wall_clock() -> float:
+                return wall_base + time.perf_counter() - wall_start
+
+            # Dead-direction diagnostics (diagnostics.every > 0): one more hook, rank 0 only.
+            diag_hook = None
+            if plan.diagnostics_every and world.main:
+                from ddc_bench.diagnose import DiagnosticsHook, probe_batch
+
+                diag_hook = DiagnosticsHook(plan.diagnostics_every,
+                                            probe_batch(task, plan.probe_batch, device),
+                                            total=plan.steps, start=state.progress.step)
+                hooks = [*hooks, diag_hook]
+
+            # ---- 3. steps -----------------------------------------------------------------
+            reset_peak_memory(device)
+            with contextlib.ExitStack() as stack:
+                metrics = (stack.enter_context(results.MetricsWriter(plan.folder, truncate_to=metrics_offset))
+                           if world.main else None)
+                stop = stack.enter_context(StopSignals())
+                show_bar = plan.progress and world.main and sys.stderr.isatty()
+                bar = stack.enter_context(tqdm(total=plan.steps, initial=state.progress.step,
+                                               disable=not show_bar, dynamic_ncols=True,
+                                               desc=f"{plan.optimizer_name} seed{plan.seed}"))
+                train_loop(plan, state, training, task, net, params, autocast, metrics, logger,
+                           hooks, stop, bar, wall_clock)
+
+            # ---- 4. summary ---------------------------------------------------------------
+            identical = distributed.replicas_identical(world, model)
+            if world.main:
+                summary = _summary(plan, state, task, prov, threads, identical, wall_clock(),
+                                   None if diag_hook is None else diag_hook.last)
+                results.write_json(plan.folder / results.SUMMARY_FILE, summary)
+            distributed.barrier(world)
+        finally:
+            if logger is not None:
+                logger.finish(summary)  # summary is None when the run raised
+
+    p = state.progress
+    if world.main:
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in p.last_eval.items()) or "(no evaluation)"
+        print(f"[ddc-bench] {p.status} {plan.folder}: steps={p.step}/{plan.steps} "
+              f"train_time={p.train_time:.1f}s {shown}")
+    return summary  # type: ignore[return-value]  # rank 0's; None on the other ranks
+
+
+def _startup_check(plan: RunPlan, task: Any, model: nn.Module,
+                   check: Callable[[nn.Module, tuple], None]) -> None:
+    """The optimizer's start-up check on the first training batch (a separate stream: the
+    run's RNG is left untouched); its refusal becomes one line naming the optimizer."""
+    with torch.random.fork_rng(devices=[plan.device] if plan.device.type == "cuda" else []):
+        batch = next(iter(task.train_batches(plan.seed, rank=plan.world.rank,
+                                             world_size=plan.world.size)))
+        try:
+            check(model, to_device(batch, plan.device))
+        except ConfigError as err:
+            raise ConfigError(f"optimizer={plan.optimizer_name}, task={plan.task.name}: "
+                              f"{first_line(err)}") from None
+
+
+@contextlib.contextmanager
+def _locked_run_folder(plan: RunPlan) -> Iterator[str]:
+    """Rank 0 locks the run folder and opens it (:func:`_open_run_folder`); its decision,
+    ``"resume"`` or ``"fresh"``, or its error, reaches every rank (none waits forever).
+    The lock is released however the block ends (a signal during set-up included)."""
+    lock: results.RunLock | None = None
+    try:
+        mode: Any = None
+        if plan.world.main:
+            try:
+                lock = results.RunLock(plan.folder).acquire()
+                mode = _open_run_folder(plan)
+            except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+                mode = err
+        mode = distributed.broadcast(plan.world, mode)
+        if isinstance(mode, BaseException):
+            raise mode
+        yield mode
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _refuse_finished(plan: RunPlan) -> None:
     """Raise :class:`AlreadyFinished` (same config) or ``RunExistsError`` (another one)."""
     config_file = plan.folder / results.CONFIG_FILE
@@ -358,127 +366,6 @@ def _refuse_finished(plan: RunPlan) -> None:
         f"{plan.folder} already holds a finished run of another config (differs in "
         f"{', '.join(differ[:5])}); choose another results_dir or run_name (finished runs "
         f"are never overwritten)")
-
-
-def _train(plan: RunPlan, hooks: Sequence[StepHook], started_at: dt.datetime,
-           wall_start: float) -> results.Summary:
-    world, device = plan.world, plan.device
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: standard for fp32 training
-        torch.backends.cudnn.allow_tf32 = True
-
-    def autocast() -> contextlib.AbstractContextManager:  # a fresh context per use
-        if plan.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=plan.autocast_dtype)
-
-    # ---- 2. set-up: task, model, optimizer, schedule ----------------------------------
-    seed_everything(plan.seed)  # before build_model: the initialisation draws from torch's RNG
-    task = build_task_cleanly(plan.cfg.task, plan.num_workers)
-    model = task.build_model().to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    threads = resolve_threads(plan.threads_setting, sum(p.numel() for p in params))
-    torch.set_num_threads(threads)  # also restores the default between runs of one sweep
-    try:
-        optimizer = build_optimizer(model, {"name": plan.optimizer_name, **plan.optimizer_options})
-    except (ValueError, TypeError, KeyError) as err:  # a bad option (e.g. optimizer.lr=-1)
-        raise ConfigError(f"optimizer={plan.optimizer_name}: {_first_line(err)}") from None
-    scheduler = build_scheduler(optimizer, **plan.schedule)
-    state = RunState(model, optimizer, scheduler)
-    if plan.optimizer_name in DDC_NAMES:
-        _verify_gauges(plan, task, model)
-    # DDP wraps the module for forward/backward; the optimizer and checkpoints use `model`.
-    net: nn.Module = model
-    if world.active:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    net = torch.compile(net) if plan.compile else net
-
-    # ---- the run folder: lock, then resume or start afresh -------------------------------
-    # Rank 0 decides; its decision, or its error, reaches every rank (none waits forever).
-    lock: results.RunLock | None = None
-    mode: Any = None
-    if world.main:
-        try:
-            lock = results.RunLock(plan.folder).acquire()
-            mode = _open_run_folder(plan)
-        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
-            mode = err
-    mode = distributed.broadcast(world, mode)
-    if isinstance(mode, BaseException):
-        if lock is not None:
-            lock.release()
-        raise mode
-    logger = None
-    summary: results.Summary | None = None
-    try:
-        metrics_offset = None
-        if mode == "resume":
-            payload, path = checkpoint.load(plan.folder)
-            _check_resumable(plan, payload, path)
-            state.restore(payload)
-            state.progress.resumed_from.append(state.progress.step)
-            metrics_offset = payload["metrics_offset"]
-            if world.main:
-                print(f"[ddc-bench] resuming {plan.folder} from step {state.progress.step} ({path.name})")
-        prov = provenance.collect(device, started_at)
-        if world.main:
-            print(f"[ddc-bench] {plan.task.name}-{plan.task.size} {plan.optimizer_name} {plan.variant} "
-                  f"seed={plan.seed}: {plan.steps} steps on {prov['device']}, threads={threads}"
-                  + (f", {world.size} DDP processes" if world.active else "")
-                  + f" -> {plan.folder}")
-            logger = make_logger(plan.logger_cfg, name=f"{plan.optimizer_name}-{plan.variant}-seed{plan.seed}",
-                                 group=f"{plan.task.name}-{plan.task.size}", config=plan.resolved,
-                                 run_folder=plan.folder)
-
-        # Wall time over every session of the run (a resumed run adds to its old total).
-        wall_base = state.progress.wall_time
-
-        def wall_clock() -> float:
-            return wall_base + time.perf_counter() - wall_start
-
-        # Dead-direction diagnostics (diagnostics.every > 0): one more hook, rank 0 only.
-        diag_hook = None
-        if plan.diagnostics_every and world.main:
-            from ddc_bench.diagnose import DiagnosticsHook, probe_batch
-
-            diag_hook = DiagnosticsHook(plan.diagnostics_every,
-                                        probe_batch(task, plan.probe_batch, device),
-                                        total=plan.steps, start=state.progress.step)
-            hooks = [*hooks, diag_hook]
-
-        # ---- 3. steps ---------------------------------------------------------------------
-        reset_peak_memory(device)
-        with contextlib.ExitStack() as stack:
-            metrics = (stack.enter_context(results.MetricsWriter(plan.folder, truncate_to=metrics_offset))
-                       if world.main else None)
-            stop = stack.enter_context(StopSignals())
-            show_bar = plan.progress and world.main and sys.stderr.isatty()
-            bar = stack.enter_context(tqdm(total=plan.steps, initial=state.progress.step,
-                                           disable=not show_bar, dynamic_ncols=True,
-                                           desc=f"{plan.optimizer_name} seed{plan.seed}"))
-            _loop(plan, state, task, net, params, autocast, metrics, logger, hooks, stop, bar,
-                  wall_clock)
-
-        # ---- 4. summary -----------------------------------------------------------------
-        identical = distributed.replicas_identical(world, model)
-        if world.main:
-            summary = _summary(plan, state, task, prov, threads, identical, wall_clock(),
-                               None if diag_hook is None else diag_hook.last)
-            results.write_json(plan.folder / results.SUMMARY_FILE, summary)
-        distributed.barrier(world)
-    finally:
-        if logger is not None:
-            logger.finish(summary)  # summary is None when the run raised
-        if lock is not None:
-            lock.release()
-
-    p = state.progress
-    if world.main:
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in p.last_eval.items()) or "(no evaluation)"
-        print(f"[ddc-bench] {p.status} {plan.folder}: steps={p.step}/{plan.steps} "
-              f"train_time={p.train_time:.1f}s {shown}")
-    return summary  # type: ignore[return-value]  # rank 0's; None on the other ranks
 
 
 def _open_run_folder(plan: RunPlan) -> str:
@@ -514,56 +401,62 @@ def _check_resumable(plan: RunPlan, payload: dict[str, Any], path: Path) -> None
             f"start afresh (the old folder is moved aside)")
 
 
-def _verify_gauges(plan: RunPlan, task: Any, model: nn.Module) -> None:
-    """DDC relies on the model's declared gauges being exact symmetries: check them on the
-    first training batch (a separate stream; the run's RNG is left untouched)."""
-    from ddc import verify_gauges
-    from ddc.verify import GaugeDeclarationError
-
-    with torch.random.fork_rng(devices=[plan.device] if plan.device.type == "cuda" else []):
-        batch = next(iter(task.train_batches(plan.seed, rank=plan.world.rank,
-                                             world_size=plan.world.size)))
-        try:
-            verify_gauges(model, lambda m, b: task.loss(m, b)[0], to_device(batch, plan.device))
-        except GaugeDeclarationError as err:
-            raise ConfigError(f"optimizer={plan.optimizer_name}: the model of task {plan.task.name} "
-                              f"declares a gauge that is not an exact symmetry: {_first_line(err)}") from None
-
-
-def train_step(plan: RunPlan, state: RunState, task: Any, net: nn.Module,
-               params: list[nn.Parameter], batch: tuple[torch.Tensor, ...], autocast: Any) -> float:
+def train_step(plan: RunPlan, state: RunState, training: TrainingOptimizer, task: Any,
+               net: nn.Module, params: list[nn.Parameter], batch: tuple[torch.Tensor, ...],
+               autocast: Any) -> float:
     """One optimizer step on ``batch``; returns the batch's mean loss (averaged over ranks).
 
     Returns a non-finite loss without stepping when the loss is NaN/inf; the caller also
-    checks the parameters afterwards.
+    checks the parameters afterwards. With ``training.needs_closure`` the optimizer gets a
+    closure that zeroes the gradients and recomputes loss and gradients on the same batch.
     """
     no_sync = getattr(net, "no_sync", None) if plan.world.active else None
-    loss_value = accumulate_gradients(task, net, batch, plan.grad_accum, plan.device, autocast,
-                                      no_sync=no_sync)
-    loss_value = distributed.mean(plan.world, loss_value, plan.device)
+
+    def forward_backward() -> float:
+        return accumulate_gradients(task, net, batch, plan.grad_accum, plan.device, autocast,
+                                    no_sync=no_sync, create_graph=training.create_graph)
+
+    loss_value = distributed.mean(plan.world, forward_backward(), plan.device)
     if not math.isfinite(loss_value):
         return loss_value
     if plan.grad_clip:
-        clip = getattr(state.optimizer, "clip_grad_norm_", None)
-        if callable(clip):  # an optimizer that clips in its own frame (DDC)
-            clip(plan.grad_clip)
+        if training.clip_grad_norm is not None:
+            training.clip_grad_norm(plan.grad_clip)
         else:
             nn.utils.clip_grad_norm_(params, plan.grad_clip)
-    state.optimizer.step()
-    state.scheduler.step()
-    state.optimizer.zero_grad(set_to_none=True)
+    optimizer = state.optimizer
+    if training.needs_closure:
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                return torch.tensor(forward_backward())
+
+        optimizer.step(closure)
+    else:
+        optimizer.step()
+    state.scheduler.step()  # constant when the optimizer schedules itself
+    optimizer.zero_grad(set_to_none=True)
     return loss_value
 
 
-def _loop(plan: RunPlan, state: RunState, task: Any, net: nn.Module, params: list[nn.Parameter],
-          autocast: Any, metrics: results.MetricsWriter | None, logger: Any,
-          hooks: Sequence[StepHook], stop: StopSignals, bar: Any,
-          wall_clock: Callable[[], float]) -> None:
+def train_loop(plan: RunPlan, state: RunState, training: TrainingOptimizer, task: Any,
+               net: nn.Module, params: list[nn.Parameter], autocast: Any,
+               metrics: results.MetricsWriter | None, logger: Any, hooks: Sequence[StepHook],
+               stop: StopSignals, bar: Any, wall_clock: Callable[[], float]) -> None:
     """Steps from ``state.progress.step`` to ``plan.steps`` (or divergence, or a signal)."""
     world, device, p = plan.world, plan.device, state.progress
     batches: Iterator[tuple[torch.Tensor, ...]] = iter(task.train_batches(
         plan.seed, start=p.step, rank=world.rank, world_size=world.size))
-    signal_at = int(os.environ.get(SIGNAL_AT_STEP_ENV, "0") or 0)
+    # The optimizer's train/eval modes (schedule-free): eval before every evaluation and
+    # checkpoint, on every rank (the replicas must stay identical); train before steps.
+    mode = ""
+
+    def set_mode(wanted: str) -> None:
+        nonlocal mode
+        switch = training.train_mode if wanted == "train" else training.eval_mode
+        if mode != wanted and switch is not None:
+            switch()
+        mode = wanted
 
     def emit(record: dict[str, Any]) -> None:
         for hook in hooks:
@@ -572,6 +465,7 @@ def _loop(plan: RunPlan, state: RunState, task: Any, net: nn.Module, params: lis
         logger.log(record)
 
     def save() -> Path | None:
+        set_mode("eval")
         if not world.main:
             return None
         p.wall_time = wall_clock()
@@ -588,13 +482,14 @@ def _loop(plan: RunPlan, state: RunState, task: Any, net: nn.Module, params: lis
             raise Preempted(
                 f"stopped by {signame} at step {p.step}/{plan.steps}; checkpoint "
                 f"{path or plan.folder}; run the same command again to resume (resume=auto)")
+        set_mode("train")
         # -- one optimizer step (timed) -------------------------------------------------
         sync(device)
         t0 = time.perf_counter()
         batch = next(batches)
         units = task.batch_units(batch) * world.size
         try:
-            loss_value = train_step(plan, state, task, net, params, batch, autocast)
+            loss_value = train_step(plan, state, training, task, net, params, batch, autocast)
         except RuntimeError as err:  # DDP's gradient all-reduce failing: a rank is gone
             if world.active and distributed.is_communication_error(err):
                 raise distributed.lost_contact(world, err) from None
@@ -622,25 +517,26 @@ def _loop(plan: RunPlan, state: RunState, task: Any, net: nn.Module, params: lis
         p.window_time += elapsed
         bar.update(1)
         # -- everything else (not timed) ------------------------------------------------
+        if p.step % plan.eval_every == 0 or p.step == plan.steps:
+            set_mode("eval")
         if world.main:
-            after_step(plan, state, task, net, autocast, emit, bar)
+            after_step(plan, state, task, net, autocast, emit, bar, training.external_schedule)
         if plan.checkpoint_every and p.step % plan.checkpoint_every == 0 and p.step < plan.steps:
             save()
-        if signal_at and p.step == signal_at:
-            os.kill(os.getpid(), signal.SIGTERM)
     if p.status == "running":
         p.status = "finished"
         save()  # the final state: the finished run's weights stay with its results
 
 
 def after_step(plan: RunPlan, state: RunState, task: Any, net: nn.Module, autocast: Any,
-               emit: Callable[[dict[str, Any]], None], bar: Any) -> None:
+               emit: Callable[[dict[str, Any]], None], bar: Any, scheduled: bool = True) -> None:
     """Rank 0's work after a step: the training line every ``log_every`` steps and the
     evaluation every ``eval_every`` steps (and both at the last step), each passed through
-    the hooks and written; best metrics and the target are updated from evaluations."""
+    the hooks and written; best metrics and the target are updated from evaluations.
+    ``scheduled``: whether the loop's LR schedule applies (else the peak LR is logged)."""
     p = state.progress
     step = p.step
-    lr_now = plan.lr * lr_factor(step - 1, **plan.schedule)  # the lr this step used
+    lr_now = plan.lr * (lr_factor(step - 1, **plan.schedule) if scheduled else 1.0)  # this step's
     if step % plan.log_every == 0 or step == plan.steps:
         emit({"step": step, "train_time_s": p.train_time, "lr": lr_now,
               "loss": p.window_loss / p.window_n,
@@ -658,13 +554,11 @@ def after_step(plan: RunPlan, state: RunState, task: Any, net: nn.Module, autoca
             if key == "gap_loss":  # a difference, not a score: no "best"
                 continue
             if isinstance(value, (int, float)) and math.isfinite(value) \
-                    and (key not in p.best or _better(key, value, p.best[key])):
+                    and (key not in p.best or results.better(key, value, p.best[key])):
                 p.best[key] = value
         target = plan.task.target
         if target is not None and p.target_step is None and plan.target_key in p.last_eval:
-            value = p.last_eval[plan.target_key]
-            reached = value >= target["value"] if target["mode"] == "max" else value <= target["value"]
-            if reached:
+            if results.target_reached(p.last_eval[plan.target_key], target["value"], target["mode"]):
                 p.target_step, p.target_time = step, p.train_time
 
 
@@ -694,8 +588,8 @@ def _summary(plan: RunPlan, state: RunState, task: Any, prov: dict[str, Any], th
         steps_done=p.step, status=p.status, diverged=p.status == "diverged",
         final=p.last_eval, best=p.best,
         target=None if target is None else results.Target(
-            metric=target["metric"], value=target["value"], step=p.target_step,
-            time_s=p.target_time),
+            metric=target["metric"], value=target["value"], mode=target["mode"],
+            step=p.target_step, time_s=p.target_time),
         wall_time_s=wall_time, train_time_s=p.train_time,
         step_time_ms=1000 * p.steady_time / p.steady_steps if p.steady_steps else None,
         units_per_s=p.steady_units / p.steady_time if p.steady_time > 0 else None,

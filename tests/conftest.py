@@ -7,6 +7,7 @@ real tasks; the real tasks are exercised by ``test_matrix.py`` and the CLI tests
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -125,6 +126,19 @@ def use_fake_task(monkeypatch: pytest.MonkeyPatch, task: FakeTask) -> FakeTask:
 def fake_task(monkeypatch: pytest.MonkeyPatch):
     """Make ``ddc_bench.train`` build :class:`FakeTask` (returned, to adjust) for every run."""
     return use_fake_task(monkeypatch, FakeTask())
+
+
+def sigterm_at(step: int) -> Any:
+    """A step hook (``ddc_bench.train.StepHook``) sending this process a real SIGTERM at
+    training step ``step``, once (the step needs a training-log or evaluation record)."""
+    sent: list[int] = []
+
+    def hook(state: Any, at: int, record: dict[str, Any]) -> None:
+        if at == step and not sent:
+            sent.append(at)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
 
 
 def base_config(tmp_path: Path, **top: Any) -> DictConfig:

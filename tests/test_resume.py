@@ -1,7 +1,7 @@
 """Checkpoints, exact resume and pre-emption.
 
 * in-process: N steps in one go against N/2 + SIGTERM (a real signal, sent by the run to
-  itself through the ``DDC_BENCH_SIGNAL_AT_STEP`` test hook) + resume + N/2, for every
+  itself from a step hook, ``conftest.sigterm_at``) + resume + N/2, for every
   optimizer on ``gpt_lm`` tiny: identical ``metrics.jsonl`` values (timings aside) and
   bitwise identical parameters and optimizer state; and with AdamW on every task;
 * the same through the ``ddc-bench`` command in real subprocesses for adamw, ddc, muon
@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from cifar_fixture import write_fake_cifar
-from conftest import DDC_BENCH_SCRIPT, PYTHON, base_config, compose, config_names, ddc_bench
+from conftest import (DDC_BENCH_SCRIPT, PYTHON, REPO_ROOT, base_config, compose, config_names,
+                      ddc_bench, sigterm_at)
 
 from ddc_bench import checkpoint, results, train
 from ddc_bench.config import validate
@@ -57,13 +58,9 @@ def _assert_same_state(a: Path, b: Path) -> None:
 
 
 def _run_in_process(overrides: list[str], monkeypatch: pytest.MonkeyPatch, signal_at: int = 0):
-    if signal_at:
-        monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, str(signal_at))
-    else:
-        monkeypatch.delenv(train.SIGNAL_AT_STEP_ENV, raising=False)
     cfg, choices = compose(overrides)
     validate(cfg, choices)
-    return train.run(cfg, overrides=overrides)
+    return train.run(cfg, overrides=overrides, hooks=[sigterm_at(signal_at)] if signal_at else ())
 
 
 @pytest.mark.parametrize("optimizer", config_names("optimizer"))
@@ -117,8 +114,7 @@ def test_command_sigterm_exit_and_resume_is_bitwise_exact(optimizer, tmp_path):
     args = [*GPT, f"optimizer={optimizer}"]
     whole = ddc_bench(*args, "results_dir=a", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
-    stopped = ddc_bench(*args, "results_dir=b", cwd=tmp_path,
-                        env={train.SIGNAL_AT_STEP_ENV: str(STOP_AT)})
+    stopped = _stop_at_step(str(STOP_AT), [*args, "results_dir=b"], tmp_path)
     assert stopped.returncode == train.EXIT_PREEMPTED, stopped.stderr
     assert "Traceback" not in stopped.stderr
     line = [ln for ln in stopped.stderr.splitlines() if ln.strip()]
@@ -132,6 +128,30 @@ def test_command_sigterm_exit_and_resume_is_bitwise_exact(optimizer, tmp_path):
     folder_b = results.run_dir(tmp_path / "b", "gpt_lm", "tiny", optimizer, variant, 0)
     assert _values(folder_a) == _values(folder_b)
     _assert_same_state(folder_a, folder_b)
+
+
+def _stop_at_step(at: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """The command sending itself SIGTERM at step ``at`` (or ``"setup"``): tests/stop_at_step.py."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    script = REPO_ROOT / "tests" / "stop_at_step.py"
+    return subprocess.run([PYTHON, str(script), at, *args], cwd=cwd, env=env, capture_output=True,
+                          stdin=subprocess.DEVNULL, text=True, timeout=300)
+
+
+def test_sigterm_during_set_up_is_one_line_exit_75_and_no_lock_left(tmp_path):
+    """SIGTERM while the run folder is locked, before the first step: no traceback, exit 75,
+    the lock released."""
+    args = ["task=grok_modadd", "task.size=tiny", "hardware=cpu", "progress=false", "steps=3",
+            "results_dir=res"]
+    stopped = _stop_at_step("setup", args, tmp_path)
+    assert stopped.returncode == train.EXIT_PREEMPTED, stopped.stderr
+    lines = [ln for ln in stopped.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "stopped by SIGTERM outside the training steps" in lines[0]
+    (folder,) = [p.parent for p in (tmp_path / "res").rglob(results.CONFIG_FILE)]
+    assert not results.lock_path(folder).exists()
+    again = ddc_bench(*args, cwd=tmp_path)  # nothing stale in the way
+    assert again.returncode == 0, again.stderr
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -222,11 +242,9 @@ def test_every_task_stream_restarts_exactly_and_shards_partition_it(task_name, n
 def _interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, at_step: int = 3,
                  checkpoint_every: int = 0) -> tuple:
     """A 6-step fake run stopped by a real SIGTERM after ``at_step`` steps: (cfg, folder)."""
-    cfg = base_config(tmp_path, steps=6, checkpoint_every=checkpoint_every)
-    monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, str(at_step))
+    cfg = base_config(tmp_path, steps=6, checkpoint_every=checkpoint_every, log_every=1)
     with pytest.raises(train.Preempted):
-        train.run(cfg, overrides=[])
-    monkeypatch.delenv(train.SIGNAL_AT_STEP_ENV)
+        train.run(cfg, overrides=[], hooks=[sigterm_at(at_step)])
     folder = results.run_dir(cfg.results_dir, "fake", "tiny", "adamw", "lr0.001", 0)
     return cfg, folder
 
@@ -287,10 +305,8 @@ def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path, fake_task, wandb_off
     cfg = base_config(tmp_path, steps=6, checkpoint_every=0)
     cfg.logger = {"name": "wandb", "project": "ddc-bench-test", "entity": None, "group": None,
                   "tags": [], "mode": None}
-    monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, "3")
     with pytest.raises(train.Preempted):
-        train.run(cfg, overrides=[])
-    monkeypatch.delenv(train.SIGNAL_AT_STEP_ENV)
+        train.run(cfg, overrides=[], hooks=[sigterm_at(3)])
     folder = results.run_dir(cfg.results_dir, "fake", "tiny", "adamw", "lr0.001", 0)
     run_id = (folder / results.WANDB_ID_FILE).read_text().strip()
     assert run_id

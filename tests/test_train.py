@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from ddc_bench import results, train
 from ddc_bench.config import CONFIG_DIR, ConfigError
 from ddc_bench.loggers import LoggerError
 from ddc_bench.schedule import build_scheduler, lr_factor, warmup_steps_for
+from ddc_bench.training_optimizer import TrainingOptimizer
 
 SUMMARY_KEYS = set(results.Summary.__annotations__)
 PROVENANCE_KEYS = set(results.Provenance.__annotations__)
@@ -150,16 +152,21 @@ def test_run_writes_config_metrics_and_summary(tmp_path, fake_task):
 
 
 def test_training_time_excludes_evaluation(tmp_path, fake_task, monkeypatch):
+    """Each evaluation moves the run's clock 100 s forward (a fake clock, no sleeping): the
+    wall time holds all 8 jumps, the training time none."""
+    jumps = {"s": 0.0}
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + jumps["s"])
+    monkeypatch.setattr(train, "time", clock)
     evaluate = fake_task.evaluate
 
-    def slow_evaluate(*args, **kwargs):
-        time.sleep(0.1)
+    def jumping_evaluate(*args, **kwargs):
+        jumps["s"] += 50.0  # twice per evaluation (train and val splits)
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(fake_task, "evaluate", slow_evaluate)
+    monkeypatch.setattr(fake_task, "evaluate", jumping_evaluate)
     summary = train.run(base_config(tmp_path, steps=4, eval_every=1), overrides=[])
-    assert summary["wall_time_s"] > 0.8  # 8 evaluations of 0.1 s
-    assert summary["train_time_s"] < 0.3
+    assert summary["wall_time_s"] >= 400  # 4 evaluations of 100 fake seconds
+    assert summary["train_time_s"] < 100  # not one of them
 
 
 def test_lr_logged_follows_the_schedule(tmp_path, fake_task):
@@ -384,17 +391,143 @@ def test_a_wrong_gauge_declaration_stops_a_ddc_run_before_training(tmp_path, fak
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("seed*"))
 
 
-def test_an_optimizer_that_clips_in_its_own_frame_is_asked_to(tmp_path, fake_task, monkeypatch):
-    calls = []
+# --------------------------------------------------------------------------------------
+# The loop contract: every TrainingOptimizer field is honoured (small fake optimizers)
+# --------------------------------------------------------------------------------------
 
-    class ClippingAdamW(torch.optim.AdamW):
-        def clip_grad_norm_(self, max_norm):
-            calls.append(max_norm)
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records its steps (how many, the lr each used, and the gradients it saw)."""
 
-    monkeypatch.setattr(train, "build_optimizer",
-                        lambda model, cfg: ClippingAdamW(model.parameters(), lr=cfg["lr"]))
-    train.run(base_config(tmp_path, steps=3, grad_clip=0.5), overrides=[])
-    assert calls == [0.5, 0.5, 0.5]
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, lr=lr)
+        self.lrs: list[float] = []
+        self.grads_with_graph: list[bool] = []
+        self.closure_losses: list[float] = []
+
+    def step(self, closure=None):
+        if closure is not None:
+            self.closure_losses.append(float(closure()))
+        self.lrs.append(self.param_groups[0]["lr"])
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.grads_with_graph.append(all(g.requires_grad for g in grads))
+        with torch.no_grad():
+            return super().step()
+
+
+def _use_optimizer(monkeypatch, **fields) -> dict:
+    """Make ``train`` build a RecordingSGD wrapped with ``fields``; returns what it built."""
+    built: dict = {}
+
+    def build(model, cfg, loss_fn=None):
+        built["optimizer"] = RecordingSGD(model.parameters(), lr=cfg["lr"])
+        built["model"] = model
+        return TrainingOptimizer(built["optimizer"], **{
+            k: (v(built) if callable(v) and k in ("clip_grad_norm", "startup_check",
+                                                  "train_mode", "eval_mode") else v)
+            for k, v in fields.items()})
+
+    monkeypatch.setattr(train, "build_optimizer", build)
+    return built
+
+
+def test_the_training_optimizers_clip_replaces_torchs(tmp_path, fake_task, monkeypatch):
+    own, torchs = [], []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: torchs.append(norm))
+    _use_optimizer(monkeypatch, clip_grad_norm=lambda built: own.append)
+    train.run(base_config(tmp_path / "a", steps=3, grad_clip=0.5), overrides=[])
+    assert own == [0.5, 0.5, 0.5] and torchs == []
+    _use_optimizer(monkeypatch)  # no clip of its own: torch's, over the model's parameters
+    train.run(base_config(tmp_path / "b", steps=3, grad_clip=0.5), overrides=[])
+    assert torchs == [0.5, 0.5, 0.5]
+
+
+def test_the_startup_check_sees_the_model_and_the_first_batch_and_can_refuse(tmp_path, fake_task,
+                                                                           monkeypatch):
+    seen = []
+    built = _use_optimizer(monkeypatch, startup_check=lambda built: lambda m, b: seen.append((m, b)))
+    train.run(base_config(tmp_path / "a", steps=2, seed=4), overrides=[])
+    ((model, batch),) = seen
+    first = next(iter(fake_task.train_batches(4)))
+    assert model is built["model"] and all(torch.equal(a, b) for a, b in zip(batch, first))
+
+    def refuse(built):
+        def check(model, batch):
+            raise ConfigError("this model will not do")
+        return check
+
+    _use_optimizer(monkeypatch, startup_check=refuse)
+    with pytest.raises(ConfigError, match="optimizer=adamw, task=fake: this model will not do"):
+        train.run(base_config(tmp_path / "b", steps=2), overrides=[])
+    assert not any((tmp_path / "b").rglob("seed*"))  # refused before the run folder
+
+
+def test_eval_mode_before_evaluations_and_checkpoints_train_mode_before_steps(tmp_path, fake_task,
+                                                                           monkeypatch):
+    events: list[tuple[str, int]] = []
+    modes = {"now": None}
+
+    def switch(name):
+        def make(built):
+            def call():
+                modes["now"] = name
+                events.append((name, len(built["optimizer"].lrs)))
+            return call
+        return make
+
+    evaluate = fake_task.evaluate
+
+    def checked_evaluate(*args, **kwargs):
+        assert modes["now"] == "eval"
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(fake_task, "evaluate", checked_evaluate)
+    _use_optimizer(monkeypatch, train_mode=switch("train"), eval_mode=switch("eval"))
+    cfg = base_config(tmp_path, steps=6, eval_every=3, checkpoint_every=2, log_every=1)
+    train.run(cfg, overrides=[])
+    # Evaluations at 3 and 6; checkpoints at 2, 4 and the final one at 6.
+    assert events == [("train", 0), ("eval", 2), ("train", 2), ("eval", 3), ("train", 3),
+                      ("eval", 4), ("train", 4), ("eval", 6)]
+
+
+def test_create_graph_keeps_the_backward_graph_for_the_optimizer(tmp_path, fake_task, monkeypatch):
+    built = _use_optimizer(monkeypatch, create_graph=True)
+    train.run(base_config(tmp_path / "a", steps=2, grad_clip=0), overrides=[])
+    assert built["optimizer"].grads_with_graph == [True, True]
+    built = _use_optimizer(monkeypatch)
+    train.run(base_config(tmp_path / "b", steps=2, grad_clip=0), overrides=[])
+    assert built["optimizer"].grads_with_graph == [False, False]
+
+
+def test_needs_closure_passes_a_closure_that_recomputes_the_loss(tmp_path, fake_task, monkeypatch):
+    built = _use_optimizer(monkeypatch, needs_closure=True)
+    cfg = base_config(tmp_path, steps=3, log_every=1, grad_clip=0)
+    train.run(cfg, overrides=[])
+    logged = [r["loss"] for r in results.read_metrics(_folder(cfg)) if "loss" in r]
+    # The closure recomputes the loss on the step's batch, before the step: the same value.
+    assert built["optimizer"].closure_losses == pytest.approx(logged)
+
+
+def test_without_external_schedule_the_loop_leaves_the_lr_alone(tmp_path, fake_task, monkeypatch):
+    built = _use_optimizer(monkeypatch, external_schedule=False)
+    cfg = base_config(tmp_path / "a", steps=5, log_every=1, **{"schedule.warmup_steps": 2})
+    train.run(cfg, overrides=[])
+    assert built["optimizer"].lrs == [1e-3] * 5
+    assert [r["lr"] for r in results.read_metrics(_folder(cfg)) if "loss" in r] == [1e-3] * 5
+    built = _use_optimizer(monkeypatch)
+    train.run(base_config(tmp_path / "b", steps=5, log_every=1, **{"schedule.warmup_steps": 2}),
+              overrides=[])
+    assert built["optimizer"].lrs[:2] == pytest.approx([5e-4, 1e-3])
+
+
+def test_build_optimizer_returns_a_training_optimizer_for_every_registered_name():
+    from ddc_bench.optimizers import build_optimizer, registry
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    for name in ("adamw", "sgd"):
+        assert name in registry()
+        built = build_optimizer(model, {"name": name, "lr": 1e-3})
+        assert isinstance(built, TrainingOptimizer) and built.clip_grad_norm is None
+        assert isinstance(built.optimizer, torch.optim.Optimizer)
 
 
 def test_several_processes_without_the_ddp_profile_are_refused(tmp_path, fake_task, monkeypatch):
