@@ -80,7 +80,8 @@ from ddc.param_groups import param_groups
 from ddc_bench import provenance, results
 from ddc_bench.config import CONFIG_DIR, ConfigError, load_group_defaults, validate
 from ddc_bench.optimizers import build_optimizer, registry
-from ddc_bench.train import peak_memory_mb, reset_peak_memory, sync, to_device
+from ddc_bench.memory import peak_memory_mb, reset_peak_memory
+from ddc_bench.train import sync, to_device
 
 #: Task models ``--tasks all`` stands for.
 TASK_NAMES = ("gpt_lm", "vit_cifar", "resnet_cifar", "grok_modadd")
@@ -157,8 +158,8 @@ def build_named_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
         return optimizer
     if name in VARIANTS:
         base, extra = VARIANTS[name]
-        return build_optimizer(model, {**load_group_defaults("optimizer", base), **extra})
-    return build_optimizer(model, load_group_defaults("optimizer", name))
+        return build_optimizer(model, {**load_group_defaults("optimizer", base), **extra}).optimizer
+    return build_optimizer(model, load_group_defaults("optimizer", name)).optimizer
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -398,11 +399,12 @@ def measure_overhead(task: Any, task_cfg: dict[str, Any], names: Sequence[str],
                     lambda: torch.autocast(device_type=device.type, dtype=plan.autocast_dtype))
         torch.manual_seed(0)
         bare_model = task.build_model().to(device).train()
-        bare_opt = build_optimizer(bare_model, options)
+        bare_opt = build_optimizer(bare_model, options).optimizer
         torch.manual_seed(0)
         model = task.build_model().to(device).train()
-        optimizer = build_optimizer(model, options)
-        state = RunState(model, optimizer, build_scheduler(optimizer, **plan.schedule))
+        training = build_optimizer(model, options)
+        state = RunState(model, training.optimizer,
+                         build_scheduler(training.optimizer, **plan.schedule))
         params = [p for p in model.parameters() if p.requires_grad]
         bare_batches, batches = task.train_batches(0), task.train_batches(0)
 
@@ -413,9 +415,9 @@ def measure_overhead(task: Any, task_cfg: dict[str, Any], names: Sequence[str],
             loss.backward()
             bare_opt.step()
 
-        def harness() -> None:  # the runner's timed region (ddc_bench.train._loop)
+        def harness() -> None:  # the runner's timed region (ddc_bench.train.train_loop)
             batch = next(batches)
-            runner_step(plan, state, task, model, params, batch, autocast)
+            runner_step(plan, state, training, task, model, params, batch, autocast)
             params_finite(params)
 
         times: dict[str, list[float]] = {"bare": [], "harness": []}
