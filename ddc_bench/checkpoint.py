@@ -17,6 +17,7 @@ are read with ``torch.load(weights_only=True)``: tensors and plain Python data o
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,46 @@ def save(folder: str | os.PathLike, payload: dict[str, Any]) -> Path:
     folder = Path(folder)
     latest, prev, new = (folder / results.CHECKPOINT_FILE, folder / results.PREV_CHECKPOINT_FILE,
                          folder / _NEXT_FILE)
-    with results.atomic_writer(new) as f:
-        torch.save({"format": FORMAT_VERSION, **payload}, f)
+    try:
+        with results.atomic_writer(new) as f:
+            writer = _WriteErrors(f)
+            try:
+                torch.save({"format": FORMAT_VERSION, **payload}, writer)
+            except RuntimeError:  # torch's zip writer hides the OSError it hit ("unexpected pos")
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = f"{latest} is kept" if latest.exists() or prev.exists() else "no earlier checkpoint"
+        raise CheckpointError(
+            f"no space left on the device of {folder}: the checkpoint at step "
+            f"{payload.get('step')} was not written ({kept}); free some space, then run the "
+            f"same command again to resume") from None
     if latest.exists():
         os.replace(latest, prev)
     os.replace(new, latest)
     results.fsync_dir(folder)  # make the renames durable
     return latest
+
+
+class _WriteErrors:
+    """A binary file that remembers the first ``OSError`` its ``write`` raised."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
 
 
 def load(folder: str | os.PathLike) -> tuple[dict[str, Any], Path]:

@@ -186,7 +186,7 @@ def _check_ranges(cfg: Mapping[str, Any]) -> None:
     for key, value in positive.items():
         if value is not None and value < 1:
             raise _fail(key, value, "a positive int" + ("" if key == "log_every" else " or null"))
-    if cfg["grad_clip"] is not None and cfg["grad_clip"] < 0:
+    if cfg["grad_clip"] is not None and not (0 <= cfg["grad_clip"] < math.inf):
         raise _fail("grad_clip", cfg["grad_clip"], "a non-negative float, or null/0 for no clipping")
     diag = cfg["diagnostics"]
     if diag["every"] < 0:
@@ -390,3 +390,14 @@ def validate(cfg: DictConfig, choices: Mapping[str, Any], config_dir: Path = CON
         _coerce_text(cfg[group], load_group_defaults(group, choice, config_dir))
     if isinstance(plain.get("task"), Mapping):
         _check_task_sizes(plain["task"])
+    if isinstance(plain.get("optimizer"), Mapping):
+        _check_optimizer_eps(plain["optimizer"])
+
+
+def _check_optimizer_eps(optimizer: Mapping[str, Any]) -> None:
+    """``eps``-like options guard a division (Adam's ``sqrt(v) + eps``, a normalisation):
+    they must be positive and finite, or the first step divides by zero."""
+    for key, value in optimizer.items():
+        if (key == "eps" or key.endswith("_eps")) and isinstance(value, (int, float)) \
+                and not isinstance(value, bool) and not 0 < value < math.inf:
+            raise _fail(f"optimizer.{key}", value, "a positive finite number")

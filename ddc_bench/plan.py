@@ -73,9 +73,24 @@ def task_spec(task_cfg: Any) -> TaskSpec:
         resolved = resolve_config(cfg, task=name, defaults=module.DEFAULTS, presets=module.PRESETS)
     except ValueError as err:
         raise ConfigError(f"task={name}: {err}") from None
+    _check_model(resolved.get("model") or {})
     return TaskSpec(name=name, size=resolved["size"], steps=resolved["steps"],
                     batch_size=resolved["batch_size"], target=resolved["target"],
                     metrics=tuple(module.METRICS))
+
+
+def _check_model(model: Mapping[str, Any]) -> None:
+    """What a model builder would refuse with a traceback: attention heads that do not
+    divide the width, a dropout probability outside [0, 1)."""
+    width, heads = model.get("width"), model.get("heads")
+    if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
+        raise ConfigError(f"invalid value for 'task.model.heads': {heads} (expected a divisor "
+                          f"of task.model.width={width})")
+    for key, value in model.items():
+        if "dropout" in key and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and not 0 <= value < 1:
+            raise ConfigError(f"invalid value for 'task.model.{key}': {value} (expected a "
+                              f"probability in [0, 1))")
 
 
 @dataclass(frozen=True)

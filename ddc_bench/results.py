@@ -179,6 +179,10 @@ class ResultsDirError(ValueError):
     """``results_dir`` or ``run_name`` cannot hold the run (one-line message)."""
 
 
+#: The longest file or folder name (bytes) of the common file systems (ext4, APFS, NTFS).
+NAME_MAX = 255
+
+
 def run_dir(results_dir: str | os.PathLike, task: str, size: str, optimizer: str,
             variant: str, seed: int) -> Path:
     """The folder of one run (see the module docstring for the layout).
@@ -194,6 +198,12 @@ def run_dir(results_dir: str | os.PathLike, task: str, size: str, optimizer: str
         raise ResultsDirError(
             f"invalid run_name {variant!r}: it must be a single folder name inside results_dir "
             f"(no '/', '..' or absolute path)")
+    size = len(variant.encode("utf-8"))
+    if size > NAME_MAX:
+        raise ResultsDirError(
+            f"the run's folder name {variant[:40]!r}... (run_name, or lr and the overridden "
+            f"keys) is {size} bytes; folder names may have at most {NAME_MAX} bytes: set a "
+            f"shorter run_name")
     return folder
 
 

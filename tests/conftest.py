@@ -212,6 +212,35 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+#: ``sitecustomize.py`` for a child process without network: every connection attempt and
+#: name lookup fails as on a machine without network (what the download tests expect).
+_NO_NETWORK_SITE = """
+import errno, socket
+
+def _unreachable(*args, **kwargs):
+    raise OSError(errno.ENETUNREACH, "Network is unreachable (blocked by the test)")
+
+def _no_lookup(*args, **kwargs):
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (blocked by the test)")
+
+socket.socket.connect = _unreachable
+socket.socket.connect_ex = _unreachable
+socket.create_connection = _unreachable
+socket.getaddrinfo = _no_lookup
+"""
+
+
+@pytest.fixture
+def offline_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for a ``ddc-bench`` subprocess whose sockets are blocked (a
+    ``sitecustomize`` first on ``PYTHONPATH``), so a download test fails as it would
+    offline also on a connected machine."""
+    site = tmp_path_factory.mktemp("no_network_site")
+    (site / "sitecustomize.py").write_text(_NO_NETWORK_SITE)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "HF_HUB_OFFLINE": "0"}
+
+
 @pytest.fixture
 def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """wandb in offline mode writing under ``tmp_path/wandb_dir`` (skips without wandb)."""

@@ -37,6 +37,14 @@ CASES = {
     "text lr_mult": (["lr_mult=abc"], "invalid value for 'lr_mult': 'abc' (expected float)"),
     "run_name leaves results_dir": (["run_name=../../x"], "invalid run_name '../../x'"),
     "unwritable results_dir": (["results_dir=/proc/ddc-bench-results"], "is not writable"),
+    "heads not dividing the width": (["task.model.heads=3", "task.model.width=32"],
+                                     "invalid value for 'task.model.heads': 3 (expected a divisor "
+                                     "of task.model.width=32)"),
+    "dropout above 1": (["task.model.dropout=1.5"],
+                        "invalid value for 'task.model.dropout': 1.5 (expected a probability in [0, 1))"),
+    "grad_clip nan": (["grad_clip=nan"], "invalid value for 'grad_clip': nan"),
+    "eps zero": (["optimizer.eps=0"], "invalid value for 'optimizer.eps': 0"),
+    "run_name too long": ([f"run_name={'a' * 300}"], "is 300 bytes; folder names may have at most 255"),
 }
 
 
@@ -58,27 +66,45 @@ def test_results_dir_that_is_a_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_download_without_network_is_one_line_and_leaves_no_folder(tmp_path):
+def test_bad_value_in_a_multirun_is_one_line_per_run_and_the_sweep_goes_on(tmp_path):
+    proc = ddc_bench("--multirun", *TINY, "task.model.heads=2,3", "task.model.width=32",
+                     "results_dir=res", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    line = _one_line(proc.stderr)
+    assert "invalid value for 'task.model.heads': 3" in line
+    assert "sweep done: 1 finished, 1 failed" in proc.stdout
+
+
+@pytest.mark.slow
+def test_local_text_source_given_a_binary_file_is_one_line(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(bytes(range(256)) * 64)
+    line = _fails_with_one_line(tmp_path, "task=gpt_lm", "task.size=tiny", "hardware=cpu",
+                                "task.data.source=local", "task.data.files=[weights.bin]",
+                                f"task.data.cache_dir={tmp_path / 'cache'}", "results_dir=res")
+    assert "weights.bin is not UTF-8 text" in line and "UTF-8 text files" in line
+
+
+@pytest.mark.slow
+def test_download_without_network_is_one_line_and_leaves_no_folder(tmp_path, offline_env):
     line = _fails_with_one_line(tmp_path, "task=vit_cifar", "task.size=tiny", "hardware=cpu",
                                 "task.data.download=true", "task.data.root=data/cifar",
-                                "results_dir=res")
+                                "results_dir=res", env=offline_env)
     assert "could not fetch the data" in line
     assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.slow
-def test_hub_without_network_is_one_line(tmp_path):
+def test_hub_without_network_is_one_line(tmp_path, offline_env):
     line = _fails_with_one_line(tmp_path, "task=gpt_lm", "task.size=tiny", "hardware=cpu",
                                 "task.data.source=hub", "task.data.name=roneneldan/TinyStories",
                                 f"task.data.cache_dir={tmp_path / 'hf'}", "results_dir=res",
-                                env={"HF_HOME": str(tmp_path / "hf_home")})
+                                env={**offline_env, "HF_HOME": str(tmp_path / "hf_home")})
     assert "task=gpt_lm" in line
     assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.slow
 def test_wandb_online_without_credentials_and_terminal_fails_fast(tmp_path):
-    pytest.importorskip("wandb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), WANDB_MODE="online")
     proc = ddc_bench(*TINY, "logger=wandb", "results_dir=res", cwd=tmp_path, env=env, timeout=120)

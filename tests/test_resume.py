@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -314,3 +316,43 @@ def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path, fake_task, wandb_off
     sessions = sorted((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))
     # wandb names offline sessions offline-run-<time>-<id>[-<n>]: both carry the same id.
     assert len(sessions) == 2 and all(f"-{run_id}" in s.name for s in sessions)
+
+
+class _FullDisk:
+    """A file on a full disk: every write fails with ENOSPC."""
+
+    def __init__(self, file) -> None:
+        self._file = file
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path, fake_task,
+                                                                        monkeypatch):
+    cfg = base_config(tmp_path, steps=6, checkpoint_every=2)
+    real_writer, checkpoints = results.atomic_writer, []
+
+    @contextlib.contextmanager
+    def second_checkpoint_fills_the_disk(path):
+        with real_writer(path) as f:
+            if Path(path).name.startswith(".checkpoint"):
+                checkpoints.append(path)
+            yield _FullDisk(f) if len(checkpoints) == 2 else f
+
+    monkeypatch.setattr(results, "atomic_writer", second_checkpoint_fills_the_disk)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        train.run(cfg, overrides=[])
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("no space left on the device of")
+    assert "checkpoint at step 4 was not written" in message
+    assert "run the same command again to resume" in message
+    folder = results.run_dir(cfg.results_dir, "fake", "tiny", "adamw", "lr0.001", 0)
+    assert checkpoint.load(folder)[0]["step"] == 2  # the last complete one, kept
+    assert not list(folder.glob(".*.tmp"))  # no half-written file left
+    monkeypatch.setattr(results, "atomic_writer", real_writer)
+    summary = train.run(cfg, overrides=[])
+    assert summary["resumed_from"] == [2] and summary["status"] == "finished"
