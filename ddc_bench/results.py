@@ -408,16 +408,23 @@ class MetricsWriter:
         self.close()
 
 
-def read_metrics(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a run's ``metrics.jsonl`` (a torn last line is skipped)."""
+def read_metrics(folder: str | os.PathLike, strict: bool = False) -> list[dict[str, Any]]:
+    """All records of a run's ``metrics.jsonl``. A torn line (a crash mid-write) or a
+    missing file is skipped, or with ``strict`` (a finished run, whose file must be
+    complete) a :class:`MetricsFileError` naming it."""
     records = []
     path = Path(folder) / METRICS_FILE
     if not path.exists():
+        if strict:
+            raise MetricsFileError(f"{METRICS_FILE} is missing")
         return records
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
+            if strict:
+                raise MetricsFileError(f"{METRICS_FILE} line {number} is not a JSON record "
+                                       f"(truncated or damaged)") from None
             continue
     return records
 

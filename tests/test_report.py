@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import random
@@ -409,3 +410,68 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([str(tmp_path), "--target", "val_acc"])
     assert exc.value.code == 2 and "METRIC=VALUE" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# Bad input (issue 20): damaged runs listed, unknown targets, wrong PATHs
+# --------------------------------------------------------------------------------------
+
+def test_runs_without_metrics_or_with_a_torn_last_line_are_skipped_and_listed(tmp_path):
+    summaries = make_tree(tmp_path)
+    missing, torn = Path(summaries[0]["path"]), Path(summaries[1]["path"])
+    (missing / results.METRICS_FILE).unlink()
+    text = (torn / results.METRICS_FILE).read_text()
+    (torn / results.METRICS_FILE).write_text(text[:-20])  # a crash mid-line
+    build_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "**Skipped 2 unreadable runs**" in report
+    assert f"`{missing}: metrics.jsonl is missing`" in report
+    assert f"{torn}: metrics.jsonl line" in report and "truncated or damaged" in report
+    with open(tmp_path / "summary.csv", newline="") as f:
+        paths = {r["path"] for r in csv.DictReader(f)}
+    assert str(missing) not in paths and str(torn) not in paths
+    assert len(paths) == len(summaries) - 2
+
+
+def test_an_unknown_target_metric_is_refused(tmp_path, capsys):
+    make_tree(tmp_path)
+    assert main([str(tmp_path), "--target", "val_acuracy=0.9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--target val_acuracy: no run logs it; the runs log" in err and "val_acc" in err
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_a_file_as_path_and_a_folder_without_runs_of_its_own_are_refused(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main([str(tmp_path / "notes.txt")]) == 2
+    assert "(not a folder)" in capsys.readouterr().err
+    make_tree(tmp_path / "results" / "sweep")  # like the repository root above results/
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no runs of its own" in err
+    assert str(Path("results") / "sweep") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results"]  # nothing written
+    assert main([str(tmp_path / "results" / "sweep")]) == 0  # the results folder itself
+    capsys.readouterr()
+
+
+def test_the_target_mode_of_the_summary_decides_not_the_metric_name(tmp_path):
+    """A target on val_loss declared ``mode: max`` (say, a loss that must rise above a
+    floor): the report's recomputation follows the declared mode."""
+    summaries = make_tree(tmp_path)
+    for s in summaries:
+        if s["task"] == "tinylm":
+            path = Path(s["path"]) / results.SUMMARY_FILE
+            data = json.loads(path.read_text())
+            data["target"]["mode"] = "max"
+            results.write_json(path, data)
+    build_report(tmp_path, {"val_loss": 100.0})  # max: no loss is ever >= 100
+    with open(tmp_path / "summary.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["task"] == "tinylm"]
+    assert rows and all(r["target_mode"] == "max" and r["target_step"] == "" for r in rows)
+    build_report(tmp_path, {"val_loss": 0.0})  # max: every logged loss is >= 0 at once
+    with open(tmp_path / "summary.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["task"] == "tinylm"]
+    first_eval = min(r["step"] for r in results.read_metrics(rows[0]["path"]) if "val_loss" in r)
+    assert all(r["target_step"] == str(first_eval) for r in rows if r["status"] == "finished")

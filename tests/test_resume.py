@@ -356,3 +356,29 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path,
     monkeypatch.setattr(results, "atomic_writer", real_writer)
     summary = train.run(cfg, overrides=[])
     assert summary["resumed_from"] == [2] and summary["status"] == "finished"
+
+
+def test_metrics_shorter_than_the_checkpoint_records_is_one_line(tmp_path, fake_task, monkeypatch):
+    cfg, folder = _interrupted(tmp_path, monkeypatch)
+    metrics = folder / results.METRICS_FILE
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines[:-2]))  # lines lost after the checkpoint was written
+    with pytest.raises(results.MetricsFileError) as err:
+        train.run(cfg, overrides=[])
+    message = str(err.value)
+    assert "\n" not in message and str(metrics) in message and "resume=false" in message
+    assert not results.lock_path(folder).exists()
+
+
+@pytest.mark.slow
+def test_metrics_shorter_than_the_checkpoint_records_is_one_line_through_the_command(tmp_path):
+    args = ["task=grok_modadd", "task.size=tiny", "hardware=cpu", "progress=false", "steps=6",
+            "log_every=1", "results_dir=res"]
+    stopped = _stop_at_step("3", args, tmp_path)
+    assert stopped.returncode == train.EXIT_PREEMPTED, stopped.stderr
+    (metrics,) = (tmp_path / "res").rglob(results.METRICS_FILE)
+    metrics.write_text("")
+    resumed = ddc_bench(*args, cwd=tmp_path)
+    assert resumed.returncode == 1
+    lines = [ln for ln in resumed.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ddc-bench: error: ") and "is shorter" in lines[0]

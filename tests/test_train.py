@@ -194,6 +194,17 @@ def test_target_reached_and_not_reached(tmp_path, fake_task):
     assert summary["target"]["step"] is None and summary["target"]["time_s"] is None
 
 
+def test_the_declared_target_mode_is_used_and_stored_in_the_summary(tmp_path, fake_task):
+    """One rule for "target reached": the task's ``mode``, not the metric's name. A
+    ``val_acc`` target with ``mode: min`` at 1.0 is met by the first evaluation."""
+    fake_task.target = {"metric": "val_acc", "value": 1.0, "mode": "min"}
+    cfg = base_config(tmp_path, steps=4, eval_every=2)
+    summary = train.run(cfg, overrides=[])
+    assert summary["target"]["mode"] == "min" and summary["target"]["step"] == 2
+    on_disk = json.loads((_folder(cfg) / results.SUMMARY_FILE).read_text())
+    assert on_disk["target"]["mode"] == "min"
+
+
 def test_target_metric_typo_is_an_error(tmp_path, fake_task):
     fake_task.target = {"metric": "val_accuracy", "value": 0.5, "mode": "max"}
     with pytest.raises(ConfigError, match="task.target.metric='val_accuracy' is not an evaluation metric"):

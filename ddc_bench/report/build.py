@@ -51,12 +51,35 @@ def _check_root(root: Path, df: pd.DataFrame) -> None:
     if results.is_finished(root):
         raise ReportError(f"{root} is a run folder; point ddc-bench-report at a folder "
                           f"above it (report files are never written into run folders)")
+    # A run lives at <results_dir>/<task>-<size>/<optimizer>/<variant>/seed<S>: PATH must be
+    # a results_dir or a folder inside one, not a folder that merely contains results
+    # folders (the repository root): the report's files would land among other things.
+    here = root.resolve()
+    homes = sorted({Path(p).resolve().parents[3] for p in df["path"]})
+    if not any(here == home or home in here.parents for home in homes):
+        shown = ", ".join(str(h.relative_to(here)) if here in h.parents else str(h)
+                          for h in homes[:3])
+        raise NoFinishedRunsError(
+            f"{root} holds no runs of its own (runs are in results folders below it: "
+            f"{shown}{', ...' if len(homes) > 3 else ''}); point ddc-bench-report at one of them")
     plots = (root / PLOTS_DIR).resolve()
     for p in df["path"]:
         rp = Path(p).resolve()
         if rp == plots or plots in rp.parents:
             raise ReportError(f"{root / PLOTS_DIR} holds runs; it cannot be used for plots "
                               f"(point ddc-bench-report at a folder above it)")
+
+
+def _check_target_metrics(override: dict[str, float],
+                          metrics_cache: dict[str, list[dict[str, Any]]]) -> None:
+    """Every ``--target`` metric must be one that some run logs (a misspelt metric would
+    otherwise change nothing)."""
+    logged = {k for records in metrics_cache.values() for r in records for k in r
+              if k not in ("step", "train_time_s", "lr", "loss", "units_per_s")}
+    unknown = [m for m in override if m not in logged]
+    if unknown:
+        raise ReportError(f"--target {', '.join(unknown)}: no run logs it; the runs log "
+                          f"{', '.join(sorted(logged)) or 'no evaluation metric'}")
 
 
 def _intro(root: Path, df: pd.DataFrame, override: dict[str, float]) -> list[str]:
@@ -240,7 +263,8 @@ def build_report(root: str | os.PathLike, target: dict | None = None) -> dict[st
     """
     root = Path(root)
     if not root.is_dir():
-        raise NoFinishedRunsError(f"no finished runs under {root} (no such folder)")
+        why = "not a folder" if root.exists() else "no such folder"
+        raise NoFinishedRunsError(f"no finished runs under {root} ({why})")
     override = normalise_target(target)
     metrics_cache: dict[str, list[dict[str, Any]]] = {}
     skipped: list[str] = []
@@ -249,6 +273,7 @@ def build_report(root: str | os.PathLike, target: dict | None = None) -> dict[st
         extra = f" ({len(skipped)} unreadable: {skipped[0]})" if skipped else ""
         raise NoFinishedRunsError(f"no finished runs under {root}{extra}")
     _check_root(root, df)
+    _check_target_metrics(override, metrics_cache)
     try:
         return _write(root, df, override, metrics_cache, skipped)
     except PermissionError as exc:

@@ -17,12 +17,11 @@ from typing import Any
 import pandas as pd
 
 from ddc_bench import results
-from ddc_bench.results import higher_is_better
 
 #: Leading columns of summary.csv, in order; metric columns follow, then the rest.
 ID_COLUMNS = ["task", "task_size", "optimizer", "variant", "variant_keys", "lr", "base_lr",
               "lr_mult", "weight_decay", "seed", "status", "diverged", "steps", "steps_done"]
-TAIL_COLUMNS = ["target_metric", "target_value", "target_step", "target_time_s",
+TAIL_COLUMNS = ["target_metric", "target_value", "target_mode", "target_step", "target_time_s",
                 "step_time_ms", "units_per_s", "unit", "train_time_s", "wall_time_s",
                 "peak_memory_mb", "git_commit", "device", "path"]
 #: What identifies one setting of one optimizer (seeds are its repetitions).
@@ -47,16 +46,17 @@ def metric_sort_key(metric: str) -> tuple[int, int, str]:
     return 4, 0, metric
 
 
-def reached(value: Any, threshold: float, metric: str) -> bool:
-    """Whether ``value`` meets the target ``threshold`` of ``metric``."""
-    if not finite(value):
-        return False
-    return value >= threshold if higher_is_better(metric) else value <= threshold
+def reached(value: Any, threshold: float, metric: str, mode: str | None = None) -> bool:
+    """Whether ``value`` meets the target ``threshold`` of ``metric``: the training loop's
+    rule (:func:`ddc_bench.results.target_reached`) with the target's declared ``mode``
+    (inferred from the metric's name only where none was recorded)."""
+    return finite(value) and results.target_reached(float(value), threshold,
+                                                    results.target_mode(metric, mode))
 
 
-def target_text(metric: str, value: float) -> str:
+def target_text(metric: str, value: float, mode: str | None = None) -> str:
     """``val_acc ≥ 0.9`` / ``val_loss ≤ 2``."""
-    return f"{metric} {'≥' if higher_is_better(metric) else '≤'} {value:g}"
+    return f"{metric} {'≥' if results.target_mode(metric, mode) == 'max' else '≤'} {value:g}"
 
 
 def normalise_target(target: dict | None) -> dict[str, float]:
@@ -68,19 +68,22 @@ def normalise_target(target: dict | None) -> dict[str, float]:
     return {str(k): float(v) for k, v in target.items()}
 
 
-def _target_from_metrics(records: list[dict[str, Any]], target: dict[str, float]
-                         ) -> dict[str, Any] | None:
+def _target_from_metrics(records: list[dict[str, Any]], target: dict[str, float],
+                         own: dict[str, Any]) -> dict[str, Any] | None:
     """Recompute a run's target from its evaluation lines; the first metric of ``target``
-    that the run logs applies (so one call can serve val_acc and val_loss tasks)."""
+    that the run logs applies (so one call can serve val_acc and val_loss tasks). The
+    direction is the run's own target ``mode`` when ``own`` (its summary's target) is on
+    the same metric."""
     for metric, value in target.items():
         lines = [r for r in records if metric in r]
         if not lines:
             continue
+        mode = results.target_mode(metric, own.get("mode") if own.get("metric") == metric else None)
         for r in lines:
-            if reached(r[metric], value, metric):
-                return {"metric": metric, "value": value, "step": r.get("step"),
+            if reached(r[metric], value, metric, mode):
+                return {"metric": metric, "value": value, "mode": mode, "step": r.get("step"),
                         "time_s": r.get("train_time_s")}
-        return {"metric": metric, "value": value, "step": None, "time_s": None}
+        return {"metric": metric, "value": value, "mode": mode, "step": None, "time_s": None}
     return None
 
 
@@ -124,9 +127,11 @@ def _flatten(summary: dict[str, Any], target_override: dict[str, float],
             row[f"{kind}_{metric}"] = value
     target = summary.get("target") or {}
     if target_override:
-        target = _target_from_metrics(records, target_override) or {}
+        target = _target_from_metrics(records, target_override, target) or {}
     row["target_metric"] = target.get("metric")
     row["target_value"] = target.get("value")
+    row["target_mode"] = (results.target_mode(target["metric"], target.get("mode"))
+                          if target.get("metric") else None)
     row["target_step"] = target.get("step")
     row["target_time_s"] = target.get("time_s") if target.get("step") is not None else None
     for k in ("step_time_ms", "units_per_s", "unit", "train_time_s", "wall_time_s",
@@ -157,7 +162,9 @@ def _read_run(folder: os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]
     if missing:
         raise ValueError(f"{results.SUMMARY_FILE} lacks {', '.join(missing)}")
     try:
-        records = results.read_metrics(folder)
+        records = results.read_metrics(folder, strict=True)
+    except results.MetricsFileError as exc:
+        raise ValueError(str(exc)) from None
     except UnicodeDecodeError:
         raise ValueError(f"{results.METRICS_FILE} has undecodable bytes") from None
     except OSError as exc:
