@@ -1,6 +1,7 @@
 # ddc-bench: the two commands of the README, and their set-up.
 #   make quickstart   set up everything, then run an offline DDC vs AdamW comparison
-#   make test         set up everything, then run the test suite (slow tests excluded)
+#   make test         set up everything (every extra a test needs), then run the test suite
+#                     (slow tests excluded; skipped tests are listed with their reason)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[test,wandb,cluster]'
+	$(BIN)/python -m pip install --quiet -e '.[test,wandb,cluster,hf,zoo]'
 	touch $@
 
 quickstart: install

@@ -70,7 +70,7 @@ def test_quickstart_sweeps_adamw_and_ddc_over_two_lrs_and_two_seeds():
 
 
 def test_slurm_sweep_config_selects_the_submitit_launcher():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import hydra_plugins.hydra_submitit_launcher  # noqa: F401 - the cluster extra, installed by make
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -87,7 +87,7 @@ def test_slurm_sweep_config_selects_the_submitit_launcher():
 
 
 def test_cluster_sweeps_are_overridable_and_submitit_local_uses_the_local_executor():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import hydra_plugins.hydra_submitit_launcher  # noqa: F401 - the cluster extra, installed by make
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+import ddc
 import tasks
 from tasks import TASKS, build_task
 from tasks.config import SIZES, meta_param_count
@@ -294,7 +295,6 @@ GAUGE_VARIANTS = [
 
 @pytest.mark.parametrize("name,model_cfg", GAUGE_VARIANTS)
 def test_declared_gauges_are_exact(name, model_cfg, corpus_cache, cifar_root):
-    ddc = pytest.importorskip("ddc")
     from ddc.gauges import HeadRotation, HeadRotationVO, LogitShift, NormGain, UnitRescale
 
     torch.manual_seed(0)
@@ -335,7 +335,6 @@ def test_task_loss_keeps_float64(name, corpus_cache, cifar_root):
     """The harness verifies DDC's gauges with the task's own loss on a float64 copy of the
     model: a float32 cast inside the loss would read as a broken symmetry (it made seed 1 of
     gpt_lm tiny fail with a LogitShift 'not a symmetry' at 8.5e-8)."""
-    ddc = pytest.importorskip("ddc")
     task = build_task(tiny_cfg(name, corpus_cache, cifar_root))
     batch = tuple(t[:4] for t in next(iter(task.train_batches(seed=0))))
     for seed in range(4):
@@ -374,7 +373,6 @@ def test_rope_scores_depend_on_relative_position_only():
 def test_rope_layout_is_the_declared_one(corpus_cache, cifar_root):
     """The gauge declares ``rope="interleaved"``: the other layout must not be a symmetry
     of this model (so the declaration and the implementation really agree)."""
-    ddc = pytest.importorskip("ddc")
     from ddc.gauges import HeadRotation
 
     torch.manual_seed(0)
