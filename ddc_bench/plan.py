@@ -58,13 +58,33 @@ class TaskSpec:
     metrics: tuple[str, ...]
 
 
+def task_config(task_cfg: Any) -> dict[str, Any]:
+    """The task config as plain data, its target chosen for the run's size.
+
+    A task YAML states calibrated targets per size (``task.target.by_size``: size →
+    value, each with its source); ``task.target.value``, when set, wins. What comes back
+    has a plain ``target`` (``metric``, ``value``, ``mode``), as ``tasks`` expects: this is
+    what runs build their task from and what ``config.yaml`` records."""
+    from tasks.config import to_plain
+
+    cfg = to_plain(task_cfg)
+    target = cfg.get("target") if isinstance(cfg, dict) else None
+    if isinstance(target, Mapping) and "by_size" in target:
+        target = dict(target)
+        by_size = target.pop("by_size") or {}
+        if target.get("value") is None and isinstance(by_size, Mapping):
+            target["value"] = by_size.get(cfg.get("size") or "tiny")
+        cfg["target"] = target
+    return cfg
+
+
 def task_spec(task_cfg: Any) -> TaskSpec:
     """Resolve a task config through its module's ``DEFAULTS``/``PRESETS``/``METRICS``
     (the convention of ``tasks/config.py``) without loading any data."""
     from tasks import TASKS
-    from tasks.config import resolve_config, to_plain
+    from tasks.config import resolve_config
 
-    cfg = to_plain(task_cfg)
+    cfg = task_config(task_cfg)
     name = cfg.get("name")
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
@@ -273,6 +293,7 @@ def make_plan(cfg: DictConfig, overrides: list[str], spec: TaskSpec | None = Non
     folder = results.run_dir(cfg.results_dir, spec.name, spec.size, name, variant, int(cfg.seed))
 
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    resolved["task"] = task_config(cfg.task)  # the target of the run's size, as trained
     diag = resolved.get("diagnostics") or {}
     return RunPlan(
         cfg=cfg, resolved=resolved, overrides=list(overrides), task=spec, seed=int(cfg.seed),

@@ -215,7 +215,7 @@ def _train(plan: RunPlan, hooks: Sequence[StepHook], started_at: dt.datetime,
 
     # ---- 2. set-up: task, model, optimizer, schedule ----------------------------------
     seed_everything(plan.seed)  # before build_model: the initialisation draws from torch's RNG
-    task = build_task_cleanly(plan.cfg.task, plan.num_workers, build=_build_task)
+    task = build_task_cleanly(plan.resolved["task"], plan.num_workers, build=_build_task)
     model = task.build_model().to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     threads = resolve_threads(plan.threads_setting, sum(p.numel() for p in params))
