@@ -107,6 +107,46 @@ def test_cluster_sweeps_are_overridable_and_submitit_local_uses_the_local_execut
 
 # --------------------------------------------------------------------------------------
 # Bad input, in-process: one line naming the key and the expected type
+def test_bench_config_is_configs_config_yaml():
+    """BenchConfig (the schema) and configs/config.yaml (the defaults) state the same keys
+    and the same default values: nothing ties them otherwise."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from ddc_bench.config import CONFIG_DIR, BenchConfig
+
+    yaml = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml"))
+    for key in ("defaults", "hydra"):
+        yaml.pop(key)
+    schema = dataclasses.asdict(BenchConfig())
+    groups = {"task", "optimizer", "hardware", "logger"}  # typed by their YAMLs instead
+    assert set(schema) - groups == set(yaml)
+    assert {k: v for k, v in schema.items() if k not in groups} == yaml
+
+
+@pytest.mark.parametrize("overrides, value", [
+    (["task=gpt_lm", "task.size=tiny"], 1.92),
+    (["task=gpt_lm", "task.size=small"], 2.19),
+    (["task=gpt_lm", "task.size=paper"], None),
+    (["task=gpt_lm", "task.size=small", "task.target.value=1.5"], 1.5),
+    (["task=gpt_lm", "task.size=small", "task.target.by_size.small=2.0"], 2.0),
+    (["task=grok_modadd", "task.size=small"], 0.98),
+    (["task=grok_modadd", "task.size=tiny"], 0.99),
+    (["task=vit_cifar", "task.size=small"], None),
+])
+def test_the_target_of_a_task_is_chosen_by_size(overrides, value, tmp_path):
+    from ddc_bench.plan import make_plan
+
+    cfg, choices = compose([*overrides, "hardware=cpu", f"results_dir={tmp_path}"])
+    validate(cfg, choices)
+    plan = make_plan(cfg, [])
+    target = plan.task.target
+    assert (target and target["value"]) == value
+    recorded = plan.resolved["task"]["target"]  # what config.yaml holds and runs build from
+    assert "by_size" not in recorded and recorded["value"] == value
+
+
 # --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, message", [
