@@ -8,9 +8,10 @@ fields of ``configs/optimizer/<name>.yaml`` other than ``name``, and returns a
 ``loss_fn(model, batch) -> loss`` (DDC checks its gauge declarations with it).
 
 The baselines come from ``baselines.BASELINES``; ``ddc`` and ``ddc_muon`` build
-``ddc.DDC(model, **options)`` (the two YAMLs differ only in their options). Both packages
-are imported lazily, when an optimizer is built, so the harness works (and fails with a
-clear message) while one of them is missing.
+``ddc.DDC(model, **options)`` (the two YAMLs differ only in their options). The baselines
+share the parameter-grouping rule and the Muon kernels with DDC (``ddc.param_groups``,
+``ddc.muon_kernels``); the DDC optimizer itself is imported only when a DDC variant is
+built. Both are imported when the registry is first read, not when this module is.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _build_ddc(model: nn.Module, *, loss_fn: LossFn | None = None,
     """``ddc.DDC``: clipping measured in DDC's canonical frame, and (given the task's
     loss) a start-up check that the model's declared gauges are exact symmetries, which
     DDC relies on."""
-    from ddc import DDC  # lazy: the harness must not need DDC to run the baselines
+    from ddc import DDC  # lazy: only DDC runs import the optimizer
 
     optimizer = DDC(model, **options)
 
