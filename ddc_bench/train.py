@@ -225,8 +225,10 @@ def _train(plan: RunPlan, hooks: Sequence[StepHook], started_at: dt.datetime,
                                    loss_fn=lambda m, b: task.loss(m, b)[0])
     except (ValueError, TypeError, KeyError) as err:  # a bad option (e.g. optimizer.lr=-1)
         raise ConfigError(f"optimizer={plan.optimizer_name}: {first_line(err)}") from None
+    # An optimizer that schedules itself gets a constant schedule that is never stepped (the
+    # checkpoint format stays one).
     schedule = plan.schedule if training.external_schedule else {
-        **plan.schedule, "warmup_steps": 0, "kind": "constant"}  # the optimizer schedules itself
+        **plan.schedule, "warmup_steps": 0, "kind": "constant"}
     state = RunState(model, training.optimizer, build_scheduler(training.optimizer, **schedule))
     if training.startup_check is not None:
         _startup_check(plan, task, model, training.startup_check)
@@ -434,7 +436,8 @@ def train_step(plan: RunPlan, state: RunState, training: TrainingOptimizer, task
         optimizer.step(closure)
     else:
         optimizer.step()
-    state.scheduler.step()  # constant when the optimizer schedules itself
+    if training.external_schedule:  # else the optimizer's own lr stays as it set it
+        state.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_value
 

@@ -519,13 +519,28 @@ def test_needs_closure_passes_a_closure_that_recomputes_the_loss(tmp_path, fake_
 
 
 def test_without_external_schedule_the_loop_leaves_the_lr_alone(tmp_path, fake_task, monkeypatch):
-    built = _use_optimizer(monkeypatch, external_schedule=False)
-    cfg = base_config(tmp_path / "a", steps=5, log_every=1, **{"schedule.warmup_steps": 2})
+    class HalvingSGD(RecordingSGD):
+        """Schedules itself: halves its lr after every step."""
+
+        def step(self, closure=None):
+            out = super().step(closure)
+            for group in self.param_groups:
+                group["lr"] *= 0.5
+            return out
+
+    built: dict = {}
+
+    def build(model, cfg, loss_fn=None):
+        built["optimizer"] = HalvingSGD(model.parameters(), lr=cfg["lr"])
+        return TrainingOptimizer(built["optimizer"], external_schedule=False)
+
+    monkeypatch.setattr(train, "build_optimizer", build)
+    cfg = base_config(tmp_path / "a", steps=4, log_every=1, **{"schedule.warmup_steps": 2})
     train.run(cfg, overrides=[])
-    assert built["optimizer"].lrs == [1e-3] * 5
-    assert [r["lr"] for r in results.read_metrics(_folder(cfg)) if "loss" in r] == [1e-3] * 5
-    built = _use_optimizer(monkeypatch)
-    train.run(base_config(tmp_path / "b", steps=5, log_every=1, **{"schedule.warmup_steps": 2}),
+    assert built["optimizer"].lrs == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])
+    assert [r["lr"] for r in results.read_metrics(_folder(cfg)) if "loss" in r] == [1e-3] * 4
+    built = _use_optimizer(monkeypatch)  # external schedule: the warmup applies
+    train.run(base_config(tmp_path / "b", steps=4, log_every=1, **{"schedule.warmup_steps": 2}),
               overrides=[])
     assert built["optimizer"].lrs[:2] == pytest.approx([5e-4, 1e-3])
 
