@@ -16,7 +16,7 @@ from ddc_bench import provenance, results
 from ddc_bench.config import ConfigError
 from ddc_bench.optimizers import registry
 from ddc_bench.perf.measure import measure_overhead, measure_scaling, measure_task, profile_step
-from ddc_bench.perf.report import OUTPUT_FILES, _load_average, _markdown, steps_table, write_report
+from ddc_bench.perf.report import OUTPUT_FILES, load_average, markdown, steps_table, write_report
 from ddc_bench.perf.setup import (ADAMW_COMPILED, REFERENCE, TASK_NAMES, VARIANTS, PerfError,
                                   build_task_or_fail, task_config)
 
@@ -127,7 +127,7 @@ def run_perf(args: argparse.Namespace, command: str = "ddc-bench-perf") -> dict[
     all_names = [reference] + [n for n in names if n != reference]
     header = (f"device: {prov['device']}; torch {torch.__version__}; threads {threads}; "
               f"git {str(prov['git_commit'])[:10]}{' (dirty)' if prov['git_dirty'] else ''}; {started:%Y-%m-%d %H:%M} UTC"
-              f"; load average at start {_load_average()}")
+              f"; load average at start {load_average()}")
     print(f"[ddc-bench-perf] {header}")
 
     step_rows: list[dict[str, Any]] = []
@@ -140,7 +140,7 @@ def run_perf(args: argparse.Namespace, command: str = "ddc-bench-perf") -> dict[
               f"{args.warmup}+{args.steps} steps, round-robin", flush=True)
         rows = measure_task(task, cfg, all_names, device, args.steps, args.warmup)
         step_rows += rows
-        print(_markdown(steps_table(rows)), flush=True)
+        print(markdown(steps_table(rows)), flush=True)
         if i == 0 and overhead_names:
             print(f"[ddc-bench-perf] harness overhead on {name}-{args.size}: {args.warmup}+"
                   f"{args.overhead_steps} steps, runner and bare loop interleaved", flush=True)

@@ -41,7 +41,7 @@ def steps_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     } for r in rows])
 
 
-def _load_average() -> str:
+def load_average() -> str:
     """The 1-minute load average and the CPU count, e.g. ``3.9 on 2 CPUs`` (n/a off Unix)."""
     try:
         return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
@@ -49,7 +49,7 @@ def _load_average() -> str:
         return "n/a"
 
 
-def _markdown(frame: pd.DataFrame) -> str:
+def markdown(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False)
 
 
@@ -71,7 +71,7 @@ def write_report(out: Path, args: argparse.Namespace, command: str, header: str,
           "none can happen on the CPU); *scalar reads/step*: `.item()`-like reads on any "
           "device (each would wait for a GPU); means over 4 steps; a compiled step's fused "
           "kernels are not seen by the dispatcher (0).\n",
-          "## Step time, state and memory\n", _markdown(steps_table(step_rows)), ""]
+          "## Step time, state and memory\n", markdown(steps_table(step_rows)), ""]
     results.atomic_write_text(out / "steps.csv", pd.DataFrame(step_rows).to_csv(index=False))
     results.atomic_write_bytes(out / "steps.png", steps_chart(
         step_rows, reference, f"ratios to {reference}; size {args.size}, {prov['device']}"))
@@ -83,8 +83,8 @@ def write_report(out: Path, args: argparse.Namespace, command: str, header: str,
                                "overhead": f"{100 * r['overhead']:+.1f}%"} for r in overhead_rows])
         results.atomic_write_text(out / "overhead.csv", pd.DataFrame(overhead_rows).to_csv(index=False))
         md += ["## Harness overhead\n", f"Method: {overhead_rows[0]['method']}; grad_clip off.\n",
-               _markdown(frame), ""]
-        print(_markdown(frame))
+               markdown(frame), ""]
+        print(markdown(frame))
     if scale_rows:
         frame = pd.DataFrame(scale_rows)
         ref_ms = {(r["model"]): r["step_ms"] for r in scale_rows if r["optimizer"] == reference}
@@ -96,8 +96,8 @@ def write_report(out: Path, args: argparse.Namespace, command: str, header: str,
         results.atomic_write_bytes(out / "scaling.png", scaling_chart(
             scale_rows, f"{args.scale_task}: optimizer.step() vs size; {prov['device']}"))
         md += ["## Scaling\n", "optimizer.step() on the gradients of one batch (median).\n",
-               _markdown(shown), "", "![scaling](scaling.png)\n"]
-        print(_markdown(shown))
+               markdown(shown), "", "![scaling](scaling.png)\n"]
+        print(markdown(shown))
     if profile_text is not None:
         path = out / f"profile-{args.profile}.txt"
         if path.exists():
@@ -106,7 +106,7 @@ def write_report(out: Path, args: argparse.Namespace, command: str, header: str,
         md += [f"## Profile of `{args.profile}`\n", "```", profile_text, "```", ""]
     # Other processes slow every optimizer alike (the rounds interleave them), but they widen
     # the spread; the load average says how busy the machine was.
-    md.insert(2, f"load average at the end {_load_average()}  ")
+    md.insert(2, f"load average at the end {load_average()}  ")
     results.atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     print(f"[ddc-bench-perf] wrote {out}/report.md, steps.csv, steps.png"
           + (", overhead.csv" if overhead_rows else "") + (", scaling.csv, scaling.png" if scale_rows else ""))
