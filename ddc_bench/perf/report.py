@@ -50,6 +50,7 @@ def load_average() -> str:
 
 
 def markdown(frame: pd.DataFrame) -> str:
+    """``frame`` as a markdown table (no index)."""
     return frame.to_markdown(index=False)
 
 
