@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from ddc_bench.plan import task_config
 from tasks import build_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "task"
@@ -36,7 +37,7 @@ def build_case(case: str, cifar_root: Path) -> tuple[Any, nn.Module]:
     cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / f"{name}.yaml"), {"size": "tiny"}, overrides)
     if "root" in cfg.get("data", {}):
         cfg.data.root = str(cifar_root)
-    task = build_task(cfg)
+    task = build_task(task_config(cfg))  # the YAML's target.by_size, resolved as a run does
     torch.manual_seed(0)
     return task, task.build_model()
 

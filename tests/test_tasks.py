@@ -181,13 +181,18 @@ def test_explicit_fields_override_the_preset(corpus_cache):
 
 
 def test_omegaconf_node_from_the_yaml_builds(corpus_cache):
-    """The runner passes ``cfg.task``, a DictConfig composed from configs/task/NAME.yaml."""
+    """The runner builds from ``cfg.task`` (a DictConfig composed from
+    configs/task/NAME.yaml) through ``ddc_bench.plan.task_config``, which chooses the
+    target of the size from the YAML's ``target.by_size``."""
+    from ddc_bench.plan import task_config
+
     node = OmegaConf.load(CONFIG_DIR / "gpt_lm.yaml")
     node.data.cache_dir = corpus_cache
     node.model.depth = 1
-    task = build_task(node)
+    task = build_task(task_config(node))
     assert len(task.build_model().blocks) == 1
-    assert task.target == {"metric": "val_loss", "value": 1.5, "mode": "min"}  # the YAML's
+    tiny = OmegaConf.to_container(node.target.by_size)["tiny"]  # size null: tiny
+    assert task.target == {"metric": "val_loss", "value": tiny, "mode": "min"}
 
 
 def test_hydra_composition_reaches_the_builder(corpus_cache):
@@ -197,7 +202,9 @@ def test_hydra_composition_reaches_the_builder(corpus_cache):
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=["task=grok_modadd", "task.size=tiny",
                                            "task.model.depth=2", "task.data.op=mul"])
-    task = build_task(cfg.task)
+    from ddc_bench.plan import task_config
+
+    task = build_task(task_config(cfg.task))
     assert len(task.build_model().blocks) == 2
     assert task.op == "mul" and task.p == tasks.grok_modadd.PRESETS["tiny"]["data"]["p"]
     assert task.target == {"metric": "val_acc", "value": 0.99, "mode": "max"}
