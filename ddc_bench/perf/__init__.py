@@ -66,6 +66,6 @@ process on the CPU), :mod:`~ddc_bench.perf.charts` and :mod:`~ddc_bench.perf.rep
 
 
 from ddc_bench.perf.cli import main, run_perf
-from ddc_bench.perf.setup import TASK_NAMES, PerfError
+from ddc_bench.perf.setup import TASK_NAMES, PerfError, build_named_optimizer
 
-__all__ = ["main", "run_perf", "PerfError", "TASK_NAMES"]
+__all__ = ["main", "run_perf", "PerfError", "TASK_NAMES", "build_named_optimizer"]
