@@ -461,7 +461,8 @@ class DDC(Optimizer):
         gradients as they are. Every gradient is then multiplied by
         ``min(1, max_norm / (total + 1e-6))``, exactly as torch does; multiplying the raw
         gradient by a number multiplies the canonical one by the same number. Returns the
-        total norm (a tensor). ``foreach`` is accepted for torch's signature and ignored.
+        total norm (a tensor); where a gradient is not finite, torch's total (``inf`` for an
+        infinite gradient, ``nan`` for a nan). ``foreach`` is accepted for torch's signature and ignored.
         Call it after ``backward()`` and before ``step()`` (it also warm-starts the frame
         solve of the coming step).
         """
@@ -474,16 +475,23 @@ class DDC(Optimizer):
                     grads[p] = p.grad.detach()
         if not grads:
             return torch.tensor(0.0)
+        device = next(iter(grads)).grad.device
+        # torch's total of the raw gradients: where it is not finite (an inf or nan
+        # gradient), DDC returns it as torch does. The canonical one would read nan for an
+        # inf in a centred readout (inf − inf). Finiteness is the same along a gauge orbit.
+        raw_total = torch.linalg.vector_norm(torch.stack([
+            torch.linalg.vector_norm(g.float() if g.dtype in _LOW_PRECISION else g, norm_type).to(device)
+            for g in grads.values()]), norm_type)
         frame = self._frame
         if any(p in grads for p in frame.params):
             canonical = self._to_canonical()[1]
             for p, g in zip(frame.params, canonical):
                 if p in grads and g is not None:
                     grads[p] = g
-        device = next(iter(grads)).grad.device
         norms = [torch.linalg.vector_norm(g.float() if g.dtype in _LOW_PRECISION else g, norm_type).to(device)
                  for g in grads.values()]
         total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        total = torch.where(torch.isfinite(raw_total), total.to(raw_total.dtype), raw_total)
         if error_if_nonfinite and not torch.isfinite(total):
             raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite, so it "
                                f"cannot be clipped; pass error_if_nonfinite=False to clip anyway")
