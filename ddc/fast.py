@@ -907,8 +907,11 @@ def _lyapunov(plan: FastPlan, block: int, gram: torch.Tensor, rhs: torch.Tensor,
             return generator
     eigvals, eigvecs = torch.linalg.eigh(gram)
     if cg:
-        plan.rotation_basis[block] = eigvecs
-        _store_basis(opt, plan, block, eigvecs)
+        # Row-major, as the basis loaded from a checkpoint is (``_load_basis`` concatenates):
+        # eigh's column-major eigenvectors would give the CG's products other round-off in
+        # the run than after a resume, and the resumed run would not continue bitwise.
+        basis = plan.rotation_basis[block] = eigvecs.contiguous()
+        _store_basis(opt, plan, block, basis)
     plan.rotation_solves["eigh"] += 1
     rhs_eig = eigvecs.transpose(1, 2) @ rhs @ eigvecs
     denom = eigvals.unsqueeze(-1) + eigvals.unsqueeze(-2)

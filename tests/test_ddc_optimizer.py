@@ -154,6 +154,31 @@ def test_state_dict_round_trip_continues_identically(rotation_solve):
         assert torch.equal(a, b)
 
 
+def test_cg_basis_has_the_same_layout_in_the_run_and_after_a_resume():
+    """``rotation_solve="cg"`` keeps an eigenbasis per head; a resumed run must hold it in the
+    same memory layout as the uninterrupted one (a batched matmul's round-off depends on the
+    strides: eigh's column-major eigenvectors against the row-major tensors a checkpoint
+    gives back), else the two runs part in the last bits."""
+    model = TinyTransformer().double()
+    batches = make_batches(model, 6)
+    optimizer = DDC(model, lr=1e-2, weight_decay=0.1, rotation_solve="cg")
+    train(model, optimizer, batches[:3])
+    saved_model, saved_state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    resumed = TinyTransformer().double()
+    resumed.load_state_dict(saved_model)
+    resumed_opt = DDC(resumed, lr=1e-2, weight_decay=0.1, rotation_solve="cg")
+    resumed_opt.load_state_dict(saved_state)
+    train(model, optimizer, batches[3:4])
+    train(resumed, resumed_opt, batches[3:4])
+    run, after = optimizer._fast_plan.rotation_basis, resumed_opt._fast_plan.rotation_basis
+    assert run and run.keys() == after.keys()
+    for block in run:
+        assert run[block].stride() == after[block].stride()
+        assert torch.equal(run[block], after[block])
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_lr_scheduler_scales_the_step():
     model = TinyTransformer().double()
     batch = make_batches(model, 1)[0]
