@@ -79,9 +79,21 @@ class DDC(Optimizer):
         dead_mode: ``"freeze"`` (default): updates never move along gauge orbits, and
             the scale-gauge coordinates stay exactly where they are; ``"free"``: the base
             step's own component along the orbits is kept (still equivariant).
-        balance_tol, balance_max_iter: stopping rule of the balancing solve (Newton steps),
-            in log-scale units; ``None`` picks 1e-12 for float64 and 1e-6 otherwise. If
-            the cap is reached DDC warns once, naming the gauges.
+        balance_tol, balance_max_iter: stopping rule of the adaptive balancing solve
+            (Newton steps), in log-scale units; ``None`` picks 1e-12 for float64 and 1e-6
+            otherwise. If the cap is reached DDC warns once, naming the gauges. The
+            reference step (``foreach=False``) balances this way every step; the batched
+            step only at the first step (the frame's state init).
+        balance_steps, balance_cg_steps: the batched step's fixed balancing schedule after
+            the first step. Each solve (two a step) starts with a closed-form step per
+            coordinate, which is the solution where no parameter couples two gauges; where
+            some do (an MLP's up projection in a unit gauge and a norm gain), it then takes
+            ``balance_steps`` rounds of one Newton step (``balance_cg_steps`` CG iterations)
+            and one closed-form step. No host reads, and exactly equivariant whatever the
+            counts (``docs/ddc.md``, "Fixed schedules"); the counts decide how close the
+            frame is to the canonical point, which :meth:`balance_residual` reports.
+            Defaults: 4 rounds; CG iterations twice the longest chain of coupled gauges, at
+            least 8 (``ddc/fast.py``).
         reference_norm: ρ, the one absolute scale of the canonical frame (see
             ``docs/ddc.md``, "The canonical point"): where one side of a scale gauge
             coordinate is zero (a zero-initialised readout or down projection, a dead unit)
@@ -125,6 +137,8 @@ class DDC(Optimizer):
         dead_mode: str = "freeze",
         balance_tol: float | None = None,
         balance_max_iter: int = 50,
+        balance_steps: int = 4,
+        balance_cg_steps: int | None = None,
         reference_norm: float = 1.0,
         example_input: Any = None,
         loss: str | None = "cross_entropy",
@@ -153,6 +167,9 @@ class DDC(Optimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if balance_max_iter < 1:
             raise ValueError(f"balance_max_iter must be at least 1, got {balance_max_iter}")
+        if balance_steps < 1 or (balance_cg_steps is not None and balance_cg_steps < 1):
+            raise ValueError(f"balance_steps and balance_cg_steps must be at least 1 (balance_cg_steps: "
+                             f"or None), got {balance_steps} and {balance_cg_steps}")
         if not reference_norm > 0.0:
             raise ValueError(f"reference_norm must be positive, got {reference_norm}")
 
@@ -180,6 +197,8 @@ class DDC(Optimizer):
         self.orthogonalizer = orthogonalizer
         self.balance_tol = balance_tol
         self.balance_max_iter = balance_max_iter
+        self.balance_steps = int(balance_steps)
+        self.balance_cg_steps = None if balance_cg_steps is None else int(balance_cg_steps)
         self.reference_norm = reference_norm
         self.foreach = bool(foreach)
         self.compile = bool(compile)
@@ -232,6 +251,32 @@ class DDC(Optimizer):
                 value = torch.zeros(gauge.size, dtype=torch.float64, device=gauge.members[0].param.device)
             out.append(value)
         return out
+
+    def _frame_initialised(self) -> bool:
+        """Whether every scale gauge's log-scales are in the state (after the first step,
+        or loaded from a checkpoint)."""
+        return all(key in self.state.get(param, {}) if param is not None else g in self._unanchored
+                   for g, (param, key) in enumerate(self._anchors))
+
+    @torch.no_grad()
+    def balance_residual(self) -> float:
+        """How far the stored scale frame is from the canonical point of the parameters as
+        they are now: the largest Jacobi estimate of the balancing's Newton step there, in
+        log-scale units (0.0 without scale gauges). A host read, for certifying the batched
+        step's fixed balancing schedule off the hot path (tests, monitoring): after a step
+        it is what the schedule left, about ``balance_tol`` when it converged."""
+        frame = self._frame
+        if not frame.scale_gauges:
+            return 0.0
+        device = frame.params[0].device
+        plan = self._fast_plan if self._fast_plan is not None and self._fast_plan.device == device \
+            else fast.FastPlan(self, device)
+        work = self._work_dtype()
+        points = [p.detach().to(work) for p in frame.params]
+        for i in plan.centred:
+            points[i] = points[i] - points[i].mean(dim=0, keepdim=True)
+        log_scales = torch.cat(self._log_scales).to(device)
+        return float(plan.residual(*plan.reduce(points), log_scales, self.reference_norm ** 2, self._zero_level()))
 
     @_log_scales.setter
     def _log_scales(self, values: list[torch.Tensor]) -> None:
