@@ -140,22 +140,6 @@ class _Blocks:
         return from_blocks(blocks, self.member, into=tensor)
 
 
-def closed_form_step(grow: torch.Tensor, shrink: torch.Tensor, kappa: torch.Tensor, active: torch.Tensor
-                     ) -> torch.Tensor:
-    """The change of each log-scale that solves its own canonical-point equation
-    ``A·e^{2δ} − B·e^{−2δ} = κ`` exactly, the other coordinates held (``A``, ``B``: the
-    grow and shrink sides now). With ``x = e^{2δ}``: ``A x² − κ x − B = 0``, whose positive
-    root is taken in the form that does not cancel (``κ ≥ 0``: ``(κ + √(κ² + 4AB)) / 2A``;
-    else ``2B / (√(κ² + 4AB) − κ)``), which also covers a zero side (κ then puts the other
-    at ``|κ|``). Inactive coordinates (both sides zero) do not move. Where no parameter
-    couples two gauges this is the canonical point in one evaluation; it is a function of
-    invariants at an equivariant start, so equivariant."""
-    tiny = torch.finfo(grow.dtype).tiny
-    disc = torch.sqrt(kappa * kappa + 4 * grow * shrink)
-    x = torch.where(kappa >= 0, (kappa + disc) / (2 * grow).clamp_min(tiny), 2 * shrink / (disc - kappa).clamp_min(tiny))
-    return torch.where(active, 0.5 * torch.log(x.clamp_min(tiny)), 0.0)
-
-
 def _diameter(edges: dict[int, set[int]]) -> int:
     """The longest shortest path (in edges) between two nodes of an undirected graph."""
     longest = 0
@@ -378,9 +362,7 @@ class FastPlan:
         and the sides at 0 (the first Newton evaluation of a solve from zero)."""
         at_zero = self._sides(torch.zeros(self.n, dtype=torch.float64, device=self.device), r1, xs)
         grow0, shrink0 = at_zero[0][:self.n], at_zero[0][self.n:]
-        degenerate = (grow0 * shrink0).sqrt() <= zero_level * level
-        kappa = torch.where(degenerate, torch.where(grow0 >= shrink0, level, -level), self.levels * level)
-        active = (grow0 > 0) | (shrink0 > 0)
+        kappa, active = F.canonical_levels(grow0, shrink0, self.levels * level, level, zero_level)
         return kappa, active, at_zero
 
     def _system(self, s: torch.Tensor, kappa: torch.Tensor, active: torch.Tensor,
@@ -529,7 +511,7 @@ class FastPlan:
                  active: torch.Tensor, system: dict[str, Any], newton_steps: int, cg_steps: int) -> torch.Tensor:
         """The balancing solve on a fixed schedule, without host reads (one kernel): from
         ``s`` (``system``: the Newton system there), every coordinate jumps to the exact
-        solution of its own equation with the others held (:func:`closed_form_step`): the
+        solution of its own equation with the others held (:func:`ddc.functional.closed_form_step`): the
         solution itself where no parameter couples two gauges. Where some do, then
         ``newton_steps`` rounds of a Newton step (solved by ``cg_steps`` Jacobi-preconditioned
         CG iterations, clipped to :data:`MAX_NEWTON_STEP` per coordinate) and a closed-form
@@ -540,7 +522,7 @@ class FastPlan:
         for a point that is already canonical and so invariant) equivariantly. How close
         the result is to the canonical point is certified off the hot path
         (:meth:`ddc.DDC.balance_residual`, the tests)."""
-        s = s + closed_form_step(system["grow"], system["shrink"], kappa, active)
+        s = s + F.closed_form_step(system["grow"], system["shrink"], kappa, active)
         if not self.stacks:
             return s  # no coupling: the closed form is the solution
         for _ in range(newton_steps):
@@ -553,7 +535,7 @@ class FastPlan:
             system = self._evaluate(s, r1, xs, kappa, active)
             s = s + self._cg_fixed(system, cg_steps).clamp(-MAX_NEWTON_STEP, MAX_NEWTON_STEP)
             system = self._evaluate(s, r1, xs, kappa, active)
-            s = s + closed_form_step(system["grow"], system["shrink"], kappa, active)
+            s = s + F.closed_form_step(system["grow"], system["shrink"], kappa, active)
         return s
 
     def _cg_fixed(self, system: dict[str, Any], cg_steps: int) -> torch.Tensor:
@@ -596,10 +578,7 @@ class _AdamGroup:
         states = []
         for p, grad in items:  # the moments are created like grad, in ``dtype`` if given
             state = opt.state[p]
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(grad, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(grad, dtype=dtype, memory_format=torch.preserve_format)
+            F.init_adam_state(state, grad, dtype)
             states.append(state)
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1)
@@ -607,6 +586,14 @@ class _AdamGroup:
         self.exp_avg_sqs = [st["exp_avg_sq"] for st in states]
         self.beta1, self.beta2 = group["betas"]
         self.eps = group["eps"]
+        if torch.compiler.is_compiling():
+            # Traced by an outer torch.compile: no reads of the counters (torch's AdamW
+            # does the same); the bias corrections as tensors, one per parameter.
+            counts_t = torch.stack(steps).to(self.exp_avgs[0].device, torch.float64)
+            self.tensor_scalars = True
+            self.bc2_sqrt = list(torch.sqrt(1 - self.beta2 ** counts_t).unbind())
+            self.step_size = list((-group["lr"] / (1 - self.beta1 ** counts_t)).unbind())
+            return
         # The step counters live on the CPU (as torch's AdamW keeps them without
         # capturable=True): reading them is no device synchronisation.
         counts = [float(s) for s in steps]
@@ -700,8 +687,7 @@ def _muon_args(opt: DDC, p: torch.Tensor, group: dict[str, Any], grad: torch.Ten
     """:func:`ddc.functional.muon_update`'s arguments after the gradient (the momentum
     buffer created lazily, like ``grad`` in ``dtype`` if given)."""
     state = opt.state[p]
-    if "momentum_buffer" not in state:
-        state["momentum_buffer"] = torch.zeros_like(grad, dtype=dtype, memory_format=torch.preserve_format)
+    F.init_muon_state(state, grad, dtype)
     return (state["momentum_buffer"], group["lr"], opt._muon_momentum(group), group["nesterov"],
             opt.orthogonalizer, group["ns_coefficients"], group["ns_steps"], group["ns_eps"],
             group["adjust_lr_fn"])
@@ -1024,7 +1010,7 @@ def _lyapunov(plan: FastPlan, block: int, gram: torch.Tensor, rhs: torch.Tensor,
                 del plan.rotation_basis[block]
                 _store_basis(opt, plan, block, None)
             return generator
-    eigvals, eigvecs = torch.linalg.eigh(gram)
+    generator, eigvecs = F.lyapunov_skew(gram, rhs)
     if cg:
         # Row-major, as the basis loaded from a checkpoint is (``_load_basis`` concatenates):
         # eigh's column-major eigenvectors would give the CG's products other round-off in
@@ -1032,12 +1018,7 @@ def _lyapunov(plan: FastPlan, block: int, gram: torch.Tensor, rhs: torch.Tensor,
         basis = plan.rotation_basis[block] = eigvecs.contiguous()
         _store_basis(opt, plan, block, basis)
     plan.rotation_solves["eigh"] += 1
-    rhs_eig = eigvecs.transpose(1, 2) @ rhs @ eigvecs
-    denom = eigvals.unsqueeze(-1) + eigvals.unsqueeze(-2)
-    # The floor is per matrix, as in the reference, so batching the gauges changes nothing.
-    floor = eigvals.abs().amax(dim=-1, keepdim=True).unsqueeze(-1) * 1e-12 + torch.finfo(gram.dtype).tiny
-    return eigvecs @ torch.where(denom > floor, rhs_eig / denom.clamp_min(floor),
-                                 torch.zeros_like(rhs_eig)) @ eigvecs.transpose(1, 2)
+    return generator
 
 
 def _lyapunov_cg(plan: FastPlan, basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor

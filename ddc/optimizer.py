@@ -329,15 +329,11 @@ class DDC(Optimizer):
         state created lazily and advanced in place. Weight decay is not included."""
         state = self.state[p]
         if self._uses_muon(group, p):
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            F.init_muon_state(state, grad)
             return F.muon_update(grad, state["momentum_buffer"], group["lr"], self._muon_momentum(group),
                                  group["nesterov"], self.orthogonalizer, group["ns_coefficients"],
                                  group["ns_steps"], group["ns_eps"], group["adjust_lr_fn"])
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        F.init_adam_state(state, grad)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         return F.adam_update(grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
