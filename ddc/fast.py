@@ -10,10 +10,15 @@ It computes the same step as the readable reference path (``DDC(foreach=False)``
   squared norms of the gauged slices are gathered once (``index_add_``), the parameters
   scaled along two axes (an MLP's up projection: rows in its unit gauge, columns in the
   norm gain before it) are stacked per shape and their scaled matrices used only through
-  batched matrix-vector products. The Newton step is solved by Jacobi-preconditioned conjugate gradients whose
-  tolerance follows the Newton step (inexact Newton: a step of size δ is solved to about
-  δ², which keeps Newton's quadratic convergence), and the host reads the residual only
-  every :data:`CG_CHECK_EVERY` iterations and once per Newton step.
+  batched matrix-vector products. After the first step it runs on a fixed schedule
+  without host reads (:meth:`FastPlan._balance`): a closed-form step per coordinate
+  (:func:`ddc.functional.closed_form_step`, the solution where no parameter couples two
+  gauges), then, where some do, rounds of a Newton step by a fixed number of CG
+  iterations and a closed-form step. Exactly equivariant for any counts (it starts from
+  the stored frame, or from 0 on an invariant point); its convergence is certified off
+  the hot path (:meth:`ddc.DDC.balance_residual`, ``tests/test_ddc_host_reads.py``). The
+  first step (state init) solves adaptively (:meth:`FastPlan.solve`, damped Newton with
+  inexact CG, host reads), as the reference does every step.
 * **Head rotations in place, through views.** A rotation member whose blocks are a
   contiguous slice of its axis (every member except RoPE's ``half`` layout) is viewed as
   ``(n_blocks, block, rest)`` without copying; the so(d) projection of all gauges with the
@@ -231,7 +236,12 @@ class FastPlan:
                 (_, ga, _), (_, gb, _) = axes
                 edges.setdefault(ga, set()).add(gb)
                 edges.setdefault(gb, set()).add(ga)
-        self.cg_steps = max(8, 2 * _diameter(edges))
+        diameter = _diameter(edges)
+        self.cg_steps = {torch.float64: max(8, 2 * diameter)}
+        # float32 (and bf16/fp16 parameters, balanced in float32) needs the frame to about
+        # 1e-6 only: measured on GPT small (float32, lr 1e-3), 2 rounds of 4 CG iterations
+        # leave the round-off floor (1.2e-7), as 4 rounds of 8 do.
+        self.cg_steps_low = max(4, diameter)
         # Per-parameter scale factors: (axis, gauge, sign) per scaled axis.
         self.factor_axes = {i: frame.scale_axes[i] for i in self.scaled}
 
@@ -889,14 +899,19 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
     log_scales = torch.cat(opt._log_scales).to(device) if plan.n else torch.zeros(0, dtype=torch.float64, device=device)
     points, grads, means, reduced, first = plan.kernel("prepare")(params, grads, work, log_scales, level, zero_level)
     sweeps_before = 0
-    schedule = (opt.balance_steps, opt.balance_cg_steps or plan.cg_steps)
+    schedule = (opt.balance_steps or (4 if work == torch.float64 else 2),
+                opt.balance_cg_steps or plan.cg_steps.get(work, plan.cg_steps_low))
     if plan.n:
         if opt._frame_initialised():
             # The stored frame moves equivariantly with the trajectory: a fixed number of
             # Newton steps from it keeps the step exact, and needs no host read.
+            # With dead_mode "freeze" the last step left that frame canonical for the
+            # parameters as they are now (to its re-balancing's residual), so one round
+            # confirms it; "free" moves the frame every step and takes the full schedule.
             kappa, active, system = first
-            log_scales = plan.kernel("balance")(log_scales, *reduced, kappa, active, system, *schedule)
-            sweeps_before = schedule[0]
+            before = (opt.balance_steps_before if freeze else schedule[0], schedule[1])
+            log_scales = plan.kernel("balance")(log_scales, *reduced, kappa, active, system, *before)
+            sweeps_before = before[0]
         else:
             # State init (the first step, or the first after the frame was reset): the
             # frame of the starting point by the adaptive solve (host reads), once; 0 is

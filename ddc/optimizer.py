@@ -92,8 +92,11 @@ class DDC(Optimizer):
             and one closed-form step. No host reads, and exactly equivariant whatever the
             counts (``docs/ddc.md``, "Fixed schedules"); the counts decide how close the
             frame is to the canonical point, which :meth:`balance_residual` reports.
-            Defaults: 4 rounds; CG iterations twice the longest chain of coupled gauges, at
-            least 8 (``ddc/fast.py``).
+            Defaults (``None``): in float64, 4 rounds and CG iterations twice the longest
+            chain of coupled gauges, at least 8; in float32, 2 rounds and that chain's
+            length, at least 4 (measured: ``docs/ddc.md``). In dead_mode ``"freeze"`` the
+            solve at the start of a step takes one round: the last step left the frame
+            canonical.
         reference_norm: ρ, the one absolute scale of the canonical frame (see
             ``docs/ddc.md``, "The canonical point"): where one side of a scale gauge
             coordinate is zero (a zero-initialised readout or down projection, a dead unit)
@@ -137,7 +140,7 @@ class DDC(Optimizer):
         dead_mode: str = "freeze",
         balance_tol: float | None = None,
         balance_max_iter: int = 50,
-        balance_steps: int = 4,
+        balance_steps: int | None = None,
         balance_cg_steps: int | None = None,
         reference_norm: float = 1.0,
         example_input: Any = None,
@@ -167,9 +170,9 @@ class DDC(Optimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if balance_max_iter < 1:
             raise ValueError(f"balance_max_iter must be at least 1, got {balance_max_iter}")
-        if balance_steps < 1 or (balance_cg_steps is not None and balance_cg_steps < 1):
-            raise ValueError(f"balance_steps and balance_cg_steps must be at least 1 (balance_cg_steps: "
-                             f"or None), got {balance_steps} and {balance_cg_steps}")
+        if any(n is not None and n < 1 for n in (balance_steps, balance_cg_steps)):
+            raise ValueError(f"balance_steps and balance_cg_steps must be at least 1, or None, got "
+                             f"{balance_steps} and {balance_cg_steps}")
         if not reference_norm > 0.0:
             raise ValueError(f"reference_norm must be positive, got {reference_norm}")
 
@@ -197,8 +200,10 @@ class DDC(Optimizer):
         self.orthogonalizer = orthogonalizer
         self.balance_tol = balance_tol
         self.balance_max_iter = balance_max_iter
-        self.balance_steps = int(balance_steps)
+        self.balance_steps = None if balance_steps is None else int(balance_steps)
         self.balance_cg_steps = None if balance_cg_steps is None else int(balance_cg_steps)
+        #: Rounds of the solve at the start of a step in dead_mode "freeze" (ddc/fast.py).
+        self.balance_steps_before = 1
         self.reference_norm = reference_norm
         self.foreach = bool(foreach)
         self.compile = bool(compile)
