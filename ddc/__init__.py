@@ -7,16 +7,48 @@ Usable on its own::
     optimizer = DDC(model, gauges="auto", example_input=x)             # or: found by ddc.find_gauges
 
 See ``docs/ddc.md``.
+
+The optimizer, ``find`` and ``verify`` are imported lazily (PEP 562 module ``__getattr__``):
+the baselines use ``ddc.param_groups`` and ``ddc.muon_kernels`` without importing the
+optimizer, and ``from ddc import DDC`` imports it when asked. The gauge vocabulary and
+the grouping rule are light and imported here (``ddc.param_groups`` is the function, as
+``from .param_groups import param_groups`` binds it over the submodule of that name).
 """
 
-from . import gauges
-from .find import FoundGauges, find_gauges
-from .gauges import HeadRotation, HeadRotationVO, LogitShift, NormGain, UnitRescale
-from .optimizer import DDC
-from .param_groups import param_groups, parameter_roles
-from .verify import GaugeDeclarationError, verify_gauges
+from __future__ import annotations
 
-__all__ = [
-    "DDC", "gauges", "verify_gauges", "find_gauges", "FoundGauges", "GaugeDeclarationError", "param_groups", "parameter_roles",
-    "LogitShift", "UnitRescale", "NormGain", "HeadRotation", "HeadRotationVO",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import gauges
+from .gauges import HeadRotation, HeadRotationVO, LogitShift, NormGain, UnitRescale
+from .param_groups import param_groups, parameter_roles
+
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "DDC": "optimizer",
+    "find_gauges": "find", "FoundGauges": "find",
+    "verify_gauges": "verify", "GaugeDeclarationError": "verify",
+}
+
+__all__ = ["DDC", "gauges", "verify_gauges", "find_gauges", "FoundGauges", "GaugeDeclarationError",
+           "param_groups", "parameter_roles", "LogitShift", "UnitRescale", "NormGain", "HeadRotation",
+           "HeadRotationVO"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .find import FoundGauges, find_gauges
+    from .optimizer import DDC
+    from .verify import GaugeDeclarationError, verify_gauges
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ddc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -10,10 +10,15 @@ It computes the same step as the readable reference path (``DDC(foreach=False)``
   squared norms of the gauged slices are gathered once (``index_add_``), the parameters
   scaled along two axes (an MLP's up projection: rows in its unit gauge, columns in the
   norm gain before it) are stacked per shape and their scaled matrices used only through
-  batched matrix-vector products. The Newton step is solved by Jacobi-preconditioned conjugate gradients whose
-  tolerance follows the Newton step (inexact Newton: a step of size δ is solved to about
-  δ², which keeps Newton's quadratic convergence), and the host reads the residual only
-  every :data:`CG_CHECK_EVERY` iterations and once per Newton step.
+  batched matrix-vector products. After the first step it runs on a fixed schedule
+  without host reads (:meth:`FastPlan._balance`): a closed-form step per coordinate
+  (:func:`ddc.functional.closed_form_step`, the solution where no parameter couples two
+  gauges), then, where some do, rounds of a Newton step by a fixed number of CG
+  iterations and a closed-form step. Exactly equivariant for any counts (it starts from
+  the stored frame, or from 0 on an invariant point); its convergence is certified off
+  the hot path (:meth:`ddc.DDC.balance_residual`, ``tests/test_ddc_host_reads.py``). The
+  first step (state init) solves adaptively (:meth:`FastPlan.solve`, damped Newton with
+  inexact CG, host reads), as the reference does every step.
 * **Head rotations in place, through views.** A rotation member whose blocks are a
   contiguous slice of its axis (every member except RoPE's ``half`` layout) is viewed as
   ``(n_blocks, block, rest)`` without copying; the so(d) projection of all gauges with the
@@ -60,6 +65,11 @@ if TYPE_CHECKING:  # pragma: no cover
 #: on GPT small (30 training steps): 5.1 iterations a step when checking after every one,
 #: 6.2 every 2, 8.0 every 4 (each Newton step needs about 2.5).
 CG_CHECK_EVERY = 2
+#: Largest Newton step (log-scale units, per coordinate) of the fixed-schedule balancing
+#: (:meth:`FastPlan._balance`): a factor e^0.5 at most, a trust region that keeps a full
+#: Newton step from overshooting far from the solution (which the adaptive solve's line
+#: search does on the host). Clipping an invariant step is invariant: equivariance stays.
+MAX_NEWTON_STEP = 0.5
 #: Kernels that run eagerly even with ``DDC(compile=True)`` (see :meth:`FastPlan.kernel`).
 _EAGER_KERNELS = ("cg_block",)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -135,6 +145,19 @@ class _Blocks:
         return from_blocks(blocks, self.member, into=tensor)
 
 
+def _diameter(edges: dict[int, set[int]]) -> int:
+    """The longest shortest path (in edges) between two nodes of an undirected graph."""
+    longest = 0
+    for start in edges:
+        seen, frontier, depth = {start}, [start], 0
+        while frontier:
+            frontier = [n for f in frontier for n in edges[f] if n not in seen]
+            seen.update(frontier)
+            depth += bool(frontier)
+        longest = max(longest, depth)
+    return longest
+
+
 def _matvec(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``x @ v`` for stacks ``x`` (L, n, m) and ``v`` (L, m), as the row-vector product
     ``vᵀ xᵀ`` (on the CPU several times faster than ``bmm`` with a column vector)."""
@@ -201,6 +224,24 @@ class FastPlan:
                 "coupling": 4 * sa_t * sb_t,   # (L, 1): sign of the off-diagonal Hessian block
                 "flat_a": ca_t.reshape(-1), "flat_b": cb_t.reshape(-1), "shape": (na, nb),
             })
+        # The fixed schedule's CG iterations (DDC(balance_cg_steps=None)): CG reaches a
+        # coordinate only after as many products as gauges lie between it and the residual,
+        # so twice the longest shortest path of the gauges' coupling graph (edges: parameters
+        # scaled along two axes), at least 8. Measured (float64, ReLU chain of depth 24,
+        # diameter 23): 16 iterations leave 1e-8 to 3e-7 in the frame, 32 leave round-off.
+        edges: dict[int, set[int]] = {}
+        for i in self.scaled:
+            axes = frame.scale_axes[i]
+            if len(axes) == 2:
+                (_, ga, _), (_, gb, _) = axes
+                edges.setdefault(ga, set()).add(gb)
+                edges.setdefault(gb, set()).add(ga)
+        diameter = _diameter(edges)
+        self.cg_steps = {torch.float64: max(8, 2 * diameter)}
+        # float32 (and bf16/fp16 parameters, balanced in float32) needs the frame to about
+        # 1e-6 only: measured on GPT small (float32, lr 1e-3), 2 rounds of 4 CG iterations
+        # leave the round-off floor (1.2e-7), as 4 rounds of 8 do.
+        self.cg_steps_low = max(4, diameter)
         # Per-parameter scale factors: (axis, gauge, sign) per scaled axis.
         self.factor_axes = {i: frame.scale_axes[i] for i in self.scaled}
 
@@ -331,9 +372,7 @@ class FastPlan:
         and the sides at 0 (the first Newton evaluation of a solve from zero)."""
         at_zero = self._sides(torch.zeros(self.n, dtype=torch.float64, device=self.device), r1, xs)
         grow0, shrink0 = at_zero[0][:self.n], at_zero[0][self.n:]
-        degenerate = (grow0 * shrink0).sqrt() <= zero_level * level
-        kappa = torch.where(degenerate, torch.where(grow0 >= shrink0, level, -level), self.levels * level)
-        active = (grow0 > 0) | (shrink0 > 0)
+        kappa, active = F.canonical_levels(grow0, shrink0, self.levels * level, level, zero_level)
         return kappa, active, at_zero
 
     def _system(self, s: torch.Tensor, kappa: torch.Tensor, active: torch.Tensor,
@@ -347,6 +386,7 @@ class FastPlan:
         precond = torch.where(active, 1 / diag.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         z = precond * -grad
         return {"grad": grad, "diag": diag, "scaled": sides[1], "precond": precond, "z": z,
+                "grow": grow, "shrink": shrink,
                 "objective": sides[2] - 2 * (kappa * s).sum(),
                 "checks": torch.stack([z.abs().max(), grad.abs().max()])}
 
@@ -477,6 +517,64 @@ class FastPlan:
         return (x, r, p, rz), torch.stack([z.abs().max(), r.abs().max(), curvature])
 
 
+    def _balance(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor], kappa: torch.Tensor,
+                 active: torch.Tensor, system: dict[str, Any], newton_steps: int, cg_steps: int) -> torch.Tensor:
+        """The balancing solve on a fixed schedule, without host reads (one kernel): from
+        ``s`` (``system``: the Newton system there), every coordinate jumps to the exact
+        solution of its own equation with the others held (:func:`ddc.functional.closed_form_step`): the
+        solution itself where no parameter couples two gauges. Where some do, then
+        ``newton_steps`` rounds of a Newton step (solved by ``cg_steps`` Jacobi-preconditioned
+        CG iterations, clipped to :data:`MAX_NEWTON_STEP` per coordinate) and a closed-form
+        step.
+
+        Exact equivariance does not need convergence (``docs/ddc.md``, "Fixed schedules"):
+        every iteration maps a start that transforms with the gauge (the stored frame, or 0
+        for a point that is already canonical and so invariant) equivariantly. How close
+        the result is to the canonical point is certified off the hot path
+        (:meth:`ddc.DDC.balance_residual`, the tests)."""
+        s = s + F.closed_form_step(system["grow"], system["shrink"], kappa, active)
+        if not self.stacks:
+            return s  # no coupling: the closed form is the solution
+        for _ in range(newton_steps):
+            # A Newton step for the coupling, then the closed form again for what it left
+            # of the large per-coordinate moves (a unit whose zero side came alive moves
+            # by log-scales of several units in one step). Measured (float64, zero-initialised
+            # attention output and MLP down projections, lr 1e-2): the frame's residual after
+            # 3 / 4 / 5 such rounds 1.5e-7 / 4e-15 / 3e-16, against 6e-4 / 3e-7 / 9e-14
+            # with Newton steps alone.
+            system = self._evaluate(s, r1, xs, kappa, active)
+            s = s + self._cg_fixed(system, cg_steps).clamp(-MAX_NEWTON_STEP, MAX_NEWTON_STEP)
+            system = self._evaluate(s, r1, xs, kappa, active)
+            s = s + F.closed_form_step(system["grow"], system["shrink"], kappa, active)
+        return s
+
+    def _cg_fixed(self, system: dict[str, Any], cg_steps: int) -> torch.Tensor:
+        """``cg_steps`` iterations of :meth:`_cg_block`'s CG for ``H x = -grad`` from 0."""
+        r = -system["grad"]
+        z = system["z"]
+        state = (torch.zeros_like(r), r, z.clone(), r @ z)
+        tiny = torch.finfo(torch.float64).tiny
+        x, r, p, rz = state
+        for _ in range(cg_steps):
+            ap = self._hessian(system["diag"], system["scaled"], p)
+            curvature = p @ ap
+            alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), 0.0)
+            x = x + alpha * p
+            r = r - alpha * ap
+            z = system["precond"] * r
+            rz_new = r @ z
+            p = z + (rz_new / torch.where(rz != 0, rz, 1.0)) * p
+            rz = rz_new
+        return x
+
+    def residual(self, r1: torch.Tensor, xs: list[torch.Tensor], s: torch.Tensor, level: float,
+                 zero_level: float) -> torch.Tensor:
+        """How far ``s`` is from the canonical point: the largest Jacobi estimate of the Newton
+        step there (log-scale units; a 0-d tensor)."""
+        kappa, active, system = self._evaluate_warm(s, r1, xs, level, zero_level)
+        return system["z"].abs().max() if system["z"].numel() else torch.zeros((), dtype=torch.float64)
+
+
 # ------------------------------------------------------------------------------ the step
 
 class _AdamGroup:
@@ -490,10 +588,7 @@ class _AdamGroup:
         states = []
         for p, grad in items:  # the moments are created like grad, in ``dtype`` if given
             state = opt.state[p]
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(grad, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(grad, dtype=dtype, memory_format=torch.preserve_format)
+            F.init_adam_state(state, grad, dtype)
             states.append(state)
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1)
@@ -501,6 +596,14 @@ class _AdamGroup:
         self.exp_avg_sqs = [st["exp_avg_sq"] for st in states]
         self.beta1, self.beta2 = group["betas"]
         self.eps = group["eps"]
+        if torch.compiler.is_compiling():
+            # Traced by an outer torch.compile: no reads of the counters (torch's AdamW
+            # does the same); the bias corrections as tensors, one per parameter.
+            counts_t = torch.stack(steps).to(self.exp_avgs[0].device, torch.float64)
+            self.tensor_scalars = True
+            self.bc2_sqrt = list(torch.sqrt(1 - self.beta2 ** counts_t).unbind())
+            self.step_size = list((-group["lr"] / (1 - self.beta1 ** counts_t)).unbind())
+            return
         # The step counters live on the CPU (as torch's AdamW keeps them without
         # capturable=True): reading them is no device synchronisation.
         counts = [float(s) for s in steps]
@@ -594,8 +697,7 @@ def _muon_args(opt: DDC, p: torch.Tensor, group: dict[str, Any], grad: torch.Ten
     """:func:`ddc.functional.muon_update`'s arguments after the gradient (the momentum
     buffer created lazily, like ``grad`` in ``dtype`` if given)."""
     state = opt.state[p]
-    if "momentum_buffer" not in state:
-        state["momentum_buffer"] = torch.zeros_like(grad, dtype=dtype, memory_format=torch.preserve_format)
+    F.init_muon_state(state, grad, dtype)
     return (state["momentum_buffer"], group["lr"], opt._muon_momentum(group), group["nesterov"],
             opt.orthogonalizer, group["ns_coefficients"], group["ns_steps"], group["ns_eps"],
             group["adjust_lr_fn"])
@@ -797,9 +899,25 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
     log_scales = torch.cat(opt._log_scales).to(device) if plan.n else torch.zeros(0, dtype=torch.float64, device=device)
     points, grads, means, reduced, first = plan.kernel("prepare")(params, grads, work, log_scales, level, zero_level)
     sweeps_before = 0
+    schedule = (opt.balance_steps or (4 if work == torch.float64 else 2),
+                opt.balance_cg_steps or plan.cg_steps.get(work, plan.cg_steps_low))
     if plan.n:
-        log_scales, sweeps_before, unsettled = plan.solve(*reduced, log_scales, tol, max_iter, first)
-        frame.warn_unsettled(unsettled, tol, max_iter)
+        if opt._frame_initialised():
+            # The stored frame moves equivariantly with the trajectory: a fixed number of
+            # Newton steps from it keeps the step exact, and needs no host read.
+            # With dead_mode "freeze" the last step left that frame canonical for the
+            # parameters as they are now (to its re-balancing's residual), so one round
+            # confirms it; "free" moves the frame every step and takes the full schedule.
+            kappa, active, system = first
+            before = (opt.balance_steps_before if freeze else schedule[0], schedule[1])
+            log_scales = plan.kernel("balance")(log_scales, *reduced, kappa, active, system, *before)
+            sweeps_before = before[0]
+        else:
+            # State init (the first step, or the first after the frame was reset): the
+            # frame of the starting point by the adaptive solve (host reads), once; 0 is
+            # no equivariant start.
+            log_scales, sweeps_before, unsettled = plan.solve(*reduced, log_scales, tol, max_iter, first)
+            frame.warn_unsettled(unsettled, tol, max_iter)
         opt._log_scales = [x.clone() for x in log_scales.split(plan.sizes)]
     # 2-4. Weight decay, the base step, the dead directions removed.
     inside = opt.rotation_solve == "eigh"
@@ -810,8 +928,10 @@ def gauged_step(opt: DDC, group_of: dict[int, dict[str, Any]]) -> None:
         points, reduced, first = plan.kernel("finish")(points, reduced, freeze, level, zero_level)
     sweeps_after = 0
     if reduced is not None:
-        back, sweeps_after, unsettled = plan.solve(*reduced, None, tol, max_iter, first)
-        frame.warn_unsettled(unsettled, tol, max_iter)
+        # The new canonical point is invariant, so the solve from 0 on it is too.
+        kappa, active, system = first
+        back = plan.kernel("balance")(torch.zeros_like(log_scales), *reduced, kappa, active, system, *schedule)
+        sweeps_after = schedule[0]
         log_scales = back - log_scales
     elif plan.n:
         log_scales = -log_scales
@@ -905,17 +1025,15 @@ def _lyapunov(plan: FastPlan, block: int, gram: torch.Tensor, rhs: torch.Tensor,
                 del plan.rotation_basis[block]
                 _store_basis(opt, plan, block, None)
             return generator
-    eigvals, eigvecs = torch.linalg.eigh(gram)
+    generator, eigvecs = F.lyapunov_skew(gram, rhs)
     if cg:
-        plan.rotation_basis[block] = eigvecs
-        _store_basis(opt, plan, block, eigvecs)
+        # Row-major, as the basis loaded from a checkpoint is (``_load_basis`` concatenates):
+        # eigh's column-major eigenvectors would give the CG's products other round-off in
+        # the run than after a resume, and the resumed run would not continue bitwise.
+        basis = plan.rotation_basis[block] = eigvecs.contiguous()
+        _store_basis(opt, plan, block, basis)
     plan.rotation_solves["eigh"] += 1
-    rhs_eig = eigvecs.transpose(1, 2) @ rhs @ eigvecs
-    denom = eigvals.unsqueeze(-1) + eigvals.unsqueeze(-2)
-    # The floor is per matrix, as in the reference, so batching the gauges changes nothing.
-    floor = eigvals.abs().amax(dim=-1, keepdim=True).unsqueeze(-1) * 1e-12 + torch.finfo(gram.dtype).tiny
-    return eigvecs @ torch.where(denom > floor, rhs_eig / denom.clamp_min(floor),
-                                 torch.zeros_like(rhs_eig)) @ eigvecs.transpose(1, 2)
+    return generator
 
 
 def _lyapunov_cg(plan: FastPlan, basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor

@@ -259,7 +259,7 @@ def find_gauges(model: nn.Module, example_input: Any, *, loss: str | None = "cro
     proven: list[Gauge] = []
     labels: list[str] = []
     rotated: set[str] = set()
-    from .optimizer import _Frame   # the optimizer's own overlap rules decide what combines
+    from .frame import Frame as _Frame   # the optimizer's own overlap rules decide what combines
     for (label, gauge), change in zip(built, report.values()):
         if change["loss"] > tol or change["logits"] > tol:
             rejected.append((label, f"not a symmetry: changes the loss by {change['loss']:.1e} and the "

@@ -13,6 +13,11 @@ import torch
 from .muon_kernels import adjust_lr, zeropower_via_newtonschulz  # torch's Muon kernels, vendored
 
 __all__ = [
+    "init_adam_state",
+    "init_muon_state",
+    "canonical_levels",
+    "closed_form_step",
+    "lyapunov_skew",
     "adam_update",
     "muon_update",
     "orthogonalize_svd",
@@ -21,6 +26,55 @@ __all__ = [
     "remove_rotation_component",
     "muon_adjusted_lr",
 ]
+
+
+# ------------------------------------------------------------------------------- state init
+
+def init_adam_state(state: dict, like: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Adam's state for a parameter whose canonical gradient is ``like`` (in ``dtype`` if
+    given), created once: a CPU step counter (as torch's AdamW keeps it) and the two moments."""
+    if "step" not in state:
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def init_muon_state(state: dict, like: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Muon's state (the momentum buffer), created once, like ``like`` (in ``dtype`` if given)."""
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
+
+
+# ------------------------------------------------------------------------ the canonical point
+
+def canonical_levels(grow0: torch.Tensor, shrink0: torch.Tensor, live: torch.Tensor, level: float,
+                     zero_level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The canonical-point rule (:func:`min_norm_log_scales`): per scale coordinate its
+    level ``κ`` and whether it is active, from its grow and shrink sides ``A``, ``B`` at any
+    log-scales (what is read is invariant under the coordinate's own scaling). ``live``:
+    ``κ`` where both sides are non-zero (the gauge's level times ``ρ²``); where one side is
+    zero (``√(AB) ≤ zero_level·ρ²``) ``κ = ±ρ²`` puts the other at squared norm ``ρ²``;
+    coordinates with both sides exactly zero are inactive. ``level`` is ``ρ²``."""
+    degenerate = (grow0 * shrink0).sqrt() <= zero_level * level
+    kappa = torch.where(degenerate, torch.where(grow0 >= shrink0, level, -level), live)
+    active = (grow0 > 0) | (shrink0 > 0)
+    return kappa, active
+
+
+def closed_form_step(grow: torch.Tensor, shrink: torch.Tensor, kappa: torch.Tensor, active: torch.Tensor
+                     ) -> torch.Tensor:
+    """The change of each log-scale that solves its own canonical-point equation
+    ``A·e^{2δ} − B·e^{−2δ} = κ`` exactly, the other coordinates held (``A``, ``B``: the
+    grow and shrink sides now). With ``x = e^{2δ}``: ``A x² − κ x − B = 0``, whose positive
+    root is taken in the form that does not cancel (``κ ≥ 0``: ``(κ + √(κ² + 4AB)) / 2A``;
+    else ``2B / (√(κ² + 4AB) − κ)``), which also covers a zero side (κ then puts the other
+    at ``|κ|``). Inactive coordinates (both sides zero) do not move. Where no parameter
+    couples two gauges this is the canonical point in one evaluation; it is a function of
+    invariants at an equivariant start, so equivariant."""
+    tiny = torch.finfo(grow.dtype).tiny
+    disc = torch.sqrt(kappa * kappa + 4 * grow * shrink)
+    x = torch.where(kappa >= 0, (kappa + disc) / (2 * grow).clamp_min(tiny), 2 * shrink / (disc - kappa).clamp_min(tiny))
+    return torch.where(active, 0.5 * torch.log(x.clamp_min(tiny)), 0.0)
 
 
 def adam_update(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
@@ -165,15 +219,12 @@ def min_norm_log_scales(reduced_sq: list[torch.Tensor], axes: list[list[tuple[in
 
     # Which coordinates are degenerate does not depend on s (scaling never makes zero non-zero).
     grow0, shrink0 = sides(reduced_sq)
-    degenerate = (grow0 * shrink0).sqrt() <= zero_level * level
-    kappa = torch.where(grow0 >= shrink0, torch.full_like(grow0, level), -torch.full_like(grow0, level))
     if levels is None:
-        live = torch.zeros_like(kappa)
+        live = torch.zeros_like(grow0)
     else:
-        live = torch.cat([torch.full((n,), float(lv) * level, dtype=torch.float64, device=kappa.device)
+        live = torch.cat([torch.full((n,), float(lv) * level, dtype=torch.float64, device=grow0.device)
                           for n, lv in zip(sizes, levels)])
-    kappa = torch.where(degenerate, kappa, live)
-    active = (grow0 > 0) | (shrink0 > 0)
+    kappa, active = canonical_levels(grow0, shrink0, live, level, zero_level)
 
     def flat(state: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(state)
@@ -266,11 +317,18 @@ def remove_rotation_component(deltas: list[torch.Tensor], points: list[torch.Ten
         floor = trace.abs().amax() * 1e-12 + torch.finfo(gram.dtype).tiny
         generator = torch.where(trace > floor, rhs / trace.clamp_min(floor), torch.zeros_like(rhs))
         return [d - generator @ x for d, x in zip(deltas, points)]
+    generator = lyapunov_skew(gram, rhs)[0]
+    return [d - generator @ x for d, x in zip(deltas, points)]
+
+
+def lyapunov_skew(gram: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The skew ``A`` with ``A M + M A = rhs`` per matrix of the stack ``gram`` (``M``,
+    symmetric PSD), solved in M's eigenbasis, and that basis. Pairs of directions with
+    ``λ_i + λ_j`` below 1e-12 of the matrix's largest eigenvalue move nothing (the point has
+    no extent there); the floor is per matrix, so stacking gauges changes nothing."""
     eigvals, eigvecs = torch.linalg.eigh(gram)
     rhs_eig = eigvecs.transpose(1, 2) @ rhs @ eigvecs
     denom = eigvals.unsqueeze(-1) + eigvals.unsqueeze(-2)
-    # Directions with λ_i + λ_j ≈ 0 move nothing (the point has no extent there).
     floor = eigvals.abs().amax(dim=-1, keepdim=True).unsqueeze(-1) * 1e-12 + torch.finfo(gram.dtype).tiny
     a_eig = torch.where(denom > floor, rhs_eig / denom.clamp_min(floor), torch.zeros_like(rhs_eig))
-    generator = eigvecs @ a_eig @ eigvecs.transpose(1, 2)
-    return [d - generator @ x for d, x in zip(deltas, points)]
+    return eigvecs @ a_eig @ eigvecs.transpose(1, 2), eigvecs

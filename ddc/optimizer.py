@@ -36,121 +36,17 @@ from torch.optim import Optimizer
 from . import fast
 from . import functional as F
 from .muon_kernels import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS as MUON_EPS
-from .gauges import Gauge, LogitShift, RotationGauge, RotationMember, ScaleGauge, from_blocks, to_blocks
+from .frame import Frame, pool_over_blocks
+from .gauges import Gauge, from_blocks, to_blocks
 from .param_groups import param_groups
 from .verify import check_declarations, unwrap_model
 
 BASES = ("adam", "muon")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 DEAD_MODES = ("freeze", "free")
-ORTHOGONALIZERS = ("newton_schulz", "svd")
+ORTHOGONALIZERS = ("svd", "newton_schulz")
 ROTATION_SOLVES = ("eigh", "cg")
-
-
-class _Frame:
-    """Which gauges act on which parameter axes: built once from the declarations."""
-
-    def __init__(self, gauges: list[Gauge]) -> None:
-        self.params: list[nn.Parameter] = []           # every gauged parameter, fixed order
-        self.index: dict[nn.Parameter, int] = {}
-        self.scale_gauges = [g for g in gauges if isinstance(g, ScaleGauge)]
-        self.rotation_gauges = [g for g in gauges if isinstance(g, RotationGauge)]
-        self.centred: set[int] = set()                 # parameter indices centred on axis 0
-        self.scale_axes: dict[int, list[tuple[int, int, int]]] = {}   # p -> [(axis, gauge, sign)]
-        self.rotation_of: dict[int, list[RotationMember]] = {}   # disjoint slices of one axis
-        self.warned_cap = False                        # the balancing cap warning is given once
-
-        for gauge in gauges:
-            if not isinstance(gauge, (ScaleGauge, RotationGauge, LogitShift)):
-                raise TypeError(f"unsupported gauge type {type(gauge).__name__}")
-            for p in gauge.parameters():
-                self._add(p)
-        for gauge in gauges:
-            if isinstance(gauge, LogitShift):
-                self.centred.update(self.index[p] for p in gauge.parameters())
-        for g, gauge in enumerate(self.scale_gauges):
-            for m in gauge.members:
-                axes = self.scale_axes.setdefault(self.index[m.param], [])
-                if any(axis == m.axis for axis, _, _ in axes):
-                    raise ValueError(
-                        f"{gauge!r} scales axis {m.axis} of a {tuple(m.param.shape)} parameter "
-                        f"that another scale gauge already scales; overlapping scale gauges must "
-                        f"act on different axes"
-                    )
-                axes.append((m.axis, g, m.sign))
-                axes.sort()
-                if len(axes) > 2:
-                    raise ValueError(f"a parameter of shape {tuple(m.param.shape)} is scaled along "
-                                     f"more than two axes; at most two are supported")
-        for gauge in self.rotation_gauges:
-            for m in gauge.members:
-                i = self.index[m.param]
-                for other in self.rotation_of.get(i, []):
-                    overlap = bool(set(other.perm.tolist()) & set(m.perm.tolist()))
-                    if other.axis != m.axis or overlap:
-                        raise ValueError(f"a {tuple(m.param.shape)} parameter is in two rotation gauges "
-                                         f"that overlap (they may only rotate disjoint slices of one axis)")
-                if any(axis == m.axis for axis, _, _ in self.scale_axes.get(i, [])):
-                    raise ValueError(f"{gauge!r} rotates an axis that a scale gauge scales")
-                self.rotation_of.setdefault(i, []).append(m)
-        for i in self.centred:
-            if any(axis == 0 for axis, _, _ in self.scale_axes.get(i, [])) or i in self.rotation_of:
-                raise ValueError("LogitShift's vocabulary axis may not be scaled or rotated by another gauge")
-
-    def _add(self, p: nn.Parameter) -> None:
-        if p not in self.index:
-            self.index[p] = len(self.params)
-            self.params.append(p)
-
-    def scale_tensor(self, i: int, log_scales: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
-        """The factor ``S`` of parameter ``i`` (broadcastable to it), or ``None`` if unscaled."""
-        factor = None
-        for axis, g, sign in self.scale_axes.get(i, []):
-            shape = [1] * like.ndim
-            shape[axis] = -1
-            f = torch.exp(sign * log_scales[g]).to(like).reshape(shape)
-            factor = f if factor is None else factor * f
-        return factor
-
-    def solve_scales(self, points: list[torch.Tensor], warm: list[torch.Tensor], tol: float,
-                     max_iter: int, reference_norm: float = 1.0,
-                     zero_level: float = 0.0) -> tuple[list[torch.Tensor], int]:
-        """Log-scales moving ``points`` (one per gauged parameter) to their canonical point
-        (:func:`ddc.functional.min_norm_log_scales`). Warns once per gauge set when the
-        solve stops at ``max_iter`` without reaching ``tol``."""
-        order = sorted(self.scale_axes)
-        reduced, axes = [], []
-        for i in order:
-            x = points[i].double().square()
-            gauged = [axis for axis, _, _ in self.scale_axes[i]]
-            other = [d for d in range(x.ndim) if d not in gauged]
-            reduced.append(x.sum(other) if other else x)
-            axes.append([(g, sign) for _, g, sign in self.scale_axes[i]])
-        sizes = [g.size for g in self.scale_gauges]
-        levels = [g.level for g in self.scale_gauges]
-        scales, steps, unsettled = F.min_norm_log_scales(reduced, axes, sizes, warm, tol, max_iter,
-                                                         reference_norm, zero_level, levels)
-        self.warn_unsettled(unsettled, tol, max_iter)
-        return scales, steps
-
-    def warn_unsettled(self, unsettled: list[int], tol: float, max_iter: int) -> None:
-        """Warn once per gauge set, naming the scale gauges (indices ``unsettled``) whose
-        balancing stopped at ``max_iter`` before reaching ``tol``."""
-        if not unsettled or self.warned_cap:
-            return
-        self.warned_cap = True
-        named = ", ".join(repr(self.scale_gauges[g]) for g in unsettled[:4])
-        more = f" and {len(unsettled) - 4} more" if len(unsettled) > 4 else ""
-        warnings.warn(f"DDC: balancing stopped at balance_max_iter={max_iter} Newton steps before "
-                      f"reaching balance_tol={tol:g} for {named}{more}; equivariance then holds only "
-                      f"to that residual. Raise balance_max_iter (warned once).", RuntimeWarning,
-                      stacklevel=4)
-
-
-def _pool_over_blocks(x: torch.Tensor, member: RotationMember) -> torch.Tensor:
-    """Average ``x`` over each rotation block (the entries one orthogonal map mixes)."""
-    blocks = to_blocks(x, member)
-    return from_blocks(blocks.mean(dim=1, keepdim=True).expand_as(blocks), member, into=x)
+_Frame = Frame   # the name ddc.find used before the layout moved to ddc.frame
 
 
 class DDC(Optimizer):
@@ -176,14 +72,31 @@ class DDC(Optimizer):
         betas, eps: Adam's coefficients (the Adam part of either base).
         momentum, nesterov, ns_coefficients, ns_steps, ns_eps, adjust_lr_fn: Muon's
             options, as in ``torch.optim.Muon``.
-        orthogonalizer: ``"newton_schulz"`` (torch's bfloat16 iteration, fast) or
-            ``"svd"`` (exact polar factor in float64, for tests and analysis).
+        orthogonalizer: ``"svd"`` (default): the exact polar factor, computed in float64,
+            equivariant under every gauge DDC enforces; ``"newton_schulz"``: torch's
+            bfloat16 Newton–Schulz iteration, faster but not exact under the head rotations
+            and scalings (measured deviation in README, "DDC"), an explicit option.
         dead_mode: ``"freeze"`` (default): updates never move along gauge orbits, and
             the scale-gauge coordinates stay exactly where they are; ``"free"``: the base
             step's own component along the orbits is kept (still equivariant).
-        balance_tol, balance_max_iter: stopping rule of the balancing solve (Newton steps),
-            in log-scale units; ``None`` picks 1e-12 for float64 and 1e-6 otherwise. If
-            the cap is reached DDC warns once, naming the gauges.
+        balance_tol, balance_max_iter: stopping rule of the adaptive balancing solve
+            (Newton steps), in log-scale units; ``None`` picks 1e-12 for float64 and 1e-6
+            otherwise. If the cap is reached DDC warns once, naming the gauges. The
+            reference step (``foreach=False``) balances this way every step; the batched
+            step only at the first step (the frame's state init).
+        balance_steps, balance_cg_steps: the batched step's fixed balancing schedule after
+            the first step. Each solve (two a step) starts with a closed-form step per
+            coordinate, which is the solution where no parameter couples two gauges; where
+            some do (an MLP's up projection in a unit gauge and a norm gain), it then takes
+            ``balance_steps`` rounds of one Newton step (``balance_cg_steps`` CG iterations)
+            and one closed-form step. No host reads, and exactly equivariant whatever the
+            counts (``docs/ddc.md``, "Fixed schedules"); the counts decide how close the
+            frame is to the canonical point, which :meth:`balance_residual` reports.
+            Defaults (``None``): in float64, 4 rounds and CG iterations twice the longest
+            chain of coupled gauges, at least 8; in float32, 2 rounds and that chain's
+            length, at least 4 (measured: ``docs/ddc.md``). In dead_mode ``"freeze"`` the
+            solve at the start of a step takes one round: the last step left the frame
+            canonical.
         reference_norm: ρ, the one absolute scale of the canonical frame (see
             ``docs/ddc.md``, "The canonical point"): where one side of a scale gauge
             coordinate is zero (a zero-initialised readout or down projection, a dead unit)
@@ -223,10 +136,12 @@ class DDC(Optimizer):
         ns_steps: int = DEFAULT_NS_STEPS,
         ns_eps: float = MUON_EPS,
         adjust_lr_fn: str | None = "match_rms_adamw",
-        orthogonalizer: str = "newton_schulz",
+        orthogonalizer: str = "svd",
         dead_mode: str = "freeze",
         balance_tol: float | None = None,
         balance_max_iter: int = 50,
+        balance_steps: int | None = None,
+        balance_cg_steps: int | None = None,
         reference_norm: float = 1.0,
         example_input: Any = None,
         loss: str | None = "cross_entropy",
@@ -255,6 +170,9 @@ class DDC(Optimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if balance_max_iter < 1:
             raise ValueError(f"balance_max_iter must be at least 1, got {balance_max_iter}")
+        if any(n is not None and n < 1 for n in (balance_steps, balance_cg_steps)):
+            raise ValueError(f"balance_steps and balance_cg_steps must be at least 1, or None, got "
+                             f"{balance_steps} and {balance_cg_steps}")
         if not reference_norm > 0.0:
             raise ValueError(f"reference_norm must be positive, got {reference_norm}")
 
@@ -282,6 +200,10 @@ class DDC(Optimizer):
         self.orthogonalizer = orthogonalizer
         self.balance_tol = balance_tol
         self.balance_max_iter = balance_max_iter
+        self.balance_steps = None if balance_steps is None else int(balance_steps)
+        self.balance_cg_steps = None if balance_cg_steps is None else int(balance_cg_steps)
+        #: Rounds of the solve at the start of a step in dead_mode "freeze" (ddc/fast.py).
+        self.balance_steps_before = 1
         self.reference_norm = reference_norm
         self.foreach = bool(foreach)
         self.compile = bool(compile)
@@ -290,7 +212,7 @@ class DDC(Optimizer):
         self.gauges = list(gauges or [])
         if model is not None:
             check_declarations(model, self.gauges)
-        self._frame = _Frame(self.gauges)
+        self._frame = Frame(self.gauges)
         owned = {p for group in self.param_groups for p in group["params"]}
         names = {p: n for n, p in model.named_parameters()} if model is not None else {}
         missing = [p for p in self._frame.params if p not in owned and p.requires_grad]
@@ -334,6 +256,32 @@ class DDC(Optimizer):
                 value = torch.zeros(gauge.size, dtype=torch.float64, device=gauge.members[0].param.device)
             out.append(value)
         return out
+
+    def _frame_initialised(self) -> bool:
+        """Whether every scale gauge's log-scales are in the state (after the first step,
+        or loaded from a checkpoint)."""
+        return all(key in self.state.get(param, {}) if param is not None else g in self._unanchored
+                   for g, (param, key) in enumerate(self._anchors))
+
+    @torch.no_grad()
+    def balance_residual(self) -> float:
+        """How far the stored scale frame is from the canonical point of the parameters as
+        they are now: the largest Jacobi estimate of the balancing's Newton step there, in
+        log-scale units (0.0 without scale gauges). A host read, for certifying the batched
+        step's fixed balancing schedule off the hot path (tests, monitoring): after a step
+        it is what the schedule left, about ``balance_tol`` when it converged."""
+        frame = self._frame
+        if not frame.scale_gauges:
+            return 0.0
+        device = frame.params[0].device
+        plan = self._fast_plan if self._fast_plan is not None and self._fast_plan.device == device \
+            else fast.FastPlan(self, device)
+        work = self._work_dtype()
+        points = [p.detach().to(work) for p in frame.params]
+        for i in plan.centred:
+            points[i] = points[i] - points[i].mean(dim=0, keepdim=True)
+        log_scales = torch.cat(self._log_scales).to(device)
+        return float(plan.residual(*plan.reduce(points), log_scales, self.reference_norm ** 2, self._zero_level()))
 
     @_log_scales.setter
     def _log_scales(self, values: list[torch.Tensor]) -> None:
@@ -386,15 +334,11 @@ class DDC(Optimizer):
         state created lazily and advanced in place. Weight decay is not included."""
         state = self.state[p]
         if self._uses_muon(group, p):
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            F.init_muon_state(state, grad)
             return F.muon_update(grad, state["momentum_buffer"], group["lr"], self._muon_momentum(group),
                                  group["nesterov"], self.orthogonalizer, group["ns_coefficients"],
                                  group["ns_steps"], group["ns_eps"], group["adjust_lr_fn"])
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        F.init_adam_state(state, grad)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         return F.adam_update(grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
@@ -512,7 +456,7 @@ class DDC(Optimizer):
             if i in frame.rotation_of and not self._uses_muon(group, p):
                 pooled = grads[i] * grads[i]
                 for member in frame.rotation_of[i]:
-                    pooled = _pool_over_blocks(pooled, member)
+                    pooled = pool_over_blocks(pooled, member)
             delta = self._base_update(p, group, grads[i], pooled)
             deltas.append(delta if moving[i] else torch.zeros_like(delta))
 
@@ -565,7 +509,8 @@ class DDC(Optimizer):
         gradients as they are. Every gradient is then multiplied by
         ``min(1, max_norm / (total + 1e-6))``, exactly as torch does; multiplying the raw
         gradient by a number multiplies the canonical one by the same number. Returns the
-        total norm (a tensor). ``foreach`` is accepted for torch's signature and ignored.
+        total norm (a tensor); where a gradient is not finite, torch's total (``inf`` for an
+        infinite gradient, ``nan`` for a nan). ``foreach`` is accepted for torch's signature and ignored.
         Call it after ``backward()`` and before ``step()`` (it also warm-starts the frame
         solve of the coming step).
         """
@@ -578,16 +523,23 @@ class DDC(Optimizer):
                     grads[p] = p.grad.detach()
         if not grads:
             return torch.tensor(0.0)
+        device = next(iter(grads)).grad.device
+        # torch's total of the raw gradients: where it is not finite (an inf or nan
+        # gradient), DDC returns it as torch does. The canonical one would read nan for an
+        # inf in a centred readout (inf − inf). Finiteness is the same along a gauge orbit.
+        raw_total = torch.linalg.vector_norm(torch.stack([
+            torch.linalg.vector_norm(g.float() if g.dtype in _LOW_PRECISION else g, norm_type).to(device)
+            for g in grads.values()]), norm_type)
         frame = self._frame
         if any(p in grads for p in frame.params):
             canonical = self._to_canonical()[1]
             for p, g in zip(frame.params, canonical):
                 if p in grads and g is not None:
                     grads[p] = g
-        device = next(iter(grads)).grad.device
         norms = [torch.linalg.vector_norm(g.float() if g.dtype in _LOW_PRECISION else g, norm_type).to(device)
                  for g in grads.values()]
         total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        total = torch.where(torch.isfinite(raw_total), total.to(raw_total.dtype), raw_total)
         if error_if_nonfinite and not torch.isfinite(total):
             raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite, so it "
                                f"cannot be clipped; pass error_if_nonfinite=False to clip anyway")

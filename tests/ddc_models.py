@@ -6,6 +6,7 @@ whose symmetries are known by construction.
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddc.gauges import HeadRotation, HeadRotationVO, LogitShift, NormGain, UnitRescale
 
@@ -185,3 +187,62 @@ def equivariance_deviation(model: nn.Module, make_optimizer: Callable, loss_fn: 
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         worst = max(worst, float((pa - pb).detach().abs().max() / pb.detach().abs().max()))
     return worst
+
+
+# ------------------------------------------------------------------ counting what a step does
+
+#: aten operators that read a tensor's value on the host (``.item()``, ``float(t)``,
+#: ``.tolist()``, ``bool(t)``), or whose output shape depends on the data: on a GPU, each is
+#: a device synchronisation.
+HOST_READS = frozenset({"_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "unique",
+                        "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave", "equal",
+                        "is_nonzero"})
+#: aten operators that make a view or alias (no kernel, no arithmetic).
+VIEW_OPS = frozenset({"view", "_unsafe_view", "slice", "select", "detach", "alias", "as_strided", "transpose",
+                      "t", "unsqueeze", "squeeze", "expand", "permute", "reshape", "narrow", "unbind", "split",
+                      "split_with_sizes", "unflatten", "movedim", "diagonal", "lift_fresh", "_reshape_alias",
+                      "view_as_real", "view_as_complex", "chunk", "flatten"})
+
+
+class StepCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched while active, by name. Reads of the tensors
+    whose storages are in ``counters`` (an optimizer's CPU ``step`` counters, which torch's
+    AdamW also reads on the host: no device synchronisation) are counted apart."""
+
+    def __init__(self, counters: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.counters = counters
+        self.counter_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's signature)
+        name = func._schema.name.split("::")[-1]
+        if (name == "_local_scalar_dense" and args and args[0].device.type == "cpu"
+                and args[0].untyped_storage().data_ptr() in self.counters):
+            self.counter_reads += 1
+        else:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def host_reads(self) -> int:
+        return sum(n for name, n in self.ops.items() if name in HOST_READS)
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def compute(self) -> int:
+        """Operators that are not views or aliases."""
+        return sum(n for name, n in self.ops.items() if name not in VIEW_OPS)
+
+
+def count_step(optimizer: torch.optim.Optimizer) -> StepCounter:
+    """The operators of one ``optimizer.step()`` on the gradients in place."""
+    steps = frozenset(s["step"].untyped_storage().data_ptr() for s in optimizer.state.values()
+                      if isinstance(s.get("step"), torch.Tensor) and s["step"].device.type == "cpu")
+    counter = StepCounter(steps)
+    with counter:
+        optimizer.step()
+    return counter

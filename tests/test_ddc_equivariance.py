@@ -87,3 +87,14 @@ def test_free_dead_mode_is_still_equivariant():
     batches = make_batches(model, STEPS)
     dev = equivariance_deviation(model, ddc_factory("adam", {}, dead_mode="free"), classification_loss, batches)
     assert dev <= TOLERANCE
+
+
+@pytest.mark.parametrize("base", ["adam", "muon"])
+def test_defaults_are_exact(base):
+    """Contract 9: ``DDC(model)`` with nothing but the base chosen is exactly equivariant
+    (for Muon the default orthogonaliser is the exact polar factor), under every gauge of
+    a model with rotations, RoPE pairs, overlapping scales and a logit shift."""
+    model = TinyTransformer(rope="interleaved", mlp="swiglu").double()
+    batches = make_batches(model, STEPS)
+    make = lambda m, gauges: DDC(m, gauges=gauges, base=base)
+    assert equivariance_deviation(model, make, classification_loss, batches) <= TOLERANCE

@@ -4,6 +4,7 @@ parameters, structural declaration checks, wrapped models, Muon roles and moment
 schedules, and torch.distributed.checkpoint round trips."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -78,6 +79,28 @@ def test_clip_without_firing_leaves_gradients():
     assert float(total) > 0
     for p, g in zip(model.parameters(), before):
         torch.testing.assert_close(p.grad, g, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("where", ["readout.weight", "fc_in.weight"])
+def test_clip_returns_what_torch_returns_for_a_non_finite_gradient(value, where):
+    """An inf gradient gives an inf total, as torch's (the canonical readout gradient alone
+    would read inf − inf = nan), a nan one nan; the gradients are scaled as torch scales them."""
+    model = ReluMLP().double()
+    opt = DDC(model)
+    classification_loss(model, make_batches(model, 1)[0])[0].backward()
+    dict(model.named_parameters())[where].grad[0, 0] = value
+    grads = [p.grad.clone() for p in model.parameters()]
+    reference = [g.clone().requires_grad_() for g in grads]
+    for r, g in zip(reference, grads):
+        r.grad = g.clone()
+    expected = torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    total = opt.clip_grad_norm_(1.0)
+    torch.testing.assert_close(total, expected, equal_nan=True)
+    for p, r in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.grad, r.grad, equal_nan=True, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        opt.clip_grad_norm_(1.0, error_if_nonfinite=True)
 
 
 # --------------------------------------------------------------------------- balancing

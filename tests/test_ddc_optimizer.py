@@ -53,7 +53,9 @@ def test_no_gauges_reproduces_muon_baseline():
     twin = copy.deepcopy(model)
     options = dict(lr=1e-2, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
                    adjust_lr_fn="match_rms_adamw")
-    ddc = DDC(model, gauges=[], base="muon", betas=(0.9, 0.95), eps=1e-8, **options)
+    # the baseline's orthogonaliser (DDC's default is the exact polar factor)
+    ddc = DDC(model, gauges=[], base="muon", betas=(0.9, 0.95), eps=1e-8, orthogonalizer="newton_schulz",
+              **options)
     muon = baselines.BASELINES["muon"](twin, adam_betas=(0.9, 0.95), adam_eps=1e-8, **options)
     batches = make_batches(model, 12)
     train(model, ddc, batches)
@@ -150,6 +152,31 @@ def test_state_dict_round_trip_continues_identically(rotation_solve):
     resumed_opt.load_state_dict(saved_state)
     assert resumed_opt.param_groups[0]["lr"] == 1e-2
     train(resumed, resumed_opt, batches[4:])
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_cg_basis_has_the_same_layout_in_the_run_and_after_a_resume():
+    """``rotation_solve="cg"`` keeps an eigenbasis per head; a resumed run must hold it in the
+    same memory layout as the uninterrupted one (a batched matmul's round-off depends on the
+    strides: eigh's column-major eigenvectors against the row-major tensors a checkpoint
+    gives back), else the two runs part in the last bits."""
+    model = TinyTransformer().double()
+    batches = make_batches(model, 6)
+    optimizer = DDC(model, lr=1e-2, weight_decay=0.1, rotation_solve="cg")
+    train(model, optimizer, batches[:3])
+    saved_model, saved_state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    resumed = TinyTransformer().double()
+    resumed.load_state_dict(saved_model)
+    resumed_opt = DDC(resumed, lr=1e-2, weight_decay=0.1, rotation_solve="cg")
+    resumed_opt.load_state_dict(saved_state)
+    train(model, optimizer, batches[3:4])
+    train(resumed, resumed_opt, batches[3:4])
+    run, after = optimizer._fast_plan.rotation_basis, resumed_opt._fast_plan.rotation_basis
+    assert run and run.keys() == after.keys()
+    for block in run:
+        assert run[block].stride() == after[block].stride()
+        assert torch.equal(run[block], after[block])
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
 
