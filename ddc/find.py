@@ -69,7 +69,10 @@ _LOSS_HELP = ("'cross_entropy' (softmax cross-entropy over the outputs' last axi
 # through a positively homogeneous map; the walk back from a layer's input crosses them.
 _TRANSPARENT = ("ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "TransposeBackward",
                 "PermuteBackward", "CloneBackward", "ToCopyBackward", "AliasBackward",
-                "SqueezeBackward", "UnsqueezeBackward", "ExpandBackward")
+                "SqueezeBackward", "UnsqueezeBackward", "ExpandBackward",
+                # linear maps along other axes (token selection, pooling); one along the
+                # feature axis would break a per-feature gauge, and the proof rejects it
+                "SelectBackward", "SliceBackward", "MeanBackward", "AvgPool", "AdaptiveAvgPool")
 _RELU = ("ReluBackward", "ThresholdBackward")
 _PRODUCT = ("MulBackward",)
 # Between the score product and the softmax (scale, mask) and between the softmax and the
