@@ -127,11 +127,11 @@ def lm_loss(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _classifier_case(model: nn.Module, shape, classes: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    batches = [(torch.randn(shape, generator=generator), torch.randint(0, classes, (shape[0],), generator=generator))
-               for _ in range(10)]
+    batches = [(torch.randn(shape, generator=generator, dtype=torch.float64),
+                torch.randint(0, classes, (shape[0],), generator=generator)) for _ in range(10)]
 
     def loss_fn(m, batch):
-        out = m(batch[0])
+        out = m(batch[0].to(next(m.parameters()).dtype))
         logits = out if isinstance(out, torch.Tensor) else out.logits
         return F.cross_entropy(logits, batch[1]), logits
     return model, batches[0][0], "cross_entropy", loss_fn, batches
@@ -155,10 +155,11 @@ def sdpa_block():
 def mse_regressor():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 6, generator=generator), torch.randn(8, 4, generator=generator)) for _ in range(10)]
+    batches = [(torch.randn(8, 6, generator=generator, dtype=torch.float64),
+                torch.randn(8, 4, generator=generator, dtype=torch.float64)) for _ in range(10)]
 
     def loss_fn(m, batch):
-        out = m(batch[0])
+        out = m(batch[0].to(next(m.parameters()).dtype))
         return F.mse_loss(out, batch[1].to(out.dtype)), out
     return MSERegressor(), batches[0][0], None, loss_fn, batches
 
