@@ -5,7 +5,7 @@ the model computes. Moving along such a group orbit is a *dead direction*: the l
 see it. A model declares its gauges (``model.gauges()``); DDC reads the declarations, and
 :func:`ddc.verify_gauges` checks them numerically.
 
-Four kinds, in PyTorch conventions (``nn.Linear`` computes ``y = W x + b`` with ``W`` of
+The kinds, in PyTorch conventions (``nn.Linear`` computes ``y = W x + b`` with ``W`` of
 shape out × in):
 
 * :class:`LogitShift` — translation: adding one vector to every row of the readout ``W``
@@ -13,14 +13,25 @@ shape out × in):
 * :class:`UnitRescale` — for each hidden unit ``i`` of a ReLU MLP (or the linear branch
   of a SwiGLU): row ``i`` (and bias ``i``) of the input layers times ``c > 0``, column
   ``i`` of the output layer divided by ``c``.
-* :class:`NormGain` — for each feature ``j`` of a LayerNorm / RMSNorm / BatchNorm: gain
-  (and bias) ``j`` times ``c``, column (input channel) ``j`` of every consumer divided by
-  ``c``. Valid only when nothing else reads the norm's output; for BatchNorm only when a
+* :class:`NormGain` — for each feature ``j`` of a normalisation (any class: torch's norms,
+  a user-written RMSNorm, ``LlamaRMSNorm``): gain (and bias) ``j`` times ``c``, column
+  (input channel) ``j`` of every consumer divided by ``c``. Valid only when nothing else reads the norm's output; for BatchNorm only when a
   positively homogeneous activation (ReLU) sits between the norm and its consumers.
 * :class:`HeadRotation` / :class:`HeadRotationVO` — per attention head, an orthogonal
   map ``R`` applied to the query and key rows (scores ``q·k`` unchanged) or to the value
   rows and the output projection's columns. With RoPE, only rotations commuting with it
-  survive: one SO(2) angle per frequency pair.
+  survive: one SO(2) angle per frequency pair. ``.sliced`` builds them on any projection
+  layout (separate or fused layers, ``nn.Linear`` or Hugging Face ``Conv1D``).
+* :class:`GroupedHeadRotation` / :class:`GroupedHeadRotationVO` — the same under
+  grouped-query attention (GQA, MQA): one rotation per key/value head, shared by the query
+  rows (or output columns) of every query head in its group.
+* :class:`QKPairScale` — under RoPE, a per-pair scale: a query pair times ``c``, its key
+  pair divided by ``c`` (shared across a GQA group).
+
+The last three (:class:`SharedRotation` and :class:`QKPairScale`) are proven by
+:func:`ddc.verify_gauges` and found by :func:`ddc.find_gauges`, but DDC's step does not
+enforce them yet: ``DDC`` refuses them by type, and ``find_gauges`` lists them as found but
+not enforced.
 
 Every gauge can draw a random group element (:meth:`Gauge.random_element`) and apply one
 to its parameters in place (:meth:`Gauge.act`), so equivariance and invariance can be

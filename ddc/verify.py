@@ -78,9 +78,9 @@ def verify_gauges(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], ba
     batch = _as_float64(batch)
     generator = torch.Generator().manual_seed(seed)
     origin = [p.detach().clone() for p in work.parameters()]
-    starts = [origin] + [_perturbed(origin, generator) for _ in range(points)]
     worst = [{"loss": 0.0, "logits": 0.0} for _ in declared]
-    for start in starts:
+    for point in range(points + 1):   # drawn one at a time: one extra copy of the parameters
+        start = origin if point == 0 else _perturbed(origin, generator)
         _load(work, start)
         base_loss, base_logits = _evaluate(work, loss_fn, batch)
         for k, gauge in enumerate(declared):

@@ -246,7 +246,7 @@ def tv_convnext():
 
 ZOO = {
     "llama_block": llama_block, "sdpa_block": sdpa_block, "mse_regressor": mse_regressor,
-    "hf_llama_gqa": hf_llama, "hf_llama_mha": lambda: hf_llama(n_kv=4), "hf_gpt2_zero_mlp": hf_gpt2,
+    "hf_llama_gqa": hf_llama, "hf_llama_mqa": lambda: hf_llama(n_kv=1), "hf_llama_mha": lambda: hf_llama(n_kv=4), "hf_gpt2_zero_mlp": hf_gpt2,
     "hf_bert": hf_bert, "hf_vit": hf_vit, "tv_vit": tv_vit, "tv_resnet18": tv_resnet,
     "tv_mobilenet_v3": tv_mobilenet, "tv_convnext": tv_convnext,
 }

@@ -29,6 +29,8 @@ EXPECTED = {
     "mse_regressor": {"UnitRescale": 1},
     "hf_llama_gqa": {"UnitRescale": 2, "NormGain": 5, "LogitShift": 1, "GroupedHeadRotation": 2,
                      "GroupedHeadRotationVO": 2, "QKPairScale": 2},
+    "hf_llama_mqa": {"UnitRescale": 2, "NormGain": 5, "LogitShift": 1, "GroupedHeadRotation": 2,
+                     "GroupedHeadRotationVO": 2, "QKPairScale": 2},
     "hf_llama_mha": {"UnitRescale": 2, "NormGain": 5, "LogitShift": 1, "HeadRotation": 2, "HeadRotationVO": 2,
                      "QKPairScale": 2},
     "hf_gpt2_zero_mlp": {"NormGain": 5, "LogitShift": 1, "HeadRotation": 2, "HeadRotationVO": 2},
