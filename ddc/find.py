@@ -574,7 +574,7 @@ def _log(model: nn.Module, found: FoundGauges) -> None:
     total = sum(p.numel() for p in params) or 1
     line = (f"find_gauges on {type(model).__name__}: {len(found)} gauges enforced, {len(found.not_enforced)} "
             f"proven but not enforced by DDC's step, {len(found.rejected)} candidates rejected; "
-            f"{len(found.uncovered)} parameter tensors ({100 * left / total:.0f}% of the weights) are in no "
+            f"{len(found.uncovered)} parameter tensor(s) ({100 * left / total:.0f}% of the weights) in no "
             f"enforced gauge: there DDC is its base optimizer (AdamW / Muon). FoundGauges.summary() lists them")
     if found.uncovered or found.not_enforced:
         logger.warning(line)

@@ -66,15 +66,7 @@ def verify_gauges(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], ba
     from .gauges import LogitShift
 
     work = copy.deepcopy(model).double().eval()
-    if gauges is None:
-        declared = work.gauges()
-    else:  # rebuild the given gauges on the copy's parameters
-        mapping = {id(p): q for p, q in zip(model.parameters(), work.parameters())}
-        declared = []
-        for g in gauges:
-            g2 = copy.copy(g)
-            g2.__dict__ = {k: _remap(v, mapping) for k, v in g.__dict__.items()}
-            declared.append(g2)
+    declared = work.gauges() if gauges is None else rebind(gauges, model, work)
     batch = _as_float64(batch)
     generator = torch.Generator().manual_seed(seed)
     origin = [p.detach().clone() for p in work.parameters()]
@@ -139,6 +131,18 @@ def _perturbed(origin: list[torch.Tensor], generator: torch.Generator) -> list[t
 def _load(work: nn.Module, values: list[torch.Tensor]) -> None:
     for p, v in zip(work.parameters(), values):
         p.copy_(v)
+
+
+def rebind(gauges: list[Gauge], model: nn.Module, copy_of_model: nn.Module) -> list[Gauge]:
+    """``gauges``, built on ``model``'s parameters, rebuilt on the same parameters of
+    ``copy_of_model`` (a ``copy.deepcopy`` of it, possibly cast: parameters in the same order)."""
+    mapping = {id(p): q for p, q in zip(model.parameters(), copy_of_model.parameters())}
+    rebuilt = []
+    for g in gauges:
+        g2 = copy.copy(g)
+        g2.__dict__ = {k: _remap(v, mapping) for k, v in g.__dict__.items()}
+        rebuilt.append(g2)
+    return rebuilt
 
 
 def _remap(value: Any, mapping: dict[int, torch.Tensor]) -> Any:

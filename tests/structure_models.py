@@ -224,16 +224,20 @@ def tv_vit():
     return _classifier_case(model, (2, 3, 16, 16), 5)
 
 
+# ResNet and MobileNet end at 1×1 maps: their last BatchNorms normalise over the batch
+# alone, and with 2 or 4 images its outputs barely depend on the inputs, so every gradient
+# below them is rounding that Adam amplifies (10 DDC-Adam steps: 1.2 with 2 images, 1e-5
+# with 4, 8e-11 with 8). 8 images.
 def tv_resnet():
     import torchvision
     torch.manual_seed(0)
-    return _classifier_case(torchvision.models.resnet18(num_classes=5), (2, 3, 32, 32), 5)
+    return _classifier_case(torchvision.models.resnet18(num_classes=5), (8, 3, 32, 32), 5)
 
 
 def tv_mobilenet():
     import torchvision
     torch.manual_seed(0)
-    return _classifier_case(torchvision.models.mobilenet_v3_small(num_classes=5), (2, 3, 32, 32), 5)
+    return _classifier_case(torchvision.models.mobilenet_v3_small(num_classes=5), (8, 3, 32, 32), 5)
 
 
 def tv_convnext():
