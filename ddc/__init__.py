@@ -11,7 +11,8 @@ See ``docs/ddc.md``.
 
 from . import gauges
 from .find import FoundGauges, find_gauges
-from .gauges import HeadRotation, HeadRotationVO, LogitShift, NormGain, UnitRescale
+from .gauges import (GroupedHeadRotation, GroupedHeadRotationVO, HeadRotation, HeadRotationVO, LogitShift, NormGain,
+                     QKPairScale, UnitRescale)
 from .optimizer import DDC
 from .param_groups import param_groups, parameter_roles
 from .verify import GaugeDeclarationError, verify_gauges
@@ -19,4 +20,5 @@ from .verify import GaugeDeclarationError, verify_gauges
 __all__ = [
     "DDC", "gauges", "verify_gauges", "find_gauges", "FoundGauges", "GaugeDeclarationError", "param_groups", "parameter_roles",
     "LogitShift", "UnitRescale", "NormGain", "HeadRotation", "HeadRotationVO",
+    "GroupedHeadRotation", "GroupedHeadRotationVO", "QKPairScale",
 ]

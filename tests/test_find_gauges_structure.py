@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ddc import DDC, find_gauges, verify_gauges
-from ddc.gauges import HeadRotation, GroupedHeadRotation, GroupedHeadRotationVO, LogitShift, NormGain, QKPairScale, UnitRescale
+from ddc import GroupedHeadRotation, GroupedHeadRotationVO, HeadRotation, LogitShift, NormGain, QKPairScale, UnitRescale
 from ddc.param_groups import output_layer, parameter_roles
 from ddc.verify import GaugeDeclarationError
 from ddc_models import equivariance_deviation
