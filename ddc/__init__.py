@@ -21,7 +21,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import gauges
-from .gauges import HeadRotation, HeadRotationVO, LogitShift, NormGain, UnitRescale
+from .gauges import (GroupedHeadRotation, GroupedHeadRotationVO, HeadRotation, HeadRotationVO, LogitShift, NormGain,
+                     QKPairScale, UnitRescale)
 from .param_groups import param_groups, parameter_roles
 
 #: public name -> the submodule that defines it
@@ -33,7 +34,7 @@ _EXPORTS = {
 
 __all__ = ["DDC", "gauges", "verify_gauges", "find_gauges", "FoundGauges", "GaugeDeclarationError",
            "param_groups", "parameter_roles", "LogitShift", "UnitRescale", "NormGain", "HeadRotation",
-           "HeadRotationVO"]
+           "HeadRotationVO", "GroupedHeadRotation", "GroupedHeadRotationVO", "QKPairScale"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .find import FoundGauges, find_gauges

@@ -5,7 +5,7 @@ the model computes. Moving along such a group orbit is a *dead direction*: the l
 see it. A model declares its gauges (``model.gauges()``); DDC reads the declarations, and
 :func:`ddc.verify_gauges` checks them numerically.
 
-Four kinds, in PyTorch conventions (``nn.Linear`` computes ``y = W x + b`` with ``W`` of
+The kinds, in PyTorch conventions (``nn.Linear`` computes ``y = W x + b`` with ``W`` of
 shape out × in):
 
 * :class:`LogitShift` — translation: adding one vector to every row of the readout ``W``
@@ -13,14 +13,25 @@ shape out × in):
 * :class:`UnitRescale` — for each hidden unit ``i`` of a ReLU MLP (or the linear branch
   of a SwiGLU): row ``i`` (and bias ``i``) of the input layers times ``c > 0``, column
   ``i`` of the output layer divided by ``c``.
-* :class:`NormGain` — for each feature ``j`` of a LayerNorm / RMSNorm / BatchNorm: gain
-  (and bias) ``j`` times ``c``, column (input channel) ``j`` of every consumer divided by
-  ``c``. Valid only when nothing else reads the norm's output; for BatchNorm only when a
+* :class:`NormGain` — for each feature ``j`` of a normalisation (any class: torch's norms,
+  a user-written RMSNorm, ``LlamaRMSNorm``): gain (and bias) ``j`` times ``c``, column
+  (input channel) ``j`` of every consumer divided by ``c``. Valid only when nothing else reads the norm's output; for BatchNorm only when a
   positively homogeneous activation (ReLU) sits between the norm and its consumers.
 * :class:`HeadRotation` / :class:`HeadRotationVO` — per attention head, an orthogonal
   map ``R`` applied to the query and key rows (scores ``q·k`` unchanged) or to the value
   rows and the output projection's columns. With RoPE, only rotations commuting with it
-  survive: one SO(2) angle per frequency pair.
+  survive: one SO(2) angle per frequency pair. ``.sliced`` builds them on any projection
+  layout (separate or fused layers, ``nn.Linear`` or Hugging Face ``Conv1D``).
+* :class:`GroupedHeadRotation` / :class:`GroupedHeadRotationVO` — the same under
+  grouped-query attention (GQA, MQA): one rotation per key/value head, shared by the query
+  rows (or output columns) of every query head in its group.
+* :class:`QKPairScale` — under RoPE, a per-pair scale: a query pair times ``c``, its key
+  pair divided by ``c`` (shared across a GQA group).
+
+The last three (:class:`SharedRotation` and :class:`QKPairScale`) are proven by
+:func:`ddc.verify_gauges` and found by :func:`ddc.find_gauges`, but DDC's step does not
+enforce them yet: ``DDC`` refuses them by type, and ``find_gauges`` lists them as found but
+not enforced.
 
 Every gauge can draw a random group element (:meth:`Gauge.random_element`) and apply one
 to its parameters in place (:meth:`Gauge.act`), so equivariance and invariance can be
@@ -185,8 +196,41 @@ class UnitRescale(ScaleGauge):
         return f"units={self.size}"
 
 
+def norm_affine(norm: nn.Module) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """The per-feature gain (and bias) of a normalisation module, whatever its class.
+
+    torch's LayerNorm / RMSNorm / BatchNorm / GroupNorm: ``weight`` (and ``bias``). Any other
+    module (a user-written RMSNorm, Hugging Face's ``LlamaRMSNorm``): its own parameters must
+    be one vector (the gain) or two of the same shape, the gain registered first or named
+    ``weight`` / ``scale`` / ``gamma`` / ``gain``. :func:`ddc.find_gauges` does not use this
+    naming rule: it tells gain from bias by the product in the module's autograd graph.
+    Raises ``ValueError`` naming what it found otherwise.
+    """
+    if isinstance(norm, _NORMS) or isinstance(norm, nn.GroupNorm):
+        if getattr(norm, "weight", None) is None:
+            raise ValueError(f"NormGain: {type(norm).__name__} has no affine gain to scale")
+        return norm.weight, getattr(norm, "bias", None)
+    own = list(norm.named_parameters(recurse=False))
+    if len(own) == 1 and own[0][1].ndim == 1:
+        return own[0][1], None
+    if len(own) == 2 and own[0][1].ndim == 1 and own[0][1].shape == own[1][1].shape:
+        names = [n for n, _ in own]
+        for gain_name in ("weight", "scale", "gamma", "gain"):
+            if gain_name in names:
+                other = names[1 - names.index(gain_name)]
+                return getattr(norm, gain_name), getattr(norm, other)
+        return own[0][1], own[1][1]
+    raise ValueError(f"NormGain: {type(norm).__name__} is not a normalisation with a per-feature gain "
+                     f"(expected one 1-D parameter, or a gain and a bias of the same shape; it has "
+                     f"{[(n, tuple(p.shape)) for n, p in own]}); pass gain=... (and bias=...) explicitly")
+
+
 class NormGain(ScaleGauge):
     """Per-feature scale of a normalisation's affine gain, undone by its consumers.
+
+    ``norm``: any module computing ``gain * normalise(x) (+ bias)`` per feature: torch's
+    norms, a user-written RMSNorm, Hugging Face's ``LlamaRMSNorm`` (see :func:`norm_affine`;
+    ``gain=`` / ``bias=`` name the parameters explicitly).
 
     ``norm.weight[j]`` (and ``norm.bias[j]``) times ``c[j]``, column / input channel ``j``
     of every consumer divided by ``c[j]``. Exact when the consumers are the only readers
@@ -200,20 +244,19 @@ class NormGain(ScaleGauge):
 
     level = 1.0
 
-    def __init__(self, norm: nn.Module, consumers: list[nn.Module]) -> None:
-        if not isinstance(norm, _NORMS):
-            raise TypeError(f"NormGain expects a LayerNorm, RMSNorm or BatchNorm, got {type(norm).__name__}")
-        if getattr(norm, "weight", None) is None:
-            raise ValueError(f"NormGain: {type(norm).__name__} has no affine gain to scale")
-        if norm.weight.ndim != 1:
-            raise ValueError("NormGain: only norms over a single feature axis are supported")
+    def __init__(self, norm: nn.Module, consumers: list[nn.Module], *, gain: nn.Parameter | None = None,
+                 bias: nn.Parameter | None = None) -> None:
+        gain, bias = norm_affine(norm) if gain is None else (gain, bias)
+        if gain.ndim != 1 or (bias is not None and bias.shape != gain.shape):
+            raise ValueError(f"NormGain: {type(norm).__name__}'s gain must be one vector (and its bias, "
+                             f"if any, the same shape); got {tuple(gain.shape)}")
         consumers = list(consumers)
         if not consumers:
             raise ValueError("NormGain needs at least one consumer")
-        self.size = norm.weight.numel()
-        self.members = [ScaleMember(norm.weight, 0, +1)]
-        if getattr(norm, "bias", None) is not None:
-            self.members.append(ScaleMember(norm.bias, 0, +1))
+        self.size = gain.numel()
+        self.members = [ScaleMember(gain, 0, +1)]
+        if bias is not None:
+            self.members.append(ScaleMember(bias, 0, +1))
         for layer in consumers:
             weight, axis, features = _input_weight(layer)
             if features != self.size:
@@ -393,6 +436,21 @@ class HeadRotation(RotationGauge):
         return cls._sliced(weight, axis, qkv.bias, features // 3, n_heads, "fused")
 
     @classmethod
+    def sliced(cls, q: nn.Module, k: nn.Module, d_head: int, n_heads: int, rope: str | None = None,
+               q_offset: int = 0, k_offset: int = 0) -> HeadRotation:
+        """The query/key rotations of any projection layout: queries are the output features
+        ``[q_offset, q_offset + n_heads·d_head)`` of layer ``q`` (``nn.Linear`` or ``Conv1D``),
+        keys likewise of ``k`` (the same layer for a fused projection)."""
+        order, block = _pair_order(n_heads, d_head, rope)
+        gauge = cls.__new__(cls)
+        gauge.block, gauge.n_blocks, gauge.special = block, n_heads * d_head // block, rope is not None
+        gauge.members = [RotationMember(p, axis, rows[order], block)
+                         for layer, offset in ((q, q_offset), (k, k_offset))
+                         for p, axis, rows in _slice_rows(layer, offset, n_heads * d_head)]
+        gauge._desc = f"heads={n_heads}, d_head={d_head}, rope={rope}"
+        return gauge
+
+    @classmethod
     def _sliced(cls, weight: nn.Parameter, axis: int, bias: nn.Parameter | None, width: int, heads: int,
                 kind: str) -> HeadRotation:
         gauge = cls.__new__(cls)
@@ -445,6 +503,22 @@ class HeadRotationVO(RotationGauge):
         return cls._sliced(weight, axis, qkv.bias, o, features // 3, n_heads, "fused")
 
     @classmethod
+    def sliced(cls, v: nn.Module, o: nn.Module, d_head: int, n_heads: int, v_offset: int = 0) -> HeadRotationVO:
+        """The value/output rotations of any projection layout: values are the output
+        features ``[v_offset, v_offset + n_heads·d_head)`` of layer ``v``; ``o`` reads them."""
+        o_weight, o_axis, o_features = _input_weight(o)
+        if o_features != n_heads * d_head:
+            raise ValueError(f"HeadRotationVO: the output projection reads {o_features} features, "
+                             f"the values have {n_heads * d_head}")
+        gauge = cls.__new__(cls)
+        gauge.block, gauge.n_blocks, gauge.special = d_head, n_heads, False
+        gauge.members = [RotationMember(p, axis, rows, d_head) for p, axis, rows in
+                         _slice_rows(v, v_offset, n_heads * d_head)]
+        gauge.members.append(RotationMember(o_weight, o_axis, torch.arange(o_features), d_head))
+        gauge._desc = f"heads={n_heads}, d_head={d_head}"
+        return gauge
+
+    @classmethod
     def _sliced(cls, weight: nn.Parameter, axis: int, bias: nn.Parameter | None, o: nn.Module, width: int,
                 heads: int, kind: str) -> HeadRotationVO:
         o_weight, o_axis, o_features = _input_weight(o)
@@ -459,6 +533,195 @@ class HeadRotationVO(RotationGauge):
         gauge.members.append(RotationMember(o_weight, o_axis, torch.arange(width), d_head))
         gauge._desc = f"heads={heads}, d_head={d_head}, {kind}"
         return gauge
+
+    def describe(self) -> str:
+        return self._desc
+
+
+# ----------------------------------------------------------------------------------------
+# Attention gauges on any projection layout (separate, fused, grouped-query)
+# ----------------------------------------------------------------------------------------
+
+def _slice_rows(module: nn.Module, offset: int, width: int) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+    """``(parameter, axis, positions)`` of the output features ``[offset, offset + width)`` of
+    a ``nn.Linear`` / ``Conv1D``: its weight along the output axis and its bias, if any."""
+    weight, axis, features = _output_weight(module)
+    if offset < 0 or offset + width > features:
+        raise ValueError(f"{type(module).__name__} has {features} outputs; features "
+                         f"[{offset}, {offset + width}) do not fit")
+    rows = torch.arange(offset, offset + width)
+    out = [(weight, axis, rows)]
+    if getattr(module, "bias", None) is not None:
+        out.append((module.bias, 0, rows))
+    return out
+
+
+def _pair_order(n_heads: int, d_head: int, rope: str | None) -> tuple[torch.Tensor, int]:
+    """As :func:`_head_permutation`, with the RoPE layout checked."""
+    if rope not in _ROPE_LAYOUTS:
+        raise ValueError(f"rope must be one of {_ROPE_LAYOUTS}, got {rope!r}")
+    return _head_permutation(n_heads, d_head, rope)
+
+
+@dataclass(frozen=True, eq=False)
+class SharedRotationMember:
+    """The entries ``positions`` of ``param``'s ``axis``, cut into blocks of ``block``; block
+    ``j`` is multiplied by the gauge's orthogonal matrix ``share[j]`` (``x ↦ R x``). Several
+    blocks may share one matrix (grouped-query attention)."""
+
+    param: nn.Parameter
+    axis: int
+    positions: torch.Tensor
+    block: int
+    share: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class SharedScaleMember:
+    """The entries ``positions`` of ``param``'s ``axis`` scale by ``c[share[j]] ** sign``."""
+
+    param: nn.Parameter
+    axis: int
+    positions: torch.Tensor
+    share: torch.Tensor
+    sign: int
+
+
+def _gather(param: torch.Tensor, axis: int, positions: torch.Tensor) -> torch.Tensor:
+    return param.movedim(axis, 0).index_select(0, positions.to(param.device))
+
+
+def _scatter(param: torch.Tensor, axis: int, positions: torch.Tensor, values: torch.Tensor) -> None:
+    param.movedim(axis, 0)[positions.to(param.device)] = values
+
+
+class SharedRotation(Gauge):
+    """Orthogonal matrices ``R_g`` (one per ``n_blocks``), each acting on every member block
+    that shares it. The grouped-query attention gauges below are built on it.
+
+    DDC's step does not enforce this kind yet (``DDC`` refuses it by type);
+    :func:`ddc.find_gauges` proves it and reports it as found but not enforced.
+    """
+
+    members: list[SharedRotationMember]
+    n_blocks: int
+    block: int
+    special: bool
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [m.param for m in self.members]
+
+    def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One Haar-random matrix per shared block, (n_blocks, block, block); SO with RoPE."""
+        return RotationGauge.random_element(self, generator)
+
+    @torch.no_grad()
+    def act(self, element: torch.Tensor) -> None:
+        for m in self.members:
+            values = _gather(m.param, m.axis, m.positions)
+            blocks = values.reshape(-1, m.block, values[0].numel())
+            rotated = element.to(blocks)[m.share.to(blocks.device)] @ blocks
+            _scatter(m.param, m.axis, m.positions, rotated.reshape(values.shape))
+
+    def describe(self) -> str:
+        return self._desc
+
+
+def _group_share(n_query: int, n_kv: int, per_head: int) -> torch.Tensor:
+    """Element index of each query block: query head ``h`` reads key/value head
+    ``h // (n_query // n_kv)`` (``repeat_kv`` / ``repeat_interleave`` / SDPA's ``enable_gqa``)."""
+    if n_query % n_kv:
+        raise ValueError(f"{n_query} query heads do not split into groups over {n_kv} key/value heads")
+    heads = torch.arange(n_query) // (n_query // n_kv)
+    return (heads.unsqueeze(1) * per_head + torch.arange(per_head)).reshape(-1)
+
+
+class GroupedHeadRotation(SharedRotation):
+    """Query/key rotations of grouped-query attention (GQA, MQA): for key head ``g`` one
+    ``R_g`` acts on the key rows of head ``g`` and on the query rows of every query head in
+    its group (scores ``q·k`` unchanged). ``rope``: as for :class:`HeadRotation` (one SO(2)
+    angle per frequency pair, shared by the group).
+
+    ``q`` and ``k``: the layers producing queries and keys (``nn.Linear`` or ``Conv1D``; the
+    same layer for a fused projection, with ``q_offset`` / ``k_offset`` the first feature of
+    each); ``d_head``: the head size; the head counts follow from the widths given."""
+
+    def __init__(self, q: nn.Module, k: nn.Module, d_head: int, n_query: int, n_kv: int,
+                 rope: str | None = None, q_offset: int = 0, k_offset: int = 0) -> None:
+        order_q, self.block = _pair_order(n_query, d_head, rope)
+        order_k, _ = _pair_order(n_kv, d_head, rope)
+        per_head = d_head // self.block
+        self.n_blocks, self.special = n_kv * per_head, rope is not None
+        self.members = []
+        for p, axis, rows in _slice_rows(q, q_offset, n_query * d_head):
+            self.members.append(SharedRotationMember(p, axis, rows[order_q], self.block,
+                                                     _group_share(n_query, n_kv, per_head)))
+        for p, axis, rows in _slice_rows(k, k_offset, n_kv * d_head):
+            self.members.append(SharedRotationMember(p, axis, rows[order_k], self.block,
+                                                     torch.arange(self.n_blocks)))
+        self._desc = f"query heads={n_query}, kv heads={n_kv}, d_head={d_head}, rope={rope}"
+
+
+class GroupedHeadRotationVO(SharedRotation):
+    """Value/output rotations of grouped-query attention: ``R_g`` acts on the value rows of
+    key/value head ``g`` and on the output projection's columns of every query head in its
+    group, any ``R_g`` in O(d_head)."""
+
+    def __init__(self, v: nn.Module, o: nn.Module, d_head: int, n_query: int, n_kv: int,
+                 v_offset: int = 0) -> None:
+        self.block, self.n_blocks, self.special = d_head, n_kv, False
+        o_weight, o_axis, o_features = _input_weight(o)
+        if o_features != n_query * d_head:
+            raise ValueError(f"GroupedHeadRotationVO: the output projection reads {o_features} features, "
+                             f"the attention gives {n_query} heads × {d_head}")
+        self.members = [SharedRotationMember(p, axis, rows, d_head, torch.arange(n_kv))
+                        for p, axis, rows in _slice_rows(v, v_offset, n_kv * d_head)]
+        self.members.append(SharedRotationMember(o_weight, o_axis, torch.arange(o_features), d_head,
+                                                 _group_share(n_query, n_kv, 1)))
+        self._desc = f"query heads={n_query}, kv heads={n_kv}, d_head={d_head}"
+
+
+class QKPairScale(Gauge):
+    """Per-pair query/key scale under RoPE: for key head ``g`` and frequency pair ``p``,
+    both query rows of that pair (in every query head of ``g``'s group) times ``c``, both
+    key rows divided by ``c`` (``c > 0``). RoPE rotates each pair in a plane, and a scale
+    commutes with a plane rotation, so the scores ``q·k`` are unchanged.
+
+    Arguments as for :class:`GroupedHeadRotation` (``n_query == n_kv`` for MHA); ``rope`` is
+    required (without RoPE the per-pair scale is only part of a larger group, not declared).
+    DDC's step does not enforce this kind yet; :func:`ddc.find_gauges` proves and reports it.
+    """
+
+    def __init__(self, q: nn.Module, k: nn.Module, d_head: int, n_query: int, n_kv: int,
+                 rope: str, q_offset: int = 0, k_offset: int = 0) -> None:
+        if rope not in ("interleaved", "half"):
+            raise ValueError(f"QKPairScale needs a RoPE layout ('interleaved' or 'half'), got {rope!r}")
+        order_q, _ = _pair_order(n_query, d_head, rope)
+        order_k, _ = _pair_order(n_kv, d_head, rope)
+        pairs = d_head // 2
+        self.size = n_kv * pairs
+        share_q = _group_share(n_query, n_kv, pairs).repeat_interleave(2)
+        share_k = torch.arange(self.size).repeat_interleave(2)
+        self.members = []
+        for p, axis, rows in _slice_rows(q, q_offset, n_query * d_head):
+            self.members.append(SharedScaleMember(p, axis, rows[order_q], share_q, +1))
+        for p, axis, rows in _slice_rows(k, k_offset, n_kv * d_head):
+            self.members.append(SharedScaleMember(p, axis, rows[order_k], share_k, -1))
+        self._desc = f"query heads={n_query}, kv heads={n_kv}, d_head={d_head}, rope={rope}"
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [m.param for m in self.members]
+
+    def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Log-normal scales ``c = exp(N(0, 0.5²))``, one per (key head, pair)."""
+        return torch.exp(0.5 * torch.randn(self.size, generator=generator, dtype=torch.float64))
+
+    @torch.no_grad()
+    def act(self, element: torch.Tensor) -> None:
+        for m in self.members:
+            values = _gather(m.param, m.axis, m.positions)
+            factor = element.to(values)[m.share.to(values.device)] ** m.sign
+            _scatter(m.param, m.axis, m.positions, values * factor.reshape([-1] + [1] * (values.ndim - 1)))
 
     def describe(self) -> str:
         return self._desc

@@ -63,8 +63,8 @@ class DDC(Optimizer):
             (``param_groups(..., muon=True)``: its input layer takes the Adam step).
         gauges: the gauge declarations (default: ``params.gauges()`` for a module, none
             otherwise), or ``"auto"``: found by :func:`ddc.find_gauges` on the module
-            ``params`` run on ``example_input`` (``loss``: ``"cross_entropy"`` or ``None``,
-            as for ``find_gauges``). With no gauges DDC-Adam is AdamW and DDC-Muon is the harness's
+            ``params`` run on ``example_input`` (``loss``: required, no default:
+            "cross_entropy", None or a callable, as for ``find_gauges``). With no gauges DDC-Adam is AdamW and DDC-Muon is the harness's
             Muon baseline (Muon on hidden matrices, AdamW on the rest).
         base: ``"adam"`` or ``"muon"``.
         lr, weight_decay: learning rate and decoupled weight decay (for a module, applied
@@ -144,7 +144,7 @@ class DDC(Optimizer):
         balance_cg_steps: int | None = None,
         reference_norm: float = 1.0,
         example_input: Any = None,
-        loss: str | None = "cross_entropy",
+        loss: Any = "required",   # no loss assumed: find_gauges names the accepted values
         foreach: bool = True,
         compile: bool = False,
         rotation_solve: str = "eigh",

@@ -14,7 +14,8 @@ Roles:
                 projection, Hugging Face's ``Conv1D`` (stored in × out).
 * ``embedding`` every other parameter with two or more dimensions: ``nn.Embedding``
                 tables, positional tables, class tokens, and a readout tied to an embedding.
-* ``readout``   the weight of the model's untied output layer (``model.readout``).
+* ``readout``   the weight of the model's untied output layer (:func:`output_layer`: the last
+                linear map into the loss, ``model.readout`` when the model names it).
 * ``vector``    parameters with fewer than two dimensions: biases and norm gains.
 
 For a Muon-based optimizer (``muon=True``: the ``muon`` baseline and DDC with
@@ -34,6 +35,8 @@ from typing import Any
 
 from torch import nn
 
+from .gauges import is_conv1d
+
 ROLES = ("matrix", "embedding", "readout", "vector")
 _EMBEDDING_MODULES = (nn.Embedding, nn.EmbeddingBag)
 _INPUT_LAYER_TYPES = (nn.Embedding, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -51,17 +54,39 @@ def input_layer(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if isinstance(m, _INPUT_LAYER_TYPES)), None)
 
 
+def output_layer(model: nn.Module) -> nn.Module | None:
+    """The model's readout, the last linear map into the loss: ``model.readout`` when the
+    model has that attribute (``None`` there means no readout of its own, e.g. a readout
+    tied to the embedding), else the last ``nn.Linear`` or Hugging Face ``Conv1D`` in
+    ``model.modules()`` (registration) order, or None when there is none.
+
+    Registration order is forward order in the models of this benchmark, in torchvision's
+    classifiers (``fc``, ``heads.head``, ``classifier[-1]``) and in Hugging Face's task
+    models (``lm_head``, ``classifier``), as for :func:`input_layer`; ``tests/test_find_gauges_structure.py``
+    checks it against the layer :func:`ddc.find_gauges` sees producing the output
+    (``FoundGauges.readout``). A model for which it is wrong (a bare encoder whose last
+    registered Linear is a pooler it does not return) names its readout with a
+    ``readout`` attribute.
+    """
+    if hasattr(model, "readout"):
+        return model.readout if isinstance(model.readout, nn.Module) else None
+    last = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear) or is_conv1d(module):
+            last = module
+    return last
+
+
 def parameter_roles(model: nn.Module, muon: bool = False) -> dict[nn.Parameter, str]:
     """Return the role of every trainable parameter of ``model`` (see the module docstring).
 
-    The readout is the module a model exposes as ``model.readout`` (an ``nn.Linear``);
-    a model without that attribute has no readout. A parameter shared by several modules
+    The readout is :func:`output_layer`'s weight. A parameter shared by several modules
     (a tied readout) gets the role of the first module that owns it in ``model.modules()``.
     ``muon=True``: the grouping of a Muon-based optimizer, where the weight of
     :func:`input_layer` is ``embedding`` (AdamW) instead of ``matrix``.
     """
-    readout = getattr(model, "readout", None)
-    readout_weight = readout.weight if isinstance(readout, nn.Linear) else None
+    readout = output_layer(model)
+    readout_weight = getattr(readout, "weight", None)
     first = getattr(input_layer(model), "weight", None) if muon else None
     roles: dict[nn.Parameter, str] = {}
     for module in model.modules():

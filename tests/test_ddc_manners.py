@@ -255,7 +255,7 @@ def test_muon_roles_follow_what_a_weight_does():
     mha = nn.MultiheadAttention(8, 2)
     roles = parameter_roles(model)
     assert roles[model[0].weight] == "embedding"
-    assert roles[model[1].weight] == "matrix" and roles[model[3].weight] == "matrix"
+    assert roles[model[1].weight] == "matrix" and roles[model[3].weight] == "readout"   # the output layer
     assert parameter_roles(mha)[mha.in_proj_weight] == "matrix"
     opt = DDC(model, gauges=[], base="muon", lr=1e-2)
     model(torch.randint(0, 10, (4,))).square().sum().backward()

@@ -26,7 +26,7 @@ def signature(gauge):
 @pytest.mark.parametrize("case", CASES)
 def test_finds_every_hand_declaration_of_the_task_models(case, cifar_root):
     model, batches = build(case, cifar_root)
-    found = find_gauges(model, batches[0][0])
+    found = find_gauges(model, batches[0][0], loss="cross_entropy")
     missing = {signature(g) for g in model.gauges()} - {signature(g) for g in found}
     assert not missing, f"{case}: not found: {missing}\n{found.summary()}"
     verify_gauges(model, float64_loss, batches[0], gauges=list(found))   # all exact
@@ -35,7 +35,7 @@ def test_finds_every_hand_declaration_of_the_task_models(case, cifar_root):
 def test_resnet18():
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18(num_classes=10)
-    found = find_gauges(model, torch.randn(2, 3, 32, 32))
+    found = find_gauges(model, torch.randn(2, 3, 32, 32), loss="cross_entropy")
     blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
     expected = [NormGain(b.bn1, [b.conv2]) for b in blocks] + [LogitShift(model.fc)]
     assert {signature(g) for g in found} == {signature(g) for g in expected}, found.summary()
@@ -96,12 +96,12 @@ class TwoReaders(nn.Module):
 
 
 def test_rejected_candidates_are_listed_with_the_measured_change():
-    found = find_gauges(TwoReaders(), torch.randn(5, 4))
+    found = find_gauges(TwoReaders(), torch.randn(5, 4), loss="cross_entropy")
     reasons = dict(found.rejected)
     assert "not a symmetry" in reasons["UnitRescale([a], b)"]
     assert "not a symmetry" in reasons["UnitRescale([a], c)"]
     model = TinyTransformer(mlp="gelu", rope="interleaved")
-    found = find_gauges(model, make_batches(model, 1)[0][0])
+    found = find_gauges(model, make_batches(model, 1)[0][0], loss="cross_entropy")
     assert "not a symmetry" in dict(found.rejected)["HeadRotation(q, k, heads=2, rope=None)"]
     assert not any(isinstance(g, UnitRescale) for g in found)   # GELU: not even proposed
 
@@ -109,7 +109,7 @@ def test_rejected_candidates_are_listed_with_the_measured_change():
 def test_ddc_auto_uses_find_gauges():
     model = TinyTransformer().double()
     batch = make_batches(model, 1)[0]
-    auto = DDC(model, gauges="auto", example_input=batch[0], lr=1e-2)
+    auto = DDC(model, gauges="auto", example_input=batch[0], loss="cross_entropy", lr=1e-2)
     assert {signature(g) for g in auto.gauges} == {signature(g) for g in model.gauges()}
     classification_loss(model, batch)[0].backward()
     auto.step()
@@ -131,7 +131,7 @@ def test_hugging_face_gpt2(tied):
     """Conv1D layers (stored in × out) and the fused c_attn: gauge members are column
     slices of one parameter. A tied lm_head has neither the logit shift nor ln_f's gauge."""
     model = tiny_gpt2(tied)
-    found = find_gauges(model, torch.randint(0, 50, (2, 8)))
+    found = find_gauges(model, torch.randint(0, 50, (2, 8)), loss="cross_entropy")
     blocks = model.transformer.h
     expected = [NormGain(b.ln_1, [b.attn.c_attn]) for b in blocks] + [NormGain(b.ln_2, [b.mlp.c_fc]) for b in blocks]
     expected += [HeadRotation.fused(b.attn.c_attn, 2) for b in blocks]
@@ -153,7 +153,7 @@ def test_ddc_is_equivariant_on_gpt2_with_found_gauges(base, options):
         logits = m(batch[0]).logits
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), batch[1][:, 1:].reshape(-1)), logits
 
-    select = lambda m: list(find_gauges(m, batches[0][0]))
+    select = lambda m: list(find_gauges(m, batches[0][0], loss="cross_entropy"))
     make = lambda m, gauges: DDC(m, gauges=gauges, base=base, lr=1e-2, weight_decay=0.1, **options)
     assert equivariance_deviation(model, make, loss, batches, select) <= 1e-8
     adamw = lambda m, gauges: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
