@@ -198,6 +198,8 @@ def build_zoo(
                        f"got {external_schedule!r}")
     signature = _signature(cls)
     kwargs = {k: _plain(v) for k, v in options.items() if v is not None}
+    if "weight_decay" not in signature and kwargs.pop("weight_decay", 0.0):
+        raise ZooError(f"{label} has no weight decay; set optimizer.weight_decay=0")
     unknown = sorted(set(kwargs) - set(signature))
     if unknown:
         raise ZooError(f"{label}: unknown option(s) {unknown}; its options are "
@@ -209,8 +211,6 @@ def build_zoo(
         default = signature["weight_decay"].default
         kwargs["weight_decay"] = kwargs.get("weight_decay", default if isinstance(default, (int, float)) else 0.0)
     weight_decay = float(kwargs.get("weight_decay", 0.0))
-    if weight_decay and "weight_decay" not in signature:
-        raise ZooError(f"{label} has no weight decay; set optimizer.weight_decay=0")
 
     if key in OWN_LR_ESTIMATE:
         _lr_into_d_coef(label, kwargs, signature)
@@ -234,12 +234,14 @@ def build_zoo(
     if "adamw_lr" in signature:  # a Muon-style class: use_muon from the Muon role rule
         groups = [{**g, "use_muon": g["role"] == "matrix"}
                   for g in param_groups(model, weight_decay, muon=True)]
-    else:
+    elif "weight_decay" in signature:
         groups = param_groups(model, weight_decay)
+    else:  # nothing to decay, so nothing to group (and LBFGS accepts only one group)
+        groups = [p for g in param_groups(model, 0.0) for p in g["params"]]
 
     try:
         optimizer = cls(groups, **kwargs)
-    except (ValueError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 - libraries raise their own types (NegativeLRError, ...)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ZooError(f"{label}: {first}") from None
 
