@@ -339,3 +339,50 @@ def test_every_library_class_resolves() -> None:
     for lib, classes in names.items():
         for cls_name in classes:
             assert zoo.resolve(f"{lib}.{cls_name}")[1].__name__ == cls_name
+
+
+# --- through the harness: compose, validate, plan, train -----------------------------
+
+def _composed(overrides: list[str]) -> tuple[Any, dict[str, Any]]:
+    from conftest import compose
+
+    from ddc_bench.config import validate
+
+    cfg, choices = compose(overrides)
+    validate(cfg, choices)
+    return cfg, choices
+
+
+def test_zoo_by_name_trains_through_the_harness(tmp_path: Path) -> None:
+    from ddc_bench import results, train
+
+    overrides = ["task=gpt_lm", "task.size=tiny", "optimizer=zoo", "optimizer.name=adan",
+                 "optimizer.betas=[0.98,0.92,0.99]", "hardware=cpu", "steps=3", "eval_every=3",
+                 f"results_dir={tmp_path}", "progress=false"]
+    cfg, _ = _composed(overrides)
+    summary = train.run(cfg, overrides=overrides)
+    assert summary["status"] == "finished" and summary["steps_done"] == 3
+    folder = results.run_dir(tmp_path, "gpt_lm", "tiny", "adan", summary["variant"], 0)
+    assert results.is_finished(folder)
+
+
+def test_lr_mult_reaches_prodigy_as_d_coef() -> None:
+    from ddc_bench.plan import make_plan
+
+    overrides = ["task=gpt_lm", "task.size=tiny", "optimizer=prodigy", "lr_mult=4"]
+    cfg, _ = _composed(overrides)
+    plan = make_plan(cfg, overrides)
+    opt = as_protocol(build_optimizer(make_model(), {"name": plan.optimizer_name,
+                                                     **plan.optimizer_options})).optimizer
+    assert isinstance(opt, po.Prodigy)
+    assert {g["lr"] for g in opt.param_groups} == {1.0} and {g["d_coef"] for g in opt.param_groups} == {4.0}
+
+
+def test_unknown_zoo_name_stops_before_training() -> None:
+    from ddc_bench.config import ConfigError
+    from ddc_bench.plan import make_plan
+
+    overrides = ["task=gpt_lm", "task.size=tiny", "optimizer=zoo", "optimizer.name=adna"]
+    cfg, _ = _composed(overrides)
+    with pytest.raises(ConfigError, match="unknown optimizer 'adna'"):
+        make_plan(cfg, overrides)
