@@ -386,3 +386,30 @@ def test_unknown_zoo_name_stops_before_training() -> None:
     cfg, _ = _composed(overrides)
     with pytest.raises(ConfigError, match="unknown optimizer 'adna'"):
         make_plan(cfg, overrides)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["kron", "d_muon"])
+def test_two_process_ddp_keeps_replicas_identical(name: str, tmp_path: Path) -> None:
+    """A zoo recipe under torchrun (2 gloo processes): every rank ends with bitwise the same
+    parameters (the run checks it and records it), Kron's random preconditioner updates and
+    Muon's role split included."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ddc_bench import results
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "ddc_bench.cli", "task=gpt_lm", "task.size=tiny", "progress=false", "steps=6",
+               "eval_every=3", "hardware=ddp", "hardware.threads=1", f"optimizer={name}",
+               f"results_dir={tmp_path}"]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = results.iter_finished_runs(tmp_path)
+    summary = json.loads((run / results.SUMMARY_FILE).read_text())
+    assert summary["hardware"]["world_size"] == 2
+    assert summary["hardware"]["replicas_identical"] is True
