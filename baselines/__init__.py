@@ -14,6 +14,10 @@ the wrong kind or out of range raises ``TypeError`` / ``ValueError``; both name 
   (:func:`~baselines.muon.input_layer`), readout and vectors, one optimizer.
 * ``scale``: :class:`~baselines.scale.SCALE` (Glentis et al., arXiv 2506.16659).
 * ``sgd``:   ``torch.optim.SGD`` with momentum.
+
+Library optimizers (pytorch-optimizer, heavyball, torch.optim, schedulefree) by name, and
+the recipes of :data:`baselines.zoo.RECIPES` (``lion``, ``soap``, ...), are built by
+:mod:`baselines.zoo`; ``ddc_bench.optimizers.registry`` adds them beside these.
 """
 
 from __future__ import annotations

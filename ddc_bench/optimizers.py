@@ -59,13 +59,16 @@ def _build_ddc(model: nn.Module, *, loss_fn: LossFn | None = None,
 
 
 def registry() -> dict[str, Builder]:
-    """All known optimizers: the baselines plus the DDC variants."""
+    """All known optimizers: the baselines, the DDC variants, the library recipes of
+    ``baselines.zoo.RECIPES``, ``zoo`` and (looked up on demand) every class name of the
+    optimizer libraries (``baselines.zoo``)."""
     from baselines import BASELINES
+    from baselines.zoo import zoo_registry
 
     builders: dict[str, Builder] = dict(BASELINES)
     for name in DDC_NAMES:
         builders[name] = _build_ddc
-    return builders
+    return zoo_registry(builders)
 
 
 def build_optimizer(model: nn.Module, optimizer_cfg: Mapping[str, Any],

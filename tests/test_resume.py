@@ -41,6 +41,18 @@ def _values(folder: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in results.read_metrics(folder)]
 
 
+def _same(a: object, b: object) -> bool:
+    """Bitwise equality of optimizer-state values: tensors, numbers, and lists / tuples /
+    dicts of them (SOAP and Kron keep lists of preconditioner factors)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
 def _assert_same_state(a: Path, b: Path) -> None:
     """Bitwise equal parameters, buffers and optimizer state in two final checkpoints."""
     pa, _ = checkpoint.load(a)
@@ -52,8 +64,7 @@ def _assert_same_state(a: Path, b: Path) -> None:
     assert sa.keys() == sb.keys()
     for i in sa:
         for key, value in sa[i].items():
-            other = sb[i][key]
-            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+            assert _same(value, sb[i][key]), (i, key)
     for key in set(pa["optimizer"]) - {"state", "param_groups"}:  # e.g. DDC's log-scale frame
         va, vb = pa["optimizer"][key], pb["optimizer"][key]
         assert all(torch.equal(x, y) for x, y in zip(va, vb)) if isinstance(va, list) else va == vb
@@ -65,7 +76,7 @@ def _run_in_process(overrides: list[str], monkeypatch: pytest.MonkeyPatch, signa
     return train.run(cfg, overrides=overrides, hooks=[sigterm_at(signal_at)] if signal_at else ())
 
 
-@pytest.mark.parametrize("optimizer", config_names("optimizer"))
+@pytest.mark.parametrize("optimizer", [o for o in config_names("optimizer") if o != "zoo"])  # zoo: a template
 def test_sigterm_and_resume_is_bitwise_exact(optimizer, tmp_path, monkeypatch):
     common = [*GPT, f"optimizer={optimizer}"]
     whole = _run_in_process([*common, f"results_dir={tmp_path / 'a'}"], monkeypatch)
