@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ from matplotlib.figure import Figure
 
 from ddc_bench import results
 from ddc_bench.report.loading import load_runs
-from ddc_bench.report.plots import colors_for, save_png
-from ddc_bench.report.selection import aggregate_task, rows_of, select_best, selection_metric
+from ddc_bench.report.plots import ci95_rows, colors_for, save_png
+from ddc_bench.report.selection import (aggregate_task, rows_of, select_best, selection_metric,
+                                        selection_ties)
+from ddc_bench.report.stats import cohens_d, fisher_counts, seed_stats, welch
 
 #: Where the experiments write their run folders (``<claim>/<scale>/`` below it).
 RUNS_ROOT = Path("results/paper-runs")
@@ -62,29 +65,41 @@ NAMES = {"ddc": "DDC-Adam", "adamw": "AdamW", "ddc_muon": "DDC-Muon", "muon": "M
 @dataclass(frozen=True)
 class Claim:
     """One claim of the paper: its experiment (``configs/experiment/<name>.yaml``), the
-    paper's number as the abstract states it, the matched optimizers (DDC first) and the
-    logged keys its figure draws."""
+    paper's number as the abstract states it, the matched optimizers (DDC first), the
+    logged keys its figure draws (one row of small multiples per key, one panel per
+    lr_mult), the ``runs.csv`` column compared at every lr (``lr_column``; ``count``: a
+    count of seeds, drawn from 0) and the selection (``stat``: ``final`` or ``best`` value
+    of the task's validation metric, :func:`ddc_bench.report.selection.select_best`)."""
 
     name: str
     title: str
     paper: str
     optimizers: tuple[str, str]
     curves: tuple[str, ...]
+    lr_column: str = "val_loss"
+    count: bool = False
+    stat: str = "final"
+    selection: str = ("each optimizer's best mean final validation metric over its lr grid "
+                      "(ties: target reached by more seeds, then sooner; then the smaller lr)")
 
 
 CLAIMS: tuple[Claim, ...] = (
     Claim("lm_overtrain", "1. Over-training an LM: validation - train loss gap",
           "gap: DDC-Adam 0.67, AdamW 5.88", ("ddc", "adamw"),
-          ("val_loss", "train_eval_loss", "gap_loss")),
+          ("val_loss", "train_eval_loss", "gap_loss"), lr_column="gap_loss", stat="best",
+          selection="each optimizer's lowest mean BEST validation loss over the run (the "
+                    "minimum over its evaluations), not the final one, which in an "
+                    "over-training run rewards learning less; the gap is read at the end"),
     Claim("vit_scratch", "2. ViT from scratch: validation loss, spare FFN capacity",
           "val loss: DDC-Adam 1.71, AdamW 2.12; DDC compresses spare FFN capacity, AdamW "
           "leaves it intact", ("ddc", "adamw"), ("val_loss", "diag/spare_frac")),
     Claim("grok_depth", "3. Grokking on a Muon base at depth",
           "depth 24: DDC-Muon groks in 10 of 11 seeds, Muon in 0 of 11",
-          ("ddc_muon", "muon"), ("val_acc", "train_eval_acc")),
+          ("ddc_muon", "muon"), ("val_acc", "train_eval_acc"), lr_column="grokked",
+          count=True),
     Claim("dead_rates", "4. Reading the dead-direction rate: cells read",
           "DDC-Adam 32 of 65 cells, AdamW 7 of 65", ("ddc", "adamw"),
-          ("diag/cells_read", "val_loss")),
+          ("diag/cells_read", "val_loss"), lr_column="cells_read"),
 )
 CLAIM_BY_NAME = {c.name: c for c in CLAIMS}
 
@@ -116,9 +131,60 @@ def _data_text(task: str, info: dict[str, Any], steps: int, batch: int) -> str:
     return task
 
 
+def _eval_text(task: str, info: dict[str, Any]) -> str:
+    """What the evaluation actually used, in words, from a summary's ``task_info`` (the
+    table's data column states it, so a reader never has to guess the sample size)."""
+    if task == "gpt_lm" and info.get("eval_windows"):
+        return (f"evaluated on {info['eval_windows']} fixed windows of {info.get('context')} "
+                f"bytes per split; loss is cross-entropy per byte (nats)")
+    if task == "grok_modadd" and info.get("val_size"):
+        return f"evaluated on all {info['val_size']} validation equations"
+    if info.get("eval_size"):
+        return f"evaluated on {info['eval_size']} validation examples"
+    return "evaluation size not recorded"
+
+
 def _diag(summary: dict[str, Any], key: str) -> float:
     value = (summary.get("diagnostics") or {}).get(key)
     return float(value) if isinstance(value, (int, float)) else float("nan")
+
+
+def _elapsed_s(summaries: list[dict[str, Any]]) -> float:
+    """Elapsed wall time of a sweep: from the first run's start to the last run's end
+    (start + wall time); NaN when no run recorded its start. Runs in parallel count once
+    here, and each in full in the summed run time."""
+    spans = []
+    for s in summaries:
+        started = (s.get("provenance") or {}).get("started_at")
+        wall = s.get("wall_time_s")
+        if not started or not isinstance(wall, (int, float)):
+            continue
+        try:
+            t0 = pd.Timestamp(started)
+        except ValueError:
+            continue
+        if t0.tzinfo is None:
+            t0 = t0.tz_localize("UTC")
+        spans.append((t0.timestamp(), t0.timestamp() + float(wall)))
+    if not spans:
+        return math.nan
+    return max(e for _, e in spans) - min(b for b, _ in spans)
+
+
+def _extensions(runs_dir: Path) -> tuple[list[dict[str, Any]], float]:
+    """The grid extensions recorded in ``runs_dir`` (:mod:`ddc_bench.sweep_extend`) and
+    the cap they ran under (the default cap when none was recorded)."""
+    from ddc_bench import sweep_extend
+
+    path = runs_dir / sweep_extend.LOG_FILE
+    entries = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                entries.append(json.loads(line))
+    cap = max((float(e.get("cap", sweep_extend.DEFAULT_CAP)) for e in entries),
+              default=sweep_extend.DEFAULT_CAP)
+    return entries, cap
 
 
 def collect_one(runs_dir: Path, out_dir: Path, claim: Claim, scale: str) -> Path:
@@ -126,6 +192,7 @@ def collect_one(runs_dir: Path, out_dir: Path, claim: Claim, scale: str) -> Path
     ``out_dir``. Raises :class:`PaperError` when ``runs_dir`` holds no finished run."""
     from omegaconf import OmegaConf
 
+    from ddc_bench import sweep_extend
     from ddc_bench.plan import task_spec
 
     metrics: dict[str, list[dict[str, Any]]] = {}
@@ -141,12 +208,18 @@ def collect_one(runs_dir: Path, out_dir: Path, claim: Claim, scale: str) -> Path
                          f"per folder")
     agg = aggregate_task(df)
     metric = selection_metric(df)
-    chosen = select_best(agg, metric)
+    chosen = select_best(agg, metric, claim.stat)
+    ties = selection_ties(agg, chosen, metric, claim.stat)
     selected_paths = {p for idx in chosen.values() for p in rows_of(df, agg.loc[idx])["path"]}
+    grids = {str(o): sorted(float(x) for x in g["lr_mult"].dropna().unique())
+             for o, g in agg.groupby("optimizer")}
+    selected_mult = {o: float(agg.loc[i, "lr_mult"]) for o, i in chosen.items()}
+    extensions, cap = _extensions(runs_dir)
 
-    rows, curves = [], []
+    rows, curves, summaries = [], [], []
     for _, r in df.iterrows():
         summary = results.read_summary(r["path"])
+        summaries.append(summary)
         target = summary.get("target") or {}
         rows.append({
             "optimizer": r["optimizer"], "lr": r["lr"], "lr_mult": r["lr_mult"],
@@ -155,19 +228,21 @@ def collect_one(runs_dir: Path, out_dir: Path, claim: Claim, scale: str) -> Path
             "steps_done": int(r["steps_done"]),
             **{m: r.get(f"final_{m}", np.nan) for m in
                ("val_loss", "train_eval_loss", "gap_loss", "val_acc", "train_eval_acc")},
+            **{f"best_{m}": r.get(f"best_{m}", np.nan) for m in ("val_loss", "val_acc")},
             "target_step": target.get("step"),
+            "grokked": target.get("step") is not None,
             "cells_read": _diag(summary, "diag/cells_read"),
             "cells_total": _diag(summary, "diag/cells_total"),
             "spare_frac": _diag(summary, "diag/spare_frac"),
             "step_time_ms": r["step_time_ms"], "wall_time_s": r["wall_time_s"],
         })
-        if r["path"] in selected_paths:
-            for rec in metrics.get(str(r["path"]), []):
-                for key in claim.curves:
-                    value = rec.get(key)
-                    if isinstance(value, (int, float)) and "step" in rec:
-                        curves.append({"optimizer": r["optimizer"], "seed": int(r["seed"]),
-                                       "step": int(rec["step"]), "key": key, "value": float(value)})
+        for rec in metrics.get(str(r["path"]), []):
+            for key in claim.curves:
+                value = rec.get(key)
+                if isinstance(value, (int, float)) and "step" in rec:
+                    curves.append({"optimizer": r["optimizer"], "lr_mult": r["lr_mult"],
+                                   "seed": int(r["seed"]), "step": int(rec["step"]),
+                                   "key": key, "value": float(value)})
 
     first = results.read_summary(df["path"].iloc[0])
     config = OmegaConf.load(Path(df["path"].iloc[0]) / results.CONFIG_FILE)
@@ -178,19 +253,28 @@ def collect_one(runs_dir: Path, out_dir: Path, claim: Claim, scale: str) -> Path
         "claim": claim.name, "scale": scale, "task": spec.name, "task_size": spec.size,
         "steps": int(df["steps"].max()), "batch_size": spec.batch_size,
         "model": f"{shape}; {info.get('params', '?')} params",
+        "depth": info.get("depth"),
         "data": _data_text(spec.name, info, int(df["steps"].max()), spec.batch_size),
-        "selection_metric": metric,
+        "evaluation": _eval_text(spec.name, info),
+        "selection_metric": metric, "selection_stat": claim.stat,
+        "selection_rule": claim.selection,
+        "selection_ties": {o: [float(agg.loc[i, "lr_mult"]) for i in idx]
+                           for o, idx in ties.items()},
+        "selection_edges": sweep_extend.edge_flags(grids, selected_mult, cap),
+        "grid_extensions": extensions, "grid_cap": cap,
         "lr_mults": sorted(float(x) for x in df["lr_mult"].dropna().unique()),
         "seeds": sorted(int(s) for s in df["seed"].dropna().unique()),
         "runs": int(len(df)), "skipped_runs": skipped,
-        "wall_time_s": float(df["wall_time_s"].sum()),
+        "run_time_s": float(df["wall_time_s"].sum()),
+        "elapsed_s": _elapsed_s(summaries),
         "git_commits": sorted({str(c) for c in df["git_commit"].dropna()}),
         "devices": sorted({str(c) for c in df["device"].dropna()}),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     results.atomic_write_text(out_dir / RUNS_CSV, pd.DataFrame(rows).to_csv(index=False))
     results.atomic_write_text(out_dir / CURVES_CSV, pd.DataFrame(
-        curves, columns=["optimizer", "seed", "step", "key", "value"]).to_csv(index=False))
+        curves, columns=["optimizer", "lr_mult", "seed", "step", "key", "value"]
+    ).to_csv(index=False))
     results.atomic_write_text(out_dir / META_JSON, json.dumps(meta, indent=2) + "\n")
     return out_dir
 
@@ -214,96 +298,349 @@ def collect(runs_root: Path = RUNS_ROOT, out_root: Path = OUT_ROOT,
 # figures: compact files -> PNGs and the table
 # --------------------------------------------------------------------------------------
 
-def _stats(values: pd.Series) -> tuple[float, float, int]:
-    v = pd.to_numeric(values, errors="coerce").dropna()
-    return (float(v.mean()) if len(v) else math.nan,
-            float(v.std(ddof=1)) if len(v) > 1 else math.nan, int(len(v)))
+def _values(values: pd.Series) -> np.ndarray:
+    v = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    return v[np.isfinite(v)]
 
 
-def _pm(values: pd.Series, digits: int = 2) -> str:
-    mean, std, n = _stats(values)
-    if n == 0:
+def _ci(values: pd.Series, digits: int = 2) -> str:
+    """``mean [low, high] (n=N)``: the mean over seeds and its 95% t-interval."""
+    s = seed_stats(_values(values))
+    if s.n == 0:
         return "n/a"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "") + f" (n={n})"
+    if s.n == 1:
+        return f"{s.mean:.{digits}f} (n=1)"
+    return f"{s.mean:.{digits}f} [{s.low:.{digits}f}, {s.high:.{digits}f}] (n={s.n})"
 
 
-def our_number(claim: Claim, runs: pd.DataFrame) -> str:
-    """Our measurement of ``claim`` from its ``runs.csv``: each optimizer's selected setting,
-    non-diverged seeds, mean ± std over seeds (or k of n)."""
+def _p(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else (f"{p:.2g}" if p >= 1e-4 else "<1e-4")
+
+
+def _selected(runs: pd.DataFrame, opt: str) -> pd.DataFrame:
+    return runs[(runs["optimizer"] == opt) & runs["selected"].astype(bool)]
+
+
+def _ok(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[~rows["diverged"].astype(bool)]
+
+
+def _lr(rows: pd.DataFrame) -> str:
+    return f"lr_mult {rows['lr_mult'].iloc[0]:g}"
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the table says about one claim: our number at the selected settings with its
+    statistic (``ours``), the comparison at every lr of the grid (``grid``) and the plain
+    verdict with its reason (``verdict``)."""
+
+    ours: str
+    grid: str
+    verdict: str
+
+
+#: The plain verdicts, and the rule each claim's reader applies to reach one.
+VERDICTS = ("reproduces", "reproduces in direction only", "does not reproduce",
+            "cannot be tested at this scale")
+
+
+# ---- claim 1: lm_overtrain ------------------------------------------------------------
+
+#: The paper's gaps (AdamW / DDC-Adam = 8.8x): "reproduces" needs at least half that ratio.
+LM_PAPER_RATIO = 5.88 / 0.67
+
+
+def read_lm_overtrain(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) -> Reading:
+    """The gap (val - train loss, end of training) at each optimizer's selected lr, Welch's
+    test and Hedges' g of DDC - AdamW; the same difference at every lr both ran. Verdict:
+    "cannot be tested" when the selected AdamW runs did not go past the point of fit (their
+    final validation loss is not above their best), else "reproduces" when DDC's gap is
+    smaller with p < 0.05 and AdamW/DDC is at least half the paper's ratio, "reproduces in
+    direction only" when smaller with p < 0.05 but by less, else "does not reproduce"."""
+    ddc, base = claim.optimizers
+    a, b = _ok(_selected(runs, ddc)), _ok(_selected(runs, base))
+    if a.empty or b.empty:
+        return Reading(f"{NOT_RUN} for {'both' if a.empty and b.empty else (ddc if a.empty else base)}",
+                       "-", "cannot be tested at this scale: not run")
+    test, g = welch(a["gap_loss"], b["gap_loss"]), cohens_d(a["gap_loss"], b["gap_loss"])
+    ours = (f"gap (per byte): {NAMES[ddc]} {_ci(a['gap_loss'])} [{_lr(a)}]; {NAMES[base]} "
+            f"{_ci(b['gap_loss'])} [{_lr(b)}]; {NAMES[ddc]} - {NAMES[base]} {test.diff:.2f} "
+            f"[{test.ci95[0]:.2f}, {test.ci95[1]:.2f}], Welch p={_p(test.p_value)}, "
+            f"Hedges' g={g:.2f}")
+    parts = []
+    for m in sorted(set(runs["lr_mult"]) ):
+        x = _ok(runs[(runs["optimizer"] == ddc) & (runs["lr_mult"] == m)])["gap_loss"]
+        y = _ok(runs[(runs["optimizer"] == base) & (runs["lr_mult"] == m)])["gap_loss"]
+        if len(_values(x)) and len(_values(y)):
+            t = welch(x, y)
+            parts.append(f"{m:g}: {_values(x).mean():.2f} vs {_values(y).mean():.2f} "
+                         f"(p={_p(t.p_value)})")
+    grid = f"gap {NAMES[ddc]} vs {NAMES[base]} at each lr_mult: " + "; ".join(parts)
+    past_fit = (_values(b["val_loss"]).mean() > _values(b["best_val_loss"]).mean()
+                if "best_val_loss" in b else True)
+    if not past_fit:
+        verdict = ("cannot be tested at this scale: the selected AdamW runs did not go past "
+                   "the point of fit (final validation loss not above its best)")
+    elif test.diff < 0 and test.p_value < 0.05:
+        ratio = _values(b["gap_loss"]).mean() / _values(a["gap_loss"]).mean()
+        verdict = ("reproduces" if ratio >= LM_PAPER_RATIO / 2 else
+                   "reproduces in direction only") + \
+            f": AdamW/DDC gap ratio {ratio:.2f} (paper {LM_PAPER_RATIO:.1f})"
+    else:
+        verdict = (f"does not reproduce: {NAMES[ddc]}'s gap is not smaller at p < 0.05 "
+                   f"(difference {test.diff:+.2f}, p={_p(test.p_value)})")
+    return Reading(ours, grid, verdict)
+
+
+# ---- claim 2: vit_scratch (its design and reading belong to that claim's owner) -------
+
+def read_vit_scratch(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) -> Reading:
+    """Validation loss and spare FFN fraction at each optimizer's selected setting."""
     parts = []
     for opt in claim.optimizers:
-        sel = runs[(runs["optimizer"] == opt) & runs["selected"].astype(bool)]
-        name = NAMES.get(opt, opt)
+        sel = _ok(_selected(runs, opt))
         if sel.empty:
-            parts.append(f"{name} {NOT_RUN}")
+            parts.append(f"{NAMES[opt]} {NOT_RUN}")
             continue
-        ok = sel[~sel["diverged"].astype(bool)]
-        lr = f"lr_mult {sel['lr_mult'].iloc[0]:g}"
-        diverged = len(sel) - len(ok)
-        tail = f", {diverged} diverged" if diverged else ""
-        if claim.name == "lm_overtrain":
-            parts.append(f"{name} gap {_pm(ok['gap_loss'])} [{lr}{tail}]")
-        elif claim.name == "vit_scratch":
-            parts.append(f"{name} val loss {_pm(ok['val_loss'])}, spare FFN fraction "
-                         f"{_pm(ok['spare_frac'])} [{lr}{tail}]")
-        elif claim.name == "grok_depth":
-            steps = pd.to_numeric(ok["target_step"], errors="coerce").dropna()
-            dist = (f"; steps-to-grok median {steps.median():.0f}, range {steps.min():.0f}-"
-                    f"{steps.max():.0f}" if len(steps) else "")
-            parts.append(f"{name} grokked {len(steps)} of {len(sel)} seeds{dist} [{lr}]")
-        elif claim.name == "dead_rates":
-            total = pd.to_numeric(ok["cells_total"], errors="coerce").dropna()
-            of = f" of {total.iloc[0]:g} cells" if len(total) and total.nunique() == 1 else " cells"
-            parts.append(f"{name} {_pm(ok['cells_read'], 1)}{of} [{lr}{tail}]")
-    return "; ".join(parts)
+        parts.append(f"{NAMES[opt]} val loss {_ci(sel['val_loss'])}, spare FFN fraction "
+                     f"{_ci(sel['spare_frac'])} [{_lr(sel)}]")
+    return Reading("; ".join(parts), _grid_means(claim, runs, "val_loss"),
+                   "cannot be tested at this scale: the spare-fraction measure cannot see "
+                   "the claim's unused units (see results/paper/README.md)")
+
+
+# ---- claim 3: grok_depth --------------------------------------------------------------
+
+def read_grok_depth(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) -> Reading:
+    """Grokked seeds (val_acc reached the target) of each optimizer's selected setting, the
+    steps-to-grok distribution, and a one-sided Fisher exact test (DDC-Muon's rate higher);
+    grokked seeds / seeds at every lr. Verdict: "cannot be tested" when the model is not
+    24 deep (the claim's depth) or no run grokked; "reproduces" when the Fisher p < 0.01
+    and Muon grokked in none of its runs at any lr; "reproduces in direction only" when
+    DDC-Muon's rate is higher at the selected settings without that; else "does not
+    reproduce"."""
+    ddc, base = claim.optimizers
+    a, b = _selected(runs, ddc), _selected(runs, base)
+    if a.empty or b.empty:
+        return Reading(f"{NOT_RUN} for {ddc if a.empty else base}", "-",
+                       "cannot be tested at this scale: not run")
+
+    def grokked(rows: pd.DataFrame) -> int:
+        return int(rows["grokked"].astype(bool).sum()) if "grokked" in rows else \
+            int(pd.to_numeric(rows["target_step"], errors="coerce").notna().sum())
+
+    def describe(opt: str, rows: pd.DataFrame) -> str:
+        steps = _values(rows["target_step"])
+        dist = (f", steps-to-grok median {np.median(steps):.0f}, range {steps.min():.0f}-"
+                f"{steps.max():.0f}" if len(steps) else "")
+        return f"{NAMES[opt]} grokked {grokked(rows)} of {len(rows)} seeds{dist} [{_lr(rows)}]"
+
+    test = fisher_counts(grokked(a), len(a), grokked(b), len(b))
+    ours = (f"{describe(ddc, a)}; {describe(base, b)}; one-sided Fisher p={_p(test.p_greater)} "
+            f"(smallest possible with these seeds: {_p(test.min_p_greater)})")
+    parts = []
+    for m in sorted(set(runs["lr_mult"])):
+        cell = []
+        for opt in claim.optimizers:
+            rows = runs[(runs["optimizer"] == opt) & (runs["lr_mult"] == m)]
+            if len(rows):
+                cell.append(f"{NAMES[opt]} {grokked(rows)}/{len(rows)}")
+        parts.append(f"{m:g}: " + ", ".join(cell))
+    base_all = runs[runs["optimizer"] == base]
+    grid = ("grokked seeds at each lr_mult: " + "; ".join(parts)
+            + f"; {NAMES[base]} over the whole grid: {grokked(base_all)} of {len(base_all)}")
+    depth = meta.get("depth")
+    if depth is None:  # results collected before meta.json had the field: read the model text
+        found = re.search(r"depth (\d+)", str(meta.get("model", "")))
+        depth = int(found.group(1)) if found else None
+    any_grok = grokked(runs) > 0
+    if depth is not None and int(depth) != 24:
+        verdict = f"cannot be tested at this scale: depth {depth}, the claim is at depth 24"
+    elif not any_grok:
+        verdict = (f"cannot be tested at this scale: no run of either optimizer grokked in "
+                   f"{meta.get('steps')} steps")
+    elif test.p_greater < 0.01 and grokked(base_all) == 0:
+        verdict = "reproduces: one-sided Fisher p < 0.01 and Muon grokked at no lr"
+    elif test.k_a / test.n_a > test.k_b / test.n_b:
+        verdict = (f"reproduces in direction only: {NAMES[ddc]} grokked more often "
+                   f"(Fisher p={_p(test.p_greater)}; {NAMES[base]} grokked in "
+                   f"{grokked(base_all)} of {len(base_all)} runs over the grid)")
+    else:
+        verdict = f"does not reproduce: {NAMES[ddc]} did not grok more often than {NAMES[base]}"
+    return Reading(ours, grid, verdict)
+
+
+# ---- claim 4: dead_rates (its design and reading belong to that claim's owner) --------
+
+def read_dead_rates(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) -> Reading:
+    """Cells read at each optimizer's selected setting."""
+    parts = []
+    for opt in claim.optimizers:
+        sel = _ok(_selected(runs, opt))
+        if sel.empty:
+            parts.append(f"{NAMES[opt]} {NOT_RUN}")
+            continue
+        total = _values(sel["cells_total"])
+        of = f" of {total[0]:g} cells" if len(total) and len(set(total)) == 1 else " cells"
+        parts.append(f"{NAMES[opt]} {_ci(sel['cells_read'], 1)}{of} [{_lr(sel)}]")
+    return Reading("; ".join(parts), _grid_means(claim, runs, "cells_read"),
+                   "cannot be tested at this scale: the read is along an artificial path "
+                   "(see results/paper/README.md)")
+
+
+# ---- shared -----------------------------------------------------------------------------
+
+def _grid_means(claim: Claim, runs: pd.DataFrame, column: str) -> str:
+    """``column``'s mean per optimizer at every lr_mult of the grid."""
+    parts = []
+    for m in sorted(set(runs["lr_mult"])):
+        cell = [f"{NAMES[o]} {_values(_ok(runs[(runs['optimizer'] == o) & (runs['lr_mult'] == m)])[column]).mean():.2f}"
+                for o in claim.optimizers
+                if len(_values(runs[(runs["optimizer"] == o) & (runs["lr_mult"] == m)][column]))]
+        parts.append(f"{m:g}: " + ", ".join(cell))
+    return f"{column} at each lr_mult: " + "; ".join(parts)
+
+
+READERS = {"lm_overtrain": read_lm_overtrain, "vit_scratch": read_vit_scratch,
+           "grok_depth": read_grok_depth, "dead_rates": read_dead_rates}
+
+
+def our_number(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any] | None = None) -> str:
+    """Our measurement of ``claim`` at the selected settings, with its statistic."""
+    return READERS[claim.name](claim, runs, meta or {}).ours
 
 
 def plot_claim(claim: Claim, curves: pd.DataFrame, runs: pd.DataFrame, meta: dict[str, Any],
                path: Path) -> Path | None:
-    """One PNG: each of the claim's curve keys against step, per optimizer's selected
-    setting (grok_depth: every seed, with its steps-to-grok marked; others: mean ± 1 std
-    over seeds). ``None`` when nothing was logged."""
+    """One PNG of small multiples: a row per curve key, a panel per lr_mult (every lr of
+    the grid, both optimizers in each; grok_depth: every seed, grokked or not; others:
+    mean over seeds with its 95% interval), and a last column with the claim's statistic
+    against lr_mult (counts from 0). One fixed colour per optimizer
+    (:data:`ddc_bench.report.plots.OPTIMIZER_COLORS`). ``None`` when nothing was logged."""
     keys = [k for k in claim.curves if k in set(curves["key"])]
     if not keys:
         return None
+    has_lr = "lr_mult" in curves
+    mults = sorted(set(curves["lr_mult"])) if has_lr else [None]
     colors = colors_for(claim.optimizers)
-    fig = Figure(figsize=(5.0 * len(keys), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(keys), squeeze=False)[0]
-    for ax, key in zip(axes, keys):
-        for opt in claim.optimizers:
-            data = curves[(curves["optimizer"] == opt) & (curves["key"] == key)]
-            if data.empty:
-                continue
-            frame = data.pivot_table(index="step", columns="seed", values="value").sort_index()
-            label = f"{NAMES.get(opt, opt)} (n={frame.shape[1]})"
-            if claim.name == "grok_depth":
-                for i, seed in enumerate(frame.columns):
-                    ax.plot(frame.index, frame[seed], color=colors[opt], lw=1, alpha=0.7,
-                            label=label if i == 0 else None)
-                if key == "val_acc":
-                    sel = runs[(runs["optimizer"] == opt) & runs["selected"].astype(bool)]
-                    for s in pd.to_numeric(sel["target_step"], errors="coerce").dropna():
-                        ax.axvline(s, color=colors[opt], ls=":", lw=0.8)
-            else:
-                mean, std = frame.mean(axis=1), frame.std(axis=1, ddof=1)
-                ax.plot(mean.index, mean.to_numpy(), color=colors[opt], lw=1.8, label=label)
-                if frame.shape[1] > 1:
-                    ax.fill_between(mean.index, (mean - std).to_numpy(), (mean + std).to_numpy(),
-                                    color=colors[opt], alpha=0.2, lw=0)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    band = "every seed; dotted: steps-to-grok" if claim.name == "grok_depth" else \
-        "mean over seeds, band ±1 std"
-    fig.suptitle(f"{claim.title}\n{meta['scale']} scale, {meta['model']}; {band}; each "
-                 f"optimizer at its selected lr", fontsize=10)
+    selected = {o: float(_selected(runs, o)["lr_mult"].iloc[0])
+                for o in claim.optimizers if len(_selected(runs, o))}
+    ncol = len(mults) + 1
+    fig = Figure(figsize=(2.9 * ncol, 2.5 * len(keys) + 0.9), layout="constrained")
+    axes = fig.subplots(len(keys), ncol, squeeze=False)
+    for r, key in enumerate(keys):
+        for c, m in enumerate(mults):
+            ax = axes[r][c]
+            for opt in claim.optimizers:
+                data = curves[(curves["optimizer"] == opt) & (curves["key"] == key)]
+                if has_lr:
+                    data = data[data["lr_mult"] == m]
+                if data.empty:
+                    continue
+                frame = data.pivot_table(index="step", columns="seed", values="value").sort_index()
+                star = " *" if m is not None and selected.get(opt) == m else ""
+                label = f"{NAMES.get(opt, opt)}{star} (n={frame.shape[1]})"
+                if claim.count:
+                    for i, seed in enumerate(frame.columns):
+                        ax.plot(frame.index, frame[seed], color=colors[opt], lw=0.9, alpha=0.7,
+                                label=label if i == 0 else None)
+                else:
+                    mean, half = frame.mean(axis=1), ci95_rows(frame)
+                    ax.plot(mean.index, mean.to_numpy(), color=colors[opt], lw=1.6, label=label)
+                    if frame.shape[1] > 1:
+                        ax.fill_between(mean.index, (mean - half).to_numpy(),
+                                        (mean + half).to_numpy(), color=colors[opt], alpha=0.2, lw=0)
+            ax.set_title(f"{key}, lr_mult {m:g}" if m is not None else key, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=6)
+        # the grid columns of a row share the y range, so panels compare at a glance
+        lims = [a.get_ylim() for a in axes[r][:len(mults)]]
+        for a in axes[r][:len(mults)]:
+            a.set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
+    _plot_against_lr(claim, runs, axes[0][-1], colors)
+    for r in range(1, len(keys)):
+        axes[r][-1].set_visible(False)
+    band = ("every seed (grokked or not)" if claim.count
+            else "mean over seeds, band = 95% interval of the mean")
+    fig.suptitle(f"{claim.title}\n{meta['scale']} scale, {meta['model']}\n{band}; every lr "
+                 f"of the grid; * = the optimizer's selected lr", fontsize=10)
     save_png(fig, path)
     return path
 
 
+def _plot_against_lr(claim: Claim, runs: pd.DataFrame, ax: Any,
+                     colors: dict[str, str]) -> None:
+    """The claim's statistic against lr_mult, each optimizer (95% intervals; counts of
+    seeds as bars from 0)."""
+    col = claim.lr_column
+    width = 0.35
+    for j, opt in enumerate(claim.optimizers):
+        mine = runs[runs["optimizer"] == opt]
+        xs, ys, hs, ns = [], [], [], []
+        for m, g in mine.groupby("lr_mult"):
+            if claim.count:
+                xs.append(float(m))
+                ys.append(int(g[col].astype(bool).sum()))
+                ns.append(len(g))
+            else:
+                st = seed_stats(_values(_ok(g)[col]))
+                if st.n:
+                    xs.append(float(m))
+                    ys.append(st.mean)
+                    hs.append(0.0 if not math.isfinite(st.ci95) else st.ci95)
+        if not xs:
+            continue
+        pos = np.log2(xs)
+        if claim.count:
+            ax.bar(pos + (j - 0.5) * width, ys, width=width, color=colors[opt],
+                   label=NAMES.get(opt, opt))
+            for x, y, n in zip(pos + (j - 0.5) * width, ys, ns):
+                ax.annotate(f"{y}/{n}", (x, y), ha="center", va="bottom", fontsize=6)
+        else:
+            ax.errorbar(pos + (j - 0.5) * 0.08, ys, yerr=hs, color=colors[opt], marker="o",
+                        ms=4, capsize=3, lw=1.4, label=NAMES.get(opt, opt))
+    ticks = sorted(set(float(m) for m in runs["lr_mult"]))
+    ax.set_xticks(np.log2(ticks), [f"{t:g}" for t in ticks], fontsize=7)
+    ax.set_xlabel("lr_mult", fontsize=8)
+    if claim.count:
+        ax.set_ylim(0, max(1, int(runs.groupby(["optimizer", "lr_mult"]).size().max())) + 0.5)
+        ax.set_title(f"{col} seeds at each lr (from 0)", fontsize=9)
+    else:
+        ax.set_title(f"final {col} at each lr (95% interval)", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6)
+
+
 def _md_cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _minutes(seconds: Any) -> str:
+    return f"{float(seconds) / 60:.1f} min" if isinstance(seconds, (int, float)) and \
+        math.isfinite(float(seconds)) else "n/a"
+
+
+def _design(scale: str, meta: dict[str, Any]) -> str:
+    """The table's design cell: scale, model, grid, runs, elapsed and summed run time, and
+    the selection notes (ties, a selection at an edge or at the cap)."""
+    grid = ",".join(f"{m:g}" for m in meta["lr_mults"])
+    summed = meta.get("run_time_s", meta.get("wall_time_s"))
+    text = (f"{scale}: {meta['model']}; seeds {len(meta['seeds'])} x lr_mult {{{grid}}} = "
+            f"{meta['runs']} runs; elapsed {_minutes(meta.get('elapsed_s'))}, summed run time "
+            f"{_minutes(summed)}")
+    ext = meta.get("grid_extensions") or []
+    if ext:
+        text += "; grid extended: " + ", ".join(f"{e['optimizer']} {e['lr_mult']:g}" for e in ext)
+    for opt, note in sorted((meta.get("selection_edges") or {}).items()):
+        text += f"; {NAMES.get(opt, opt)} selected {note}"
+    for opt, tied in sorted((meta.get("selection_ties") or {}).items()):
+        text += (f"; {NAMES.get(opt, opt)} tie with lr_mult "
+                 + ",".join(f"{m:g}" for m in tied) + " (smaller lr taken)")
+    return text
 
 
 def table_rows(out_root: Path = OUT_ROOT) -> list[dict[str, str]]:
@@ -323,30 +660,41 @@ def table_rows(out_root: Path = OUT_ROOT) -> list[dict[str, str]]:
                 curves = pd.read_csv(folder / CURVES_CSV)
             except (OSError, ValueError) as err:
                 raise PaperError(f"{folder}: cannot read the compact results ({err})") from None
+            if "grokked" not in runs:  # results collected before the column existed
+                runs["grokked"] = pd.to_numeric(runs["target_step"], errors="coerce").notna()
+            missing = {"optimizer", "lr_mult", "seed", "selected", "diverged"} - set(runs)
+            if missing:
+                raise PaperError(f"{folder / RUNS_CSV}: missing columns "
+                                 f"{', '.join(sorted(missing))}")
             plot = plot_claim(claim, curves, runs, meta, folder / f"{claim.name}.png")
-            grid = ",".join(f"{m:g}" for m in meta["lr_mults"])
+            reading = READERS[claim.name](claim, runs, meta)
+            data = meta["data"] + (f"; {meta['evaluation']}" if meta.get("evaluation") else "")
             rows.append({
-                "claim": claim.title, "paper": claim.paper, "ours": our_number(claim, runs),
-                "scale": (f"{scale}: {meta['model']}; seeds {len(meta['seeds'])} x lr_mult "
-                          f"{{{grid}}} = {meta['runs']} runs, {meta['wall_time_s'] / 60:.1f} min "
-                          f"wall"),
-                "data": meta["data"], "steps": str(meta["steps"]),
+                "claim": claim.title, "paper": claim.paper, "ours": reading.ours,
+                "grid": reading.grid, "verdict": reading.verdict,
+                "scale": _design(scale, meta), "data": data, "steps": str(meta["steps"]),
+                "selection": meta.get("selection_rule", claim.selection),
                 "figure": "" if plot is None else plot.relative_to(out_root).as_posix(),
             })
         if not found:
             rows.append({"claim": claim.title, "paper": claim.paper, "ours": NOT_RUN,
-                         "scale": NOT_RUN, "data": "-", "steps": "-", "figure": ""})
+                         "grid": "-", "verdict": NOT_RUN, "scale": NOT_RUN, "data": "-",
+                         "steps": "-", "selection": claim.selection, "figure": ""})
     return rows
+
+
+COLUMNS = ("claim", "paper", "ours", "grid", "verdict", "scale", "data", "steps")
+HEADERS = ("claim", "paper", "ours (selected lr, 95% intervals)", "at every lr (matched)",
+           "verdict", "design", "data and evaluation", "steps")
 
 
 def table_markdown(rows: list[dict[str, str]], link_prefix: str = "") -> str:
     """The Markdown table "The paper's claims, measured" (figure links under ``link_prefix``)."""
-    lines = ["| claim | paper | ours | scale | data | steps |", "|---|---|---|---|---|---|"]
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for r in rows:
         claim = r["claim"] + (f" ([figure]({link_prefix}{r['figure']}))" if r["figure"] else "")
         lines.append("| " + " | ".join(_md_cell(x) for x in
-                                        (claim, r["paper"], r["ours"], r["scale"], r["data"],
-                                         r["steps"])) + " |")
+                                        (claim, *(r[c] for c in COLUMNS[1:]))) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -365,17 +713,25 @@ def figures(out_root: Path = OUT_ROOT, readme: Path | None = Path("README.md")) 
     rows = table_rows(out_root)
     for r in rows:
         print(f"[paper] {r['claim']}\n    paper: {r['paper']}\n    ours : {r['ours']}"
-              + (f"\n    scale: {r['scale']}; steps {r['steps']}; data: {r['data']}"
+              + (f"\n    grid : {r['grid']}\n    verdict: {r['verdict']}\n    scale: "
+                 f"{r['scale']}; steps {r['steps']}; data: {r['data']}"
                  if r["ours"] != NOT_RUN else ""))
     out_root.mkdir(parents=True, exist_ok=True)
+    selection = "\n".join(f"- {r['claim']}: {r['selection']}." for r in rows)
     body = ("# The DDC paper's claims, measured\n\n"
             "Generated by `make figures` (`python -m ddc_bench.paper figures`) from the compact "
             "results in this folder (`<claim>/<scale>/runs.csv`, `curves.csv`, `meta.json`), "
             "which `python -m ddc_bench.paper collect` writes from the run folders of "
             "`make paper-cpu`. \"not run yet\": no results were collected for that claim; "
-            "nothing is filled in. Each optimizer's learning rate is its best on validation "
-            "over the same lr_mult grid; numbers are mean ± std over that setting's seeds.\n\n"
-            + table_markdown(rows))
+            "nothing is filled in. Numbers are means over seeds with their 95% t-intervals "
+            "[low, high]; differences come with Welch's test and Hedges' g, counts with "
+            "Fisher's exact test. \"elapsed\" is the sweep's wall time from the first run's "
+            "start to the last one's end; \"summed run time\" adds every run's wall time. "
+            "The verdict follows each claim's stated rule (`ddc_bench/paper.py`, "
+            "`read_<claim>`); how each cpu design was shrunk: docs/paper-claims.md and "
+            "`configs/experiment/scale/<claim>_cpu.yaml`.\n\n"
+            + table_markdown(rows)
+            + "\nSelection of each optimizer's learning rate, per claim:\n\n" + selection + "\n")
     results.atomic_write_text(out_root / "README.md", body)
     if readme is not None and readme.is_file():
         prefix = os.path.relpath(out_root, readme.parent).replace(os.sep, "/") + "/"
