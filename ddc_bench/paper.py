@@ -379,7 +379,9 @@ def read_lm_overtrain(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) ->
     grid = f"gap {NAMES[ddc]} vs {NAMES[base]} at each lr_mult: " + "; ".join(parts)
     past_fit = (_values(b["val_loss"]).mean() > _values(b["best_val_loss"]).mean()
                 if "best_val_loss" in b else True)
-    if not past_fit:
+    if not math.isfinite(test.p_value):
+        verdict = "cannot be tested at this scale: fewer than two seeds per optimizer"
+    elif not past_fit:
         verdict = ("cannot be tested at this scale: the selected AdamW runs did not go past "
                    "the point of fit (final validation loss not above its best)")
     elif test.diff < 0 and test.p_value < 0.05:
