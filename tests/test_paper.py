@@ -133,6 +133,9 @@ def test_collect_then_figures_on_real_tiny_runs(tmp_path):
         assert len(rows) == 4 and rows["selected"].sum() == 2  # one setting per optimizer
         meta = json.loads((folder / paper.META_JSON).read_text())
         assert meta["steps"] == 3 and meta["lr_mults"] == [1.0, 2.0] and meta["runs"] == 4
+        assert meta["run_time_s"] > 0 and meta["elapsed_s"] > 0 and meta["depth"] == 1
+        curves = pd.read_csv(folder / paper.CURVES_CSV)
+        assert set(curves["lr_mult"]) == {1.0, 2.0}  # every lr, not only the selected one
     rows = paper.figures(out, readme=None)
     assert all(r["ours"] != paper.NOT_RUN for r in rows)
     assert all((out / r["figure"]).read_bytes()[:8] == PNG for r in rows)
