@@ -418,7 +418,8 @@ def read_grok_depth(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) -> R
     """Grokked seeds (val_acc reached the target) of each optimizer's selected setting, the
     steps-to-grok distribution, and a one-sided Fisher exact test (DDC-Muon's rate higher);
     grokked seeds / seeds at every lr. Verdict: "cannot be tested" when the model is not
-    24 deep (the claim's depth) or no run grokked; "reproduces" when the Fisher p < 0.01
+    24 deep (the claim's depth), no run grokked, or the seeds run cannot reach a one-sided
+    Fisher p < 0.01 even on the most extreme split; "reproduces" when the Fisher p < 0.01
     and Muon grokked in none of its runs at any lr; "reproduces in direction only" when
     DDC-Muon's rate is higher at the selected settings without that; else "does not
     reproduce"."""
@@ -462,6 +463,11 @@ def read_grok_depth(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) -> R
     elif not any_grok:
         verdict = (f"cannot be tested at this scale: no run of either optimizer grokked in "
                    f"{meta.get('steps')} steps")
+    elif test.min_p_greater > 0.01:
+        verdict = (f"cannot be tested at this scale: with {test.n_a} and {test.n_b} seeds the "
+                   f"smallest one-sided Fisher p is {_p(test.min_p_greater)} (> 0.01); "
+                   f"seen: {NAMES[ddc]} {test.k_a}/{test.n_a}, {NAMES[base]} "
+                   f"{test.k_b}/{test.n_b}")
     elif test.p_greater < 0.01 and grokked(base_all) == 0:
         verdict = "reproduces: one-sided Fisher p < 0.01 and Muon grokked at no lr"
     elif test.k_a / test.n_a > test.k_b / test.n_b:

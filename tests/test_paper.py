@@ -244,6 +244,9 @@ def test_verdicts_follow_the_stated_rules():
                            for s in range(5)])
     assert paper.read_grok_depth(grok, some, {"depth": 24}).verdict.startswith(
         "reproduces in direction only")
+    few = pd.DataFrame([_run_row("ddc_muon", 0, target_step=100), _run_row("muon", 0)])
+    assert paper.read_grok_depth(grok, few, {"depth": 24}).verdict.startswith(
+        "cannot be tested at this scale: with 1 and 1 seeds the smallest one-sided Fisher p is 0.5")
     assert paper.read_grok_depth(grok, some, {"model": "depth 4, width 8"}).verdict == \
         "cannot be tested at this scale: depth 4, the claim is at depth 24"
 
