@@ -567,7 +567,10 @@ def plot_claim(claim: Claim, curves: pd.DataFrame, runs: pd.DataFrame, meta: dic
         # the grid columns of a row share the y range, so panels compare at a glance
         lims = [a.get_ylim() for a in axes[r][:len(mults)]]
         for a in axes[r][:len(mults)]:
-            a.set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
+            if key.endswith("_acc"):  # accuracies on their whole range: a plateau far
+                a.set_ylim(0, 1.02)   # below the target reads as such
+            else:
+                a.set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
     _plot_against_lr(claim, runs, axes[0][-1], colors)
     for r in range(1, len(keys)):
         axes[r][-1].set_visible(False)
