@@ -38,10 +38,14 @@ bench: install
 figures: install
 	$(BIN)/python -m ddc_bench.paper figures
 
-# paper-cpu: the four experiments at cpu scale (runs in results/paper-runs/), then collect + figures.
+# paper-cpu: the four experiments at cpu scale (runs in results/paper-runs/), each lr grid
+# extended by factors of 2 while a selection sits at its edge (ddc_bench.sweep_extend, with
+# the claim's selection statistic and cap), then collect + figures.
 paper-cpu: install
 	$(BIN)/ddc-bench --multirun experiment=lm_overtrain
+	$(BIN)/python -m ddc_bench.sweep_extend results/paper-runs/lm_overtrain/cpu --stat best --launch -- experiment=lm_overtrain
 	$(BIN)/ddc-bench --multirun experiment=vit_scratch
 	$(BIN)/ddc-bench --multirun experiment=grok_depth
+	$(BIN)/python -m ddc_bench.sweep_extend results/paper-runs/grok_depth/cpu --cap 16 --launch -- experiment=grok_depth
 	$(BIN)/ddc-bench --multirun experiment=dead_rates
 	$(BIN)/python -m ddc_bench.paper collect --scale cpu

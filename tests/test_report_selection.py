@@ -255,3 +255,59 @@ def test_unwritable_report_folder_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write the report into" in err
     assert "Permission denied" in err
+
+
+def test_saturated_accuracy_tie_goes_to_the_earlier_target_not_to_val_loss_noise(tmp_path):
+    """val_acc 1.0 at two lrs: the tie is broken by steps-to-target (the stated rule), not
+    by a validation loss near 1e-7; a tie on both is reported and the smaller lr taken."""
+    from ddc_bench.report.loading import load_runs
+    from ddc_bench.report.selection import aggregate_task, select_best, selection_ties
+
+    for mult, step, loss in ((1.0, 400, 1e-7), (2.0, 200, 3e-7), (4.0, 200, 2e-7)):
+        for seed in (0, 1):
+            make_run(tmp_path, task="grok", opt="muon", lr_mult=mult, seed=seed,
+                     final={"val_acc": 1.0, "val_loss": loss},
+                     target=("val_acc", 0.99, step, float(step)))
+    agg = aggregate_task(load_runs(tmp_path))
+    chosen = select_best(agg, "val_acc")
+    assert agg.loc[chosen["muon"], "lr_mult"] == 2.0  # 200 steps beats 400; loss ignored
+    ties = selection_ties(agg, chosen, "val_acc")
+    assert [agg.loc[i, "lr_mult"] for i in ties["muon"]] == [4.0]
+
+
+def test_selection_on_the_best_value_over_the_run(tmp_path):
+    """stat="best" selects on the minimum validation loss over the run, so a setting
+    that learned more and then over-fitted is not beaten by one that learned less."""
+    from ddc_bench.report.loading import load_runs
+    from ddc_bench.report.selection import aggregate_task, select_best
+
+    for mult, final, best in ((0.5, 3.0, 3.0), (2.0, 3.5, 2.0)):
+        for seed in (0, 1):
+            folder = make_run(tmp_path, opt="adamw", lr_mult=mult, seed=seed,
+                              final={"val_loss": final})
+            summary = json.loads((folder / results.SUMMARY_FILE).read_text())
+            summary["best"] = {"val_loss": best}
+            results.write_json(folder / results.SUMMARY_FILE, summary)
+    agg = aggregate_task(load_runs(tmp_path))
+    assert agg.loc[select_best(agg, "val_loss")["adamw"], "lr_mult"] == 0.5
+    assert agg.loc[select_best(agg, "val_loss", "best")["adamw"], "lr_mult"] == 2.0
+    with pytest.raises(ValueError, match="accepted final, best"):
+        select_best(agg, "val_loss", "median")
+
+
+def test_fisher_counts_and_hedges_g_match_scipy_and_the_formula():
+    from ddc_bench.report.stats import cohens_d, fisher_counts
+
+    t = fisher_counts(5, 5, 0, 5)
+    assert t.p_greater == pytest.approx(1 / math.comb(10, 5))  # 0.004: < 0.01 reachable
+    assert t.min_p_greater == pytest.approx(t.p_greater)
+    assert fisher_counts(10, 11, 0, 11).p_greater < 1e-4
+    assert t.p_two_sided == pytest.approx(
+        sps.fisher_exact([[5, 0], [0, 5]], alternative="two-sided").pvalue)
+    assert fisher_counts(2, 4, 2, 4).p_greater == pytest.approx(
+        sps.fisher_exact([[2, 2], [2, 2]], alternative="greater").pvalue)
+    with pytest.raises(ValueError):
+        fisher_counts(6, 5, 0, 5)
+    a, b = [1.0, 2.0, 3.0], [2.0, 3.0, 4.0]
+    assert cohens_d(a, b) == pytest.approx(-1.0 * (1 - 3 / (4 * 6 - 9)))
+    assert math.isnan(cohens_d([1.0], b)) and cohens_d([1, 1], [0, 0]) == math.inf

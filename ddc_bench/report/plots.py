@@ -22,6 +22,7 @@ from matplotlib.transforms import blended_transform_factory
 from ddc_bench import results
 from ddc_bench.report.loading import finite as _finite
 from ddc_bench.report.selection import rows_of
+from ddc_bench.report.stats import seed_stats
 from ddc_bench.report.tables import fmt_lr, fmt_lr_tick
 from ddc_bench.results import higher_is_better
 
@@ -29,8 +30,32 @@ _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#
             "#17becf", "#7f7f7f", "#bcbd22"]
 
 
+#: One colour per optimizer in every figure of every report (the DDC family in blues, so a
+#: reader finds DDC by colour whichever claim or task the figure shows).
+OPTIMIZER_COLORS = {"ddc": "#1f77b4", "ddc_muon": "#17becf", "adamw": "#d62728",
+                    "muon": "#ff7f0e", "sgd": "#2ca02c", "adamp": "#9467bd", "scale": "#8c564b"}
+
+
 def colors_for(optimizers: Iterable[str]) -> dict[str, str]:
-    return {opt: _PALETTE[i % len(_PALETTE)] for i, opt in enumerate(sorted(set(optimizers)))}
+    """Optimizer → colour: the fixed :data:`OPTIMIZER_COLORS` for known optimizers, then the
+    palette's unused colours for others (in name order)."""
+    names = sorted(set(optimizers))
+    spare = [c for c in _PALETTE if c not in OPTIMIZER_COLORS.values()] + _PALETTE
+    out, i = {}, 0
+    for opt in names:
+        if opt in OPTIMIZER_COLORS:
+            out[opt] = OPTIMIZER_COLORS[opt]
+        else:
+            out[opt] = spare[i % len(spare)]
+            i += 1
+    return out
+
+
+def ci95_rows(frame: pd.DataFrame) -> pd.Series:
+    """Per row of ``frame`` (columns = seeds): the half-width of the 95% t-interval of the
+    mean over the row's finite values (NaN with fewer than two); the bands of every
+    figure (:func:`ddc_bench.report.stats.seed_stats`' rule)."""
+    return frame.apply(lambda row: seed_stats(row.to_numpy()).ci95, axis=1)
 
 
 def _series(records: list[dict[str, Any]], metric: str) -> pd.Series:
@@ -92,7 +117,7 @@ def plot_curves(task: str, task_df: pd.DataFrame, agg: pd.DataFrame,
                 metrics: dict[str, list[dict[str, Any]]], colors: dict[str, str],
                 path: Path) -> Path | None:
     """Validation loss, training loss and the other validation metrics against step, for
-    each optimizer's selected setting (mean over seeds, ±1 std band)."""
+    each optimizer's selected setting (mean over seeds, band: 95% interval of the mean)."""
     records = {p: metrics[p] if p in metrics else results.read_metrics(p)
                for p in task_df["path"]}
     logged = {k for recs in records.values() for r in recs for k in r}
@@ -130,15 +155,15 @@ def plot_curves(task: str, task_df: pd.DataFrame, agg: pd.DataFrame,
             if runs:
                 frame = pd.concat(runs, axis=1).sort_index()
                 mean = frame.mean(axis=1)
-                std = frame.std(axis=1, ddof=1)
+                half = ci95_rows(frame)  # band: the 95% interval of the mean over seeds
                 label = str(row["optimizer"]) + (f" {row['setting']}" if multi else "") \
                     + f" (n={len(runs)})"
                 ax.plot(mean.index, mean.to_numpy(), color=color, lw=1.8, label=label)
                 if len(runs) > 1:
-                    ax.fill_between(mean.index, (mean - std).to_numpy(),
-                                    (mean + std).to_numpy(), color=color, alpha=0.2, lw=0)
-                    lows.extend((mean - std).tolist())
-                    highs.extend((mean + std).tolist())
+                    ax.fill_between(mean.index, (mean - half).to_numpy(),
+                                    (mean + half).to_numpy(), color=color, alpha=0.2, lw=0)
+                    lows.extend((mean - half).tolist())
+                    highs.extend((mean + half).tolist())
                 else:
                     lows.extend(mean.tolist())
                     highs.extend(mean.tolist())
@@ -172,7 +197,7 @@ def plot_curves(task: str, task_df: pd.DataFrame, agg: pd.DataFrame,
         ax.grid(True, which="major", alpha=0.3)
         ax.grid(True, which="minor", alpha=0.1)
     _legend_below(fig, axes)
-    sub = "mean over seeds, band = ±1 std; diverged runs dotted, excluded from the mean"
+    sub = "mean over seeds, band = 95% interval of the mean; diverged runs dotted, excluded from the mean"
     if notes:
         sub += f"\nselected setting of {', '.join(notes)} (best mean final {select_metric})"
     fig.suptitle(f"{task}: learning curves\n{sub}", fontsize=11)
@@ -206,9 +231,9 @@ def plot_lr(task: str, task_df: pd.DataFrame, agg: pd.DataFrame, selected: dict[
             g = g.sort_values("lr")
             color = colors[opt]
             label = opt + (f" wd={fmt_lr(wd)}" if wd_varies else "")
-            mean, std = g[f"final_{metric}__mean"], g[f"final_{metric}__std"]
+            mean, half = g[f"final_{metric}__mean"], g[f"final_{metric}__ci95"]
             xs = g["lr"] * dodge[(opt, wd)]
-            ax.errorbar(xs, mean, yerr=std.fillna(0), color=color, marker="o", ms=5,
+            ax.errorbar(xs, mean, yerr=half.fillna(0), color=color, marker="o", ms=5,
                         capsize=4, lw=1.6, label=label)
             for lr, m, d, n in zip(xs, mean, g["diverged"], g["seeds"]):
                 if d and _finite(m):
@@ -248,7 +273,7 @@ def plot_lr(task: str, task_df: pd.DataFrame, agg: pd.DataFrame, selected: dict[
         ax.grid(True, which="minor", alpha=0.1)
     _legend_below(fig, axes)
     fig.suptitle(f"{task}: learning-rate sensitivity\nmean over non-diverged seeds, "
-                 f"error bars = ±1 std\n(points shifted slightly along x to stay visible)",
+                 f"error bars = 95% interval of the mean\n(points shifted slightly along x to stay visible)",
                  fontsize=11)
     save_png(fig, path)
     return path
@@ -265,7 +290,7 @@ def plot_diagnostics(task: str, task_df: pd.DataFrame, agg: pd.DataFrame,
                      selected: dict[str, Any], metrics: dict[str, list[dict[str, Any]]],
                      colors: dict[str, str], path: Path) -> Path | None:
     """Dead-direction diagnostics against step (cells read as a fraction of the cells, spare
-    FFN fraction) for each optimizer's selected setting, mean over seeds ±1 std; ``None``
+    FFN fraction) for each optimizer's selected setting, mean over seeds with a 95% band; ``None``
     when no run logged diagnostics (``diagnostics.every=0``)."""
     records = {p: metrics[p] if p in metrics else results.read_metrics(p)
                for p in task_df["path"]}
@@ -289,12 +314,12 @@ def plot_diagnostics(task: str, task_df: pd.DataFrame, agg: pd.DataFrame,
             if not runs:
                 continue
             frame = pd.concat(runs, axis=1).sort_index()
-            mean, std = frame.mean(axis=1), frame.std(axis=1, ddof=1)
+            mean, half = frame.mean(axis=1), ci95_rows(frame)
             color = colors[str(opt)]
             ax.plot(mean.index, mean.to_numpy(), color=color, lw=1.8, marker=".",
                     label=f"{opt} {row['setting']} (n={len(runs)})")
             if len(runs) > 1:
-                ax.fill_between(mean.index, (mean - std).to_numpy(), (mean + std).to_numpy(),
+                ax.fill_between(mean.index, (mean - half).to_numpy(), (mean + half).to_numpy(),
                                 color=color, alpha=0.2, lw=0)
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(title)
@@ -303,6 +328,6 @@ def plot_diagnostics(task: str, task_df: pd.DataFrame, agg: pd.DataFrame,
         ax.grid(True, alpha=0.3)
     _legend_below(fig, axes)
     fig.suptitle(f"{task}: dead-direction diagnostics (ddc.diagnostics, fixed probe batch)\n"
-                 "selected setting per optimizer; mean over seeds, band = ±1 std", fontsize=11)
+                 "selected setting per optimizer; mean over seeds, band = 95% interval of the mean", fontsize=11)
     save_png(fig, path)
     return path

@@ -4,10 +4,17 @@ A *setting* is one optimizer configuration (:data:`~ddc_bench.report.loading.GRO
 optimizer × variant folder × effective lr × weight decay); its seeds are repetitions.
 
 Selection rule (per task and optimizer): the setting with the best **validation** metric,
-mean over seeds of its final value (:func:`selection_metric` names the metric). Settings
-with a diverged seed are only considered when every setting of that optimizer has one.
-Test splits are never looked at. Which direction is better comes from the one rule,
-:func:`ddc_bench.results.higher_is_better`.
+mean over seeds of its final value (:func:`selection_metric` names the metric), or of its
+best value over the run's evaluations with ``stat="best"`` (for over-training, where the
+final value rewards learning less). Settings with a diverged seed are only considered when
+every setting of that optimizer has one. Test splits are never looked at. Which direction
+is better comes from the one rule, :func:`ddc_bench.results.higher_is_better`.
+
+Ties (equal means, e.g. a validation accuracy that saturates at 1.0 for several learning
+rates) are NOT broken by another metric's noise (a validation loss near 1e-7): they go to
+the setting whose seeds reached the task's target more often, then sooner (mean
+steps-to-target); a tie that remains is reported (:func:`selection_ties`) and the smallest
+lr among the tied settings is taken.
 """
 
 from __future__ import annotations
@@ -106,38 +113,73 @@ def aggregate_task(task_df: pd.DataFrame) -> pd.DataFrame:
     return agg
 
 
-def select_best(agg: pd.DataFrame, metric: str | None) -> dict[str, Any]:
+#: The statistics a setting can be selected on: the final value, or the best value over the
+#: run's evaluations (mean over seeds either way).
+SELECTION_STATS = ("final", "best")
+
+
+def select_best(agg: pd.DataFrame, metric: str | None, stat: str = "final") -> dict[str, Any]:
     """Each optimizer's selected setting: optimizer → index into ``agg``.
 
-    The best mean (over seeds) of ``final_<metric>`` among the optimizer's settings without
-    a diverged seed (all of its settings when each has one); settings with no finite mean
-    are never chosen; ties (an accuracy that saturates) are broken by the mean final
-    validation loss. An optimizer whose every setting has no finite mean gets none.
+    The best mean (over seeds) of ``<stat>_<metric>`` among the optimizer's settings
+    without a diverged seed (all of its settings when each has one); settings with no
+    finite mean are never chosen; ties as the module docstring states (target reached
+    more often, then sooner; then the smallest lr, reported by :func:`selection_ties`).
+    An optimizer whose every setting has no finite mean gets none.
     """
-    col = f"final_{metric}__mean"
+    if stat not in SELECTION_STATS:
+        raise ValueError(f"selection stat {stat!r}: accepted {', '.join(SELECTION_STATS)}")
+    col = f"{stat}_{metric}__mean"
     chosen: dict[str, Any] = {}
     if metric is None or col not in agg:
         return chosen
     for opt, g in agg.groupby("optimizer", sort=True):
-        clean = g[g["diverged"] == 0]
-        pool = clean if clean[col].notna().any() else g
-        pool = pool[pool[col].notna()]
+        pool = _pool(g, col)
         if len(pool):
-            chosen[str(opt)] = min(pool.index, key=lambda i: _sort_key(agg, i, metric))
+            chosen[str(opt)] = min(pool.index, key=lambda i: _sort_key(agg, i, metric, stat)
+                                   + (float(agg.loc[i, "lr"]),))
     return chosen
 
 
-def _sort_key(agg: pd.DataFrame, idx: Any, metric: str) -> tuple[float, float]:
-    """Smaller is better: the metric (negated when higher is better), then val_loss."""
-    value = float(agg.loc[idx, f"final_{metric}__mean"])
-    tie = agg.loc[idx, "final_val_loss__mean"] if "final_val_loss__mean" in agg else np.nan
-    tie = float(tie) if pd.notna(tie) else np.inf
-    return (-value if higher_is_better(metric) else value, tie)
+def _pool(g: pd.DataFrame, col: str) -> pd.DataFrame:
+    """The settings of one optimizer that selection may choose from (see select_best)."""
+    clean = g[g["diverged"] == 0]
+    pool = clean if clean[col].notna().any() else g
+    return pool[pool[col].notna()]
 
 
-def rank_selected(agg: pd.DataFrame, chosen: dict[str, Any], metric: str) -> list[str]:
+def selection_ties(agg: pd.DataFrame, chosen: dict[str, Any], metric: str | None,
+                   stat: str = "final") -> dict[str, list[Any]]:
+    """Optimizer → the indices of the settings tied with its selected one on every rule
+    of :func:`select_best` but the last (the smallest lr); only optimizers with a tie."""
+    col = f"{stat}_{metric}__mean"
+    ties: dict[str, list[Any]] = {}
+    if metric is None or col not in agg:
+        return ties
+    for opt, idx in chosen.items():
+        key = _sort_key(agg, idx, metric, stat)
+        pool = _pool(agg[agg["optimizer"] == opt], col)
+        tied = [i for i in pool.index if i != idx and _sort_key(agg, i, metric, stat) == key]
+        if tied:
+            ties[opt] = tied
+    return ties
+
+
+def _sort_key(agg: pd.DataFrame, idx: Any, metric: str, stat: str = "final"
+              ) -> tuple[float, float, float]:
+    """Smaller is better: the metric (negated when higher is better), then minus the seeds
+    that reached the target, then the mean steps-to-target (never reached: infinite)."""
+    value = float(agg.loc[idx, f"{stat}_{metric}__mean"])
+    reached = agg.loc[idx, "target_reached"] if "target_reached" in agg else 0
+    steps = agg.loc[idx, "target_steps__mean"] if "target_steps__mean" in agg else np.nan
+    steps = float(steps) if pd.notna(steps) else np.inf
+    return (-value if higher_is_better(metric) else value, -float(reached or 0), steps)
+
+
+def rank_selected(agg: pd.DataFrame, chosen: dict[str, Any], metric: str,
+                  stat: str = "final") -> list[str]:
     """Optimizers by their selected setting's mean, best first."""
-    return sorted(chosen, key=lambda o: _sort_key(agg, chosen[o], metric))
+    return sorted(chosen, key=lambda o: _sort_key(agg, chosen[o], metric, stat))
 
 
 def compare_to_best(task_df: pd.DataFrame, agg: pd.DataFrame, chosen: dict[str, Any],

@@ -88,3 +88,53 @@ def welch(a: Iterable[float], b: Iterable[float]) -> Comparison:
     p = float(2 * sps.t.sf(abs(t), dof))
     half = float(sps.t.ppf(0.5 + CONFIDENCE / 2, dof)) * se
     return Comparison(diff, p, (diff - half, diff + half))
+
+
+def cohens_d(a: Iterable[float], b: Iterable[float]) -> float:
+    """Effect size of ``mean(a) - mean(b)``: Hedges' g, i.e. Cohen's d (difference over the
+    pooled sample std) times the small-sample correction 1 - 3 / (4 (n_a + n_b) - 9). NaN
+    with fewer than two finite values on a side; ±inf when both sides are constant and
+    differ (no noise at all)."""
+    x = np.array([float(v) for v in a if v is not None], dtype=float)
+    y = np.array([float(v) for v in b if v is not None], dtype=float)
+    x, y = x[np.isfinite(x)], y[np.isfinite(y)]
+    if len(x) < 2 or len(y) < 2:
+        return math.nan
+    diff = float(x.mean() - y.mean())
+    pooled = math.sqrt(((len(x) - 1) * x.var(ddof=1) + (len(y) - 1) * y.var(ddof=1))
+                       / (len(x) + len(y) - 2))
+    if pooled == 0:
+        return 0.0 if diff == 0 else math.copysign(math.inf, diff)
+    return diff / pooled * (1 - 3 / (4 * (len(x) + len(y)) - 9))
+
+
+@dataclass(frozen=True)
+class CountTest:
+    """Fisher's exact test of ``k_a of n_a`` against ``k_b of n_b`` (e.g. seeds that
+    grokked): ``p_greater`` is the one-sided p-value of "a's rate is higher than b's",
+    ``p_two_sided`` the two-sided one."""
+
+    k_a: int
+    n_a: int
+    k_b: int
+    n_b: int
+    p_greater: float
+    p_two_sided: float
+
+    @property
+    def min_p_greater(self) -> float:
+        """The smallest one-sided p-value these sample sizes allow (a split of n_a of n_a
+        against 0 of n_b): whether the design could show the effect at all."""
+        return fisher_counts(self.n_a, self.n_a, 0, self.n_b).p_greater
+
+
+def fisher_counts(k_a: int, n_a: int, k_b: int, n_b: int) -> CountTest:
+    """:class:`CountTest` of the 2×2 table ``[[k_a, n_a - k_a], [k_b, n_b - k_b]]``
+    (``scipy.stats.fisher_exact``). Raises ValueError on counts outside 0..n."""
+    for k, n in ((k_a, n_a), (k_b, n_b)):
+        if not 0 <= k <= n:
+            raise ValueError(f"count {k} of {n}: need 0 <= count <= n")
+    table = [[k_a, n_a - k_a], [k_b, n_b - k_b]]
+    greater = float(sps.fisher_exact(table, alternative="greater").pvalue)
+    two = float(sps.fisher_exact(table, alternative="two-sided").pvalue)
+    return CountTest(k_a, n_a, k_b, n_b, greater, two)
