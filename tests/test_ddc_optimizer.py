@@ -237,6 +237,8 @@ def test_param_groups_and_explicit_gauges():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(base="sgd"), "base must be one of"),
+    (dict(balance_steps=0), "balance_steps and balance_cg_steps must be at least 1"),
+    (dict(balance_cg_steps=0), "balance_steps and balance_cg_steps must be at least 1"),
     (dict(lr=-1.0), "invalid learning rate"),
     (dict(betas=(0.9, 1.0)), "betas"),
     (dict(dead_mode="sometimes"), "dead_mode"),
