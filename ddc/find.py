@@ -533,7 +533,7 @@ def find_gauges(model: nn.Module, example_input: Any, *, loss: Any = LOSS_REQUIR
     report = verify_gauges(model, _loss_function(loss), (example, targets), gauges=[g for _, _, g in built],
                            tol=tol, seed=seed, points=points, raise_on_failure=False) if built else {}
 
-    from .frame import Frame as _Frame   # the step's own rules decide what it can enforce together
+    from .frame import Frame   # the step's own rules decide what it can enforce together
     proven: list[Gauge] = []
     labels: list[str] = []
     not_enforced: list[tuple[str, Gauge, str]] = []
@@ -550,7 +550,7 @@ def find_gauges(model: nn.Module, example_input: Any, *, loss: Any = LOSS_REQUIR
         if key[0] == "pair" and qk_rope.get(key[1:-1], "none") != key[-1]:
             continue   # a pair scale only under the RoPE layout its rotation was proven with
         try:
-            _Frame(proven + [gauge])
+            Frame(proven + [gauge])
         except TypeError:
             not_enforced.append((label, gauge, f"DDC's step does not support {type(gauge).__name__} yet"))
             continue

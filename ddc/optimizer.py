@@ -46,7 +46,6 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 DEAD_MODES = ("freeze", "free")
 ORTHOGONALIZERS = ("svd", "newton_schulz")
 ROTATION_SOLVES = ("eigh", "cg")
-_Frame = Frame   # the name ddc.find used before the layout moved to ddc.frame
 
 
 class DDC(Optimizer):
