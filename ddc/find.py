@@ -50,6 +50,7 @@ from torch.overrides import TorchFunctionMode
 from .gauges import (_CONVS, _NORMS, Gauge, GroupedHeadRotation, GroupedHeadRotationVO, HeadRotation,
                      HeadRotationVO, LogitShift, NormGain, QKPairScale, UnitRescale, _output_weight,
                      is_conv1d, norm_affine)
+from .frame import Frame   # the step's own rules decide which found gauges it can enforce together
 from .verify import GaugeDeclarationError, check_declarations, unwrap_model, verify_gauges
 
 __all__ = ["find_gauges", "FoundGauges", "LOSSES", "call_model", "model_output"]
@@ -533,7 +534,6 @@ def find_gauges(model: nn.Module, example_input: Any, *, loss: Any = LOSS_REQUIR
     report = verify_gauges(model, _loss_function(loss), (example, targets), gauges=[g for _, _, g in built],
                            tol=tol, seed=seed, points=points, raise_on_failure=False) if built else {}
 
-    from .frame import Frame   # the step's own rules decide what it can enforce together
     proven: list[Gauge] = []
     labels: list[str] = []
     not_enforced: list[tuple[str, Gauge, str]] = []
