@@ -127,7 +127,7 @@ def test_perf_on_every_task_and_the_default_optimizers(tmp_path, restore_threads
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--optimizers", "adamw,lion"], "unknown optimizer(s) lion; accepted:"),
+    (["--optimizers", "adamw,lino"], "unknown optimizer(s) lino; accepted:"),
     (["--tasks", "mnist"], "unknown task(s) mnist; accepted: gpt_lm"),
     (["--steps", "0"], "--steps must be an integer >= 1"),
     (["--scale", "huge"], "unknown size 'huge'"),
