@@ -265,7 +265,8 @@ def make_plan(cfg: DictConfig, overrides: list[str], spec: TaskSpec | None = Non
 
     known = registry()
     if name not in known:
-        raise ConfigError(f"unknown optimizer {name!r}; known: {', '.join(sorted(known))}")
+        from baselines.zoo import unknown_name_message  # the closest names, not all of them
+        raise ConfigError(unknown_name_message(name))
     base_lr, lr_mult = float(opt["lr"]), float(cfg.lr_mult)
     lr = base_lr * lr_mult
     opt["lr"] = lr
