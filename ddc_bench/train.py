@@ -58,7 +58,7 @@ from ddc_bench.schedule import build_scheduler, lr_factor
 from ddc_bench.signals import EXIT_PREEMPTED, Preempted, StopSignals
 from ddc_bench.state import RunState
 from ddc_bench.task_setup import build_task_cleanly, first_line
-from ddc_bench.training_optimizer import TrainingOptimizer
+from ddc_bench.training_optimizer import TrainingOptimizer, forward_context
 
 __all__ = ["run", "Preempted", "AlreadyFinished", "EXIT_PREEMPTED", "StepHook", "DEFAULT_THREADS"]
 
@@ -121,7 +121,7 @@ def accumulate_gradients(task: Any, net: nn.Module, batch: tuple[torch.Tensor, .
         micro = to_device(micro, device)
         skip_sync = no_sync() if no_sync is not None and i < len(micros) - 1 else contextlib.nullcontext()
         with skip_sync:
-            with autocast():
+            with autocast(), forward_context(create_graph):
                 loss, _ = task.loss(net, micro)
             (loss * weight).backward(create_graph=create_graph)
         loss_sum += loss.detach().double() * weight

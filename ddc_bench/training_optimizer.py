@@ -9,6 +9,8 @@ its own schedule says so here. A plain optimizer is wrapped with the defaults.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,3 +43,15 @@ class TrainingOptimizer:
     needs_closure: bool = False
     #: False: the loop applies no LR schedule (the optimizer schedules itself).
     external_schedule: bool = True
+
+
+def forward_context(create_graph: bool) -> contextlib.AbstractContextManager:
+    """The context for a forward pass whose backward keeps its graph: with ``create_graph``
+    attention runs through the math ``scaled_dot_product_attention`` kernel, which has a
+    second derivative (the fused CPU/flash kernels do not, so Sophia-H's Hessian-vector
+    products would fail on every transformer task)."""
+    if not create_graph:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])

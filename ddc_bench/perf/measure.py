@@ -21,6 +21,7 @@ from ddc_bench.perf.setup import (BASE_OF, REFERENCE, Setup, build_task_or_fail,
                                   runner_plan, state_bytes, take_batches, task_config)
 from ddc_bench.perf.steps import optimizer_step, round_robin, train_step
 from ddc_bench.train import sync, to_device
+from ddc_bench.training_optimizer import forward_context
 
 OVERHEAD_METHOD = ("ddc_bench.train.train_step + params_finite + next batch (the runner's timed "
                    "region) vs a bare loop, interleaved step by step, medians")
@@ -104,8 +105,9 @@ def measure_scaling(task_name: str, entries: Sequence[tuple[str, str, dict[str, 
         batch = take_batches(task, device, 1)[0]
         setups = [make_setup(task, name, device) for name in names]
         for s in setups:
-            loss, _ = task.loss(s.model, batch)
-            loss.backward()
+            with forward_context(s.create_graph):
+                loss, _ = task.loss(s.model, batch)
+            loss.backward(create_graph=s.create_graph)
         round_robin(setups, steps, warmup, lambda s, r: optimizer_step(s, device))
         for s in setups:
             rows.append({"task": task_name, "model": label,
@@ -179,8 +181,9 @@ def profile_step(task: Any, name: str, device: torch.device, steps: int = 10, to
     from torch.profiler import ProfilerActivity, profile
 
     setup = make_setup(task, name, device)
-    loss, _ = task.loss(setup.model, take_batches(task, device, 1)[0])
-    loss.backward()
+    with forward_context(setup.create_graph):
+        loss, _ = task.loss(setup.model, take_batches(task, device, 1)[0])
+    loss.backward(create_graph=setup.create_graph)
     for _ in range(2):
         setup.optimizer.step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -12,6 +12,7 @@ from torch import nn
 from ddc.param_groups import param_groups
 from ddc_bench.config import CONFIG_DIR, load_group_defaults, validate
 from ddc_bench.optimizers import build_optimizer
+from ddc_bench.training_optimizer import TrainingOptimizer
 from ddc_bench.plan import task_config as plan_task_config
 from ddc_bench.train import to_device
 
@@ -68,7 +69,7 @@ def build_task_or_fail(cfg: dict[str, Any]) -> Any:
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise PerfError(f"task {cfg.get('name')}: {err}") from err
 
-def build_named_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+def build_named(name: str, model: nn.Module) -> TrainingOptimizer:
     """A harness optimizer by registry name (options from ``configs/optimizer/<name>.yaml``),
     or a reference AdamW (``adamw_foreach``/``adamw_fused``, ``adamw.yaml``'s options;
     ``adamw_compiled``: the foreach one with ``torch.compile``d steps)."""
@@ -81,11 +82,16 @@ def build_named_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
             foreach=name != "adamw_fused", fused=True if name == "adamw_fused" else None)
         if name == ADAMW_COMPILED:
             optimizer.step = torch.compile(optimizer.step)  # type: ignore[method-assign]
-        return optimizer
+        return TrainingOptimizer(optimizer)
     if name in VARIANTS:
         base, extra = VARIANTS[name]
-        return build_optimizer(model, {**load_group_defaults("optimizer", base), **extra}).optimizer
-    return build_optimizer(model, load_group_defaults("optimizer", name)).optimizer
+        return build_optimizer(model, {**load_group_defaults("optimizer", base), **extra})
+    return build_optimizer(model, load_group_defaults("optimizer", name))
+
+def build_named_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of :func:`build_named` alone."""
+    return build_named(name, model).optimizer
+
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in ``optimizer.state_dict()`` (nested containers included)."""
@@ -108,6 +114,8 @@ class Setup:
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    #: ``loss.backward(create_graph=True)``: the optimizer reads second derivatives (Sophia-H).
+    create_graph: bool = False
     step_s: list[float] = field(default_factory=list)
     train_step_s: list[float] = field(default_factory=list)
 
@@ -116,7 +124,8 @@ def make_setup(task: Any, name: str, device: torch.device) -> Setup:
     torch.manual_seed(0)
     model = task.build_model().to(device)
     model.train()
-    return Setup(name, model, build_named_optimizer(name, model))
+    training = build_named(name, model)
+    return Setup(name, model, training.optimizer, create_graph=training.create_graph)
 
 def take_batches(task: Any, device: torch.device, count: int = BATCH_CYCLE) -> list[tuple[torch.Tensor, ...]]:
     """The first ``count`` training batches of ``task`` (seed 0), on ``device``."""

@@ -11,6 +11,7 @@ import torch
 
 from ddc_bench.perf.setup import Setup
 from ddc_bench.train import sync
+from ddc_bench.training_optimizer import forward_context
 
 
 def train_step(task: Any, setup: Setup, batch: tuple[torch.Tensor, ...], device: torch.device) -> None:
@@ -18,8 +19,9 @@ def train_step(task: Any, setup: Setup, batch: tuple[torch.Tensor, ...], device:
     sync(device)
     t0 = time.perf_counter()
     setup.optimizer.zero_grad(set_to_none=True)
-    loss, _ = task.loss(setup.model, batch)
-    loss.backward()
+    with forward_context(setup.create_graph):
+        loss, _ = task.loss(setup.model, batch)
+    loss.backward(create_graph=setup.create_graph)
     sync(device)
     t1 = time.perf_counter()
     setup.optimizer.step()
