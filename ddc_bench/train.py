@@ -450,8 +450,11 @@ def train_loop(plan: RunPlan, state: RunState, training: TrainingOptimizer, task
     world, device, p = plan.world, plan.device, state.progress
     batches: Iterator[tuple[torch.Tensor, ...]] = iter(task.train_batches(
         plan.seed, start=p.step, rank=world.rank, world_size=world.size))
-    # The optimizer's train/eval modes (schedule-free): eval before every evaluation and
-    # checkpoint, on every rank (the replicas must stay identical); train before steps.
+    # The optimizer's train/eval modes (schedule-free), on every rank (the replicas must stay
+    # identical): eval before every evaluation and the final checkpoint (the weights the
+    # results were measured with); train before steps and mid-run checkpoints, so a resumed
+    # run continues from the very tensors it stopped at (a train->eval->train round trip is
+    # not bitwise the identity, and only the interrupted run would make an extra one).
     mode = ""
 
     def set_mode(wanted: str) -> None:
@@ -467,8 +470,8 @@ def train_loop(plan: RunPlan, state: RunState, training: TrainingOptimizer, task
         metrics.write(record)
         logger.log(record)
 
-    def save() -> Path | None:
-        set_mode("eval")
+    def save(final: bool = False) -> Path | None:
+        set_mode("eval" if final else "train")
         if not world.main:
             return None
         p.wall_time = wall_clock()
@@ -528,7 +531,7 @@ def train_loop(plan: RunPlan, state: RunState, training: TrainingOptimizer, task
             save()
     if p.status == "running":
         p.status = "finished"
-        save()  # the final state: the finished run's weights stay with its results
+        save(final=True)  # the final state: the finished run's weights stay with its results
 
 
 def after_step(plan: RunPlan, state: RunState, task: Any, net: nn.Module, autocast: Any,

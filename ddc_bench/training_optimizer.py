@@ -30,11 +30,12 @@ class TrainingOptimizer:
     #: Called once per session, before training, with the model and the first training
     #: batch (on the run's device); raises to refuse the model (e.g. DDC's gauge check).
     startup_check: Callable[[nn.Module, tuple], None] | None = None
-    #: Called before training steps resume (after evaluations and checkpoints, and before
-    #: the first step of a session): schedule-free's ``optimizer.train()``.
+    #: Called before training steps resume (after evaluations, and before the first step
+    #: of a session) and before mid-run checkpoints: schedule-free's ``optimizer.train()``.
     train_mode: Callable[[], None] | None = None
-    #: Called before every evaluation and every checkpoint save, on every rank:
-    #: schedule-free's ``optimizer.eval()``.
+    #: Called before every evaluation and the final checkpoint save, on every rank:
+    #: schedule-free's ``optimizer.eval()`` (mid-run checkpoints are saved in train mode,
+    #: so that a resumed run is bitwise the uninterrupted one).
     eval_mode: Callable[[], None] | None = None
     #: ``loss.backward(create_graph=True)``: the optimizer reads second derivatives.
     create_graph: bool = False

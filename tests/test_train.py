@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from conftest import FakeTask, base_config, use_fake_task
 
-from ddc_bench import results, train
+from ddc_bench import checkpoint, results, train
 from ddc_bench.config import CONFIG_DIR, ConfigError
 from ddc_bench.loggers import LoggerError
 from ddc_bench.schedule import build_scheduler, lr_factor, warmup_steps_for
@@ -472,8 +472,8 @@ def test_the_startup_check_sees_the_model_and_the_first_batch_and_can_refuse(tmp
     assert not any((tmp_path / "b").rglob("seed*"))  # refused before the run folder
 
 
-def test_eval_mode_before_evaluations_and_checkpoints_train_mode_before_steps(tmp_path, fake_task,
-                                                                           monkeypatch):
+def test_eval_mode_before_evaluations_train_mode_before_steps_and_mid_run_checkpoints(
+        tmp_path, fake_task, monkeypatch):
     events: list[tuple[str, int]] = []
     modes = {"now": None}
 
@@ -493,11 +493,21 @@ def test_eval_mode_before_evaluations_and_checkpoints_train_mode_before_steps(tm
 
     monkeypatch.setattr(fake_task, "evaluate", checked_evaluate)
     _use_optimizer(monkeypatch, train_mode=switch("train"), eval_mode=switch("eval"))
-    cfg = base_config(tmp_path, steps=6, eval_every=3, checkpoint_every=2, log_every=1)
+    saved_modes = []
+    save = checkpoint.save
+
+    def checked_save(*args, **kwargs):
+        saved_modes.append(modes["now"])
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", checked_save)
+    cfg = base_config(tmp_path / "b", steps=8, eval_every=4, checkpoint_every=2, log_every=1)
+    events.clear()
     train.run(cfg, overrides=[])
-    # Evaluations at 3 and 6; checkpoints at 2, 4 and the final one at 6.
-    assert events == [("train", 0), ("eval", 2), ("train", 2), ("eval", 3), ("train", 3),
-                      ("eval", 4), ("train", 4), ("eval", 6)]
+    # Evaluations at 4 and 8; mid-run checkpoints at 2, 4 and 6 in train mode (a resumed run
+    # continues from the exact training point), the final one at 8 in eval mode.
+    assert events == [("train", 0), ("eval", 4), ("train", 4), ("eval", 8)]
+    assert saved_modes == ["train", "train", "train", "eval"]
 
 
 def test_create_graph_keeps_the_backward_graph_for_the_optimizer(tmp_path, fake_task, monkeypatch):

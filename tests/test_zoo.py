@@ -216,7 +216,8 @@ def test_protocol_fields_per_class() -> None:
     assert not sf.optimizer.param_groups[0]["train_mode"]
     assert harness("sophia", model).create_graph
     # Nothing needed: the plain optimizer (TrainingOptimizer's defaults).
-    assert isinstance(build_optimizer(model, recipe("lion")), torch.optim.Optimizer)
+    plain = build_optimizer(model, recipe("lion"))
+    assert plain == TrainingOptimizer(plain.optimizer)   # every field at the loop's default
     lbfgs = as_protocol(build_zoo(model, "lbfgs", library="torch", lr=1.0, weight_decay=0.0))
     with pytest.raises(ZooError, match="has no weight decay"):
         build_zoo(model, "lbfgs", library="torch", weight_decay=0.1)
