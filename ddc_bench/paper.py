@@ -78,13 +78,14 @@ CLAIMS: tuple[Claim, ...] = (
           ("val_loss", "train_eval_loss", "gap_loss")),
     Claim("vit_scratch", "2. ViT from scratch: validation loss, spare FFN capacity",
           "val loss: DDC-Adam 1.71, AdamW 2.12; DDC compresses spare FFN capacity, AdamW "
-          "leaves it intact", ("ddc", "adamw"), ("val_loss", "diag/spare_frac")),
+          "leaves it intact", ("ddc", "adamw"),
+          ("val_loss", "diag/eff_units_frac", "diag/ablate/tail_dloss")),
     Claim("grok_depth", "3. Grokking on a Muon base at depth",
           "depth 24: DDC-Muon groks in 10 of 11 seeds, Muon in 0 of 11",
           ("ddc_muon", "muon"), ("val_acc", "train_eval_acc")),
     Claim("dead_rates", "4. Reading the dead-direction rate: cells read",
           "DDC-Adam 32 of 65 cells, AdamW 7 of 65", ("ddc", "adamw"),
-          ("diag/cells_read", "val_loss")),
+          ("diag/cells_total", "diag/cells_read", "val_loss")),
 )
 CLAIM_BY_NAME = {c.name: c for c in CLAIMS}
 
@@ -108,8 +109,7 @@ def _data_text(task: str, info: dict[str, Any], steps: int, batch: int) -> str:
         head = f"first {train} bytes" if data.get("train_bytes") else f"{train} bytes"
         return f"{source}: train {head} ({epochs:.3g} epochs), validation {val} held-out bytes"
     if task == "vit_cifar":
-        return (f"{info.get('dataset')} ({info.get('image')} images, {info.get('train_size')} "
-                f"train / {info.get('val_size')} validation)")
+        return vit_data_text(info)
     if task == "grok_modadd":
         return (f"a {info.get('op')} b mod {info.get('p')}: {info.get('train_size')} train / "
                 f"{info.get('val_size')} validation equations")
@@ -140,7 +140,7 @@ def collect_one(runs_dir: Path, out_dir: Path, claim: Claim, scale: str) -> Path
         raise PaperError(f"{runs_dir} mixes tasks/sizes ({names}): one experiment and scale "
                          f"per folder")
     agg = aggregate_task(df)
-    metric = selection_metric(df)
+    metric = CLAIM_SELECTION.get(claim.name) or selection_metric(df)
     chosen = select_best(agg, metric)
     selected_paths = {p for idx in chosen.values() for p in rows_of(df, agg.loc[idx])["path"]}
 
@@ -156,9 +156,7 @@ def collect_one(runs_dir: Path, out_dir: Path, claim: Claim, scale: str) -> Path
             **{m: r.get(f"final_{m}", np.nan) for m in
                ("val_loss", "train_eval_loss", "gap_loss", "val_acc", "train_eval_acc")},
             "target_step": target.get("step"),
-            "cells_read": _diag(summary, "diag/cells_read"),
-            "cells_total": _diag(summary, "diag/cells_total"),
-            "spare_frac": _diag(summary, "diag/spare_frac"),
+            **claim_columns(claim.name, summary),
             "step_time_ms": r["step_time_ms"], "wall_time_s": r["wall_time_s"],
         })
         if r["path"] in selected_paths:
@@ -211,6 +209,149 @@ def collect(runs_root: Path = RUNS_ROOT, out_root: Path = OUT_ROOT,
 
 
 # --------------------------------------------------------------------------------------
+# Claim-specific: vit_scratch and dead_rates (their columns, numbers and statistics)
+# --------------------------------------------------------------------------------------
+
+#: Claims whose selection metric is fixed by the claim (the loss it is about), whatever the
+#: task's target says: each optimizer's lr is its best final validation loss.
+CLAIM_SELECTION = {"vit_scratch": "val_loss", "dead_rates": "val_loss"}
+
+#: ``diag/`` keys of a run's last readings kept per claim in ``runs.csv`` (column = key
+#: without ``diag/``, ``/`` → ``_``).
+CLAIM_DIAG_KEYS = {
+    "vit_scratch": ("diag/spare_frac", "diag/eff_units_frac", "diag/ablate/loss",
+                    "diag/ablate/low_dloss", "diag/ablate/low_frac", "diag/ablate/tail_dloss",
+                    "diag/ablate/tail_frac"),
+    "dead_rates": ("diag/cells_read", "diag/cells_total", "diag/units", "diag/checkpoints",
+                   "diag/spare_frac"),
+}
+
+
+def claim_columns(claim: str, summary: dict[str, Any]) -> dict[str, float]:
+    """The claim's diagnostics columns of one run (NaN where the run did not log them)."""
+    keys = CLAIM_DIAG_KEYS.get(claim, ("diag/cells_read", "diag/cells_total", "diag/spare_frac"))
+    return {k[len("diag/"):].replace("/", "_"): _diag(summary, k) for k in keys}
+
+
+def vit_data_text(info: dict[str, Any]) -> str:
+    """vit_cifar's data in words, with the number of images evaluation used."""
+    return (f"{info.get('dataset')} ({info.get('image')} images, {info.get('train_size')} "
+            f"train / {info.get('val_size')} validation; evaluation used "
+            f"{info.get('eval_examples')} validation images)")
+
+
+def _ci(values: pd.Series, digits: int = 3) -> str:
+    """``mean [low, high] (n)``: the 95% t-interval over seeds."""
+    from ddc_bench.report.stats import seed_stats
+
+    st = seed_stats(pd.to_numeric(values, errors="coerce"))
+    if st.n == 0:
+        return "n/a"
+    if st.n == 1:
+        return f"{st.mean:.{digits}f} (n=1)"
+    return f"{st.mean:.{digits}f} [{st.low:.{digits}f}, {st.high:.{digits}f}] (n={st.n})"
+
+
+def _effect(a: pd.Series, b: pd.Series, digits: int = 3) -> str:
+    """Welch difference ``a - b`` with its 95% interval, p, and Hedges' g."""
+    from ddc_bench.report.stats import welch
+
+    x = pd.to_numeric(a, errors="coerce").dropna().to_numpy(float)
+    y = pd.to_numeric(b, errors="coerce").dropna().to_numpy(float)
+    c = welch(x, y)
+    if len(x) < 2 or len(y) < 2:
+        return f"diff {c.diff:+.{digits}f} (too few seeds for a test)"
+    pooled = math.sqrt(((len(x) - 1) * x.var(ddof=1) + (len(y) - 1) * y.var(ddof=1))
+                       / (len(x) + len(y) - 2))
+    g = c.diff / pooled * (1 - 3 / (4 * (len(x) + len(y)) - 9)) if pooled > 0 else math.nan
+    return (f"diff {c.diff:+.{digits}f} [{c.ci95[0]:+.{digits}f}, {c.ci95[1]:+.{digits}f}], "
+            f"Welch p={c.p_value:.2g}, Hedges g={g:+.2f}")
+
+
+def vit_number(ok: pd.DataFrame) -> str:
+    """One optimizer's selected setting: val loss, participation ratio / units, and the
+    held-out loss change from ablating the units beyond it (95% t-intervals over seeds)."""
+    return (f"val loss {_ci(ok['val_loss'])}; effective units (PR/units) "
+            f"{_ci(ok.get('eff_units_frac', pd.Series(dtype=float)))}; ablating the "
+            f"{_ci(ok.get('ablate_tail_frac', pd.Series(dtype=float)), 2)} lowest-mass units beyond "
+            f"the PR changes val loss by {_ci(ok.get('ablate_tail_dloss', pd.Series(dtype=float)), 4)}; "
+            f"units below 0.1 x layer mean mass {_ci(ok.get('spare_frac', pd.Series(dtype=float)), 3)}")
+
+
+def dead_number(ok: pd.DataFrame) -> str:
+    """One optimizer's selected setting: cells (falling units) read, pooled over seeds, the
+    fraction read, and the cells per seed."""
+    read = pd.to_numeric(ok["cells_read"], errors="coerce").fillna(0)
+    total = pd.to_numeric(ok["cells_total"], errors="coerce").fillna(0)
+    units = pd.to_numeric(ok.get("units", pd.Series(dtype=float)), errors="coerce").dropna()
+    frac = f" = {read.sum() / total.sum():.2f}" if total.sum() else ""
+    of_units = f" of {units.iloc[0]:g} units per run" if len(units) and units.nunique() == 1 else ""
+    return (f"{read.sum():g} of {total.sum():g} cells read{frac} (cells = units whose mass fell "
+            f"2x from its peak: {', '.join(f'{t:g}' for t in total)} per seed{of_units})")
+
+
+def _selected(runs: pd.DataFrame, opt: str) -> pd.DataFrame:
+    sel = runs[(runs["optimizer"] == opt) & runs["selected"].astype(bool)]
+    return sel[~sel["diverged"].astype(bool)]
+
+
+def _matched_lr(claim: Claim, runs: pd.DataFrame, column: str, digits: int = 3) -> str:
+    """``column``'s DDC - baseline difference at every lr_mult both ran (mean over seeds)."""
+    a, b = claim.optimizers
+    ok = runs[~runs["diverged"].astype(bool)]
+    cells = []
+    for mult in sorted(set(ok[ok["optimizer"] == a]["lr_mult"]) & set(ok[ok["optimizer"] == b]["lr_mult"])):
+        x = pd.to_numeric(ok[(ok["optimizer"] == a) & (ok["lr_mult"] == mult)][column], errors="coerce")
+        y = pd.to_numeric(ok[(ok["optimizer"] == b) & (ok["lr_mult"] == mult)][column], errors="coerce")
+        cells.append(f"x{mult:g} {x.mean() - y.mean():+.{digits}f}")
+    return ", ".join(cells)
+
+
+def vit_comparison(claim: Claim, runs: pd.DataFrame) -> str:
+    """DDC-Adam vs AdamW at their selected settings (val loss, effective units, tail
+    ablation) and the val-loss difference at every matched lr."""
+    a, b = (_selected(runs, o) for o in claim.optimizers)
+    if a.empty or b.empty:
+        return "comparison: n/a"
+    return (f"DDC-Adam - AdamW: val loss {_effect(a['val_loss'], b['val_loss'])}; effective "
+            f"units {_effect(a['eff_units_frac'], b['eff_units_frac'])}; tail ablation "
+            f"{_effect(a['ablate_tail_dloss'], b['ablate_tail_dloss'], 4)}; val loss at matched "
+            f"lr_mult: {_matched_lr(claim, runs, 'val_loss')}")
+
+
+def dead_comparison(claim: Claim, runs: pd.DataFrame) -> str:
+    """One-sided Fisher exact test (DDC reads a larger fraction of its cells) on the cells
+    pooled over the selected seeds, beside the paper's 32/65 vs 7/65, and the read fraction
+    at every matched lr."""
+    from scipy.stats import fisher_exact
+
+    a, b = (_selected(runs, o) for o in claim.optimizers)
+    if a.empty or b.empty:
+        return "comparison: n/a"
+    ra, ta = float(a["cells_read"].fillna(0).sum()), float(a["cells_total"].fillna(0).sum())
+    rb, tb = float(b["cells_read"].fillna(0).sum()), float(b["cells_total"].fillna(0).sum())
+    if ta == 0 or tb == 0:
+        test = "Fisher test: not defined (an optimizer has no cell)"
+    else:
+        p = fisher_exact([[ra, ta - ra], [rb, tb - rb]], alternative="greater").pvalue
+        test = (f"read fraction {ra / ta:.2f} vs {rb / tb:.2f} (paper 0.49 vs 0.11), "
+                f"one-sided Fisher p={p:.2g}")
+    ok = runs[~runs["diverged"].astype(bool)]
+    per_lr = []
+    for opt in claim.optimizers:
+        cells = []
+        for mult, grp in ok[ok["optimizer"] == opt].groupby("lr_mult"):
+            r, t = grp["cells_read"].fillna(0).sum(), grp["cells_total"].fillna(0).sum()
+            cells.append(f"x{mult:g} {r:g}/{t:g}")
+        per_lr.append(f"{NAMES.get(opt, opt)} {', '.join(cells)}")
+    return f"{test}; cells read/cells over seeds at every lr_mult: {'; '.join(per_lr)}"
+
+
+#: Claim-specific comparison text appended to :func:`our_number`.
+CLAIM_COMPARISONS = {"vit_scratch": vit_comparison, "dead_rates": dead_comparison}
+
+
+# --------------------------------------------------------------------------------------
 # figures: compact files -> PNGs and the table
 # --------------------------------------------------------------------------------------
 
@@ -244,17 +385,17 @@ def our_number(claim: Claim, runs: pd.DataFrame) -> str:
         if claim.name == "lm_overtrain":
             parts.append(f"{name} gap {_pm(ok['gap_loss'])} [{lr}{tail}]")
         elif claim.name == "vit_scratch":
-            parts.append(f"{name} val loss {_pm(ok['val_loss'])}, spare FFN fraction "
-                         f"{_pm(ok['spare_frac'])} [{lr}{tail}]")
+            parts.append(f"{name} {vit_number(ok)} [{lr}{tail}]")
         elif claim.name == "grok_depth":
             steps = pd.to_numeric(ok["target_step"], errors="coerce").dropna()
             dist = (f"; steps-to-grok median {steps.median():.0f}, range {steps.min():.0f}-"
                     f"{steps.max():.0f}" if len(steps) else "")
             parts.append(f"{name} grokked {len(steps)} of {len(sel)} seeds{dist} [{lr}]")
         elif claim.name == "dead_rates":
-            total = pd.to_numeric(ok["cells_total"], errors="coerce").dropna()
-            of = f" of {total.iloc[0]:g} cells" if len(total) and total.nunique() == 1 else " cells"
-            parts.append(f"{name} {_pm(ok['cells_read'], 1)}{of} [{lr}{tail}]")
+            parts.append(f"{name} {dead_number(ok)} [{lr}{tail}]")
+    comparison = CLAIM_COMPARISONS.get(claim.name)
+    if comparison is not None:
+        parts.append(comparison(claim, runs))
     return "; ".join(parts)
 
 
