@@ -1,130 +1,85 @@
-"""Gauge-invariant diagnostics of a network's dead directions (documented in ``docs/diagnostics.md``).
+"""Gauge-invariant diagnostics of a network's feed-forward units (documented in ``docs/diagnostics.md``).
 
-Two readings, both computed from the model's *declared* gauges (``model.gauges()``), so they
-work on any model that declares its symmetries and never depend on where along a gauge
-orbit the optimizer left the weights:
+Every reading is computed from the model's *declared* gauges (``model.gauges()``): one FFN
+layer per :class:`~ddc.gauges.UnitRescale` gauge, whose units each have a gauge-invariant
+mass ``m_i = ‖w_in,i‖ · ‖w_out,i‖``. So readings work on any model that declares its
+symmetries and never depend on where along a gauge orbit the optimizer left the weights.
 
-* :func:`spare_capacity` — per feed-forward layer (one per :class:`~ddc.gauges.UnitRescale`
-  gauge), the fraction of units whose gauge-invariant mass is below a fraction of the
-  layer's median mass, and the participation ratio (effective number of units).
-* :func:`dead_direction_rates` — per channel layer (an FFN layer, or an attention layer found
-  from its :class:`~ddc.gauges.HeadRotationVO` gauge) and per observable (forward second
-  moment, backward second moment, directional Fisher), the log-log rate ``s`` at which the
-  observable vanishes as every channel of the layer is scaled by ``t → 0`` along its
-  gauge-invariant direction, the order ``k̂ = 1 + s/2`` with a confidence interval, and
-  whether the cell is *read* (a clean fit matching the order the channel type predicts).
+* :func:`spare_capacity` — per FFN layer, the fraction of units whose mass is below
+  :data:`LOW_MASS` × the layer's mean mass, and the participation ratio (effective number
+  of units).
+* :func:`ablation` — functional spare capacity: the change in a held-out loss when those
+  low-mass units are switched off, and when every unit beyond the participation ratio
+  (the ``units - PR`` lowest in mass) is switched off.
+* :class:`TrajectoryRates` — the dead-direction rate along the real training trajectory:
+  fed the probe batch at successive checkpoints, it follows every unit's mass and forward
+  second moment; a unit whose mass falls by :attr:`ReadRule.fall` from its peak is a
+  *cell*, its order ``k̂ = d log(forward second moment) / d log(mass)`` over the falling
+  checkpoints is fitted with a bootstrap interval over the probe samples, and the cell is
+  *read* when that interval lies within the rule's tolerance of :data:`PREDICTED_ORDER`.
 
-:func:`diagnostics` runs both and returns a flat ``dict[str, float]`` for a trainer's logger.
-Nothing here changes the model: hooks are removed, the train/eval mode is restored, and
-parameter ``.grad`` fields are never touched.
+:func:`diagnostics` runs them and returns a flat ``dict[str, float]`` for a trainer's
+logger. Nothing here changes the model: hooks are removed, the train/eval mode is restored,
+and parameter ``.grad`` fields are never touched.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .gauges import Gauge, HeadRotationVO, NormGain, ScaleMember, UnitRescale
+from .gauges import Gauge, NormGain, UnitRescale
 
 __all__ = [
-    "OBSERVABLES", "PREDICTED_ORDER", "DEFAULT_SCALES", "ReadCriteria", "RateFit", "RateCell",
-    "DeadDirectionReport", "LayerCapacity", "ChannelLayer", "channel_layers", "unit_masses",
-    "spare_capacity", "fit_rate", "dead_direction_rates", "diagnostics",
+    "LOW_MASS", "PREDICTED_ORDER", "ReadRule", "LayerCapacity", "FfnLayer", "ffn_layers",
+    "unit_masses", "spare_capacity", "unit_activity", "Ablation", "ablation", "UnitCell",
+    "RateReport", "TrajectoryRates", "diagnostics",
 ]
 
-#: The per-layer observables, in cell order (see docs/diagnostics.md for definitions).
-OBSERVABLES = ("fwd", "bwd", "fisher")
+#: A unit is *low-mass* when its mass is below this fraction of its layer's mean mass.
+LOW_MASS = 0.1
 
-#: Predicted dead-direction order k of each channel type (derivation in docs/diagnostics.md).
-#: The same k holds for all three observables: each vanishes like t^(2(k-1)).
-PREDICTED_ORDER = {"ffn_relu": 2, "ffn_gated": 3, "attn": 2}
-
-#: Default channel scales t (log-spaced from 1e-2 up to the checkpoint itself, t = 1).
-DEFAULT_SCALES: tuple[float, ...] = tuple(10.0 ** (-2 + 0.25 * i) for i in range(9))
+#: The order k of a unit's dead direction: its contribution ``w_out,i · a_i(x)`` is
+#: proportional to its mass when the unit shrinks along a fixed direction (ReLU, or a gated
+#: unit's up/down pair with its gate held), so the forward second moment goes like
+#: ``m² = (r²/2)²``, i.e. like ``r^(2k)`` with k = 2 in the gauge-invariant distance
+#: ``r = √(2m)`` from the unit to its dead point (docs/diagnostics.md).
+PREDICTED_ORDER = 2
 
 
 @dataclass(frozen=True)
-class ReadCriteria:
-    """When a (layer, observable) cell counts as *read*.
+class ReadRule:
+    """When a unit is a cell, and when a cell is *read*.
 
-    ``min_r2``: the log-log fit's coefficient of determination; ``max_ci_halfwidth``: half
-    the width of the ``confidence`` interval of ``k̂``; ``tolerance``: the largest allowed
-    ``|k̂ - k_predicted|``.
+    ``fall``: a unit is a cell when its mass at the last checkpoint is at most its peak over
+    the checkpoints divided by ``fall``, with at least ``min_points`` checkpoints from the
+    peak on. Read: the ``confidence`` bootstrap interval of ``k̂`` (``bootstrap`` resamples
+    of the probe samples) lies inside ``PREDICTED_ORDER ± tolerance``. The defaults are
+    calibrated on planted units (tests/test_diagnostics.py): a unit shrunk along its
+    direction during real training reads, a live or rotating unit does not.
     """
 
-    min_r2: float = 0.995
-    max_ci_halfwidth: float = 0.1
-    tolerance: float = 0.2
+    fall: float = 2.0
+    min_points: int = 3
+    tolerance: float = 0.25
     confidence: float = 0.95
+    bootstrap: int = 200
 
-    def accepts(self, fit: "RateFit", predicted: int) -> bool:
-        """Whether ``fit`` is clean and matches the ``predicted`` order."""
-        return (math.isfinite(fit.k_hat) and fit.r2 >= self.min_r2
-                and fit.k_ci <= self.max_ci_halfwidth
-                and abs(fit.k_hat - predicted) <= self.tolerance)
+    def __post_init__(self) -> None:
+        if not self.fall > 1.0:
+            raise ValueError(f"fall must be > 1 (a factor the mass falls by), got {self.fall}")
+        if self.min_points < 3:
+            raise ValueError(f"min_points must be at least 3, got {self.min_points}")
+        if not 0.0 < self.confidence < 1.0 or self.bootstrap < 10 or not self.tolerance > 0:
+            raise ValueError("confidence must be in (0, 1), bootstrap >= 10, tolerance > 0")
 
-
-@dataclass(frozen=True)
-class RateFit:
-    """Least-squares fit ``log v = log c + s log t`` and the order ``k̂ = 1 + s/2``."""
-
-    slope: float
-    slope_ci: float  # half-width of the confidence interval of the slope
-    k_hat: float
-    k_ci: float  # half-width of the confidence interval of k̂ (= slope_ci / 2)
-    r2: float
-    points: int
-
-
-@dataclass(frozen=True)
-class RateCell:
-    """One (layer, observable) reading."""
-
-    layer: str
-    kind: str
-    observable: str
-    predicted_k: int
-    fit: RateFit
-    read: bool
-    values: tuple[float, ...] = field(repr=False, default=())
-
-
-@dataclass
-class DeadDirectionReport:
-    """All cells of a model; ``read`` of ``total`` cells were read."""
-
-    cells: list[RateCell]
-    scales: tuple[float, ...]
-
-    @property
-    def total(self) -> int:
-        return len(self.cells)
-
-    @property
-    def read(self) -> int:
-        return sum(c.read for c in self.cells)
-
-    def as_metrics(self, prefix: str = "diag/") -> dict[str, float]:
-        """Flat floats: ``{prefix}k/<layer>/<obs>``, ``…/ci``, ``…/r2``, ``…/read`` per cell,
-        and ``{prefix}cells_read`` / ``{prefix}cells_total``."""
-        out: dict[str, float] = {}
-        for c in self.cells:
-            key = f"{prefix}k/{c.layer}/{c.observable}"
-            out[key] = c.fit.k_hat
-            out[f"{key}/ci"] = c.fit.k_ci
-            out[f"{key}/r2"] = c.fit.r2
-            out[f"{key}/read"] = float(c.read)
-        out[f"{prefix}cells_read"] = float(self.read)
-        out[f"{prefix}cells_total"] = float(self.total)
-        return out
+    def reads(self, low: float, high: float) -> bool:
+        """Whether a cell with bootstrap interval ``[low, high]`` of ``k̂`` is read."""
+        return (PREDICTED_ORDER - self.tolerance <= low) and (high <= PREDICTED_ORDER + self.tolerance)
 
 
 @dataclass(frozen=True)
@@ -133,9 +88,9 @@ class LayerCapacity:
 
     layer: str
     units: int
-    spare_fraction: float  # fraction of units with mass < threshold * median mass
+    spare_fraction: float  # fraction of units with mass < threshold * mean mass
     participation_ratio: float  # (Σ m)² / Σ m², the effective number of units
-    median_mass: float
+    mean_mass: float
     threshold: float
 
     def as_dict(self) -> dict[str, float | int | str]:
@@ -143,28 +98,8 @@ class LayerCapacity:
 
 
 # ---------------------------------------------------------------------------------------
-# Finding the layers from the gauges
+# Finding the FFN layers from the gauges
 # ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class ChannelLayer:
-    """A layer of channels (FFN units or attention heads) found from a gauge.
-
-    ``inputs``: the layers whose outputs form the channels' whole input (``up`` and, for a
-    gated unit, ``gate``; ``q``, ``k``, ``v`` for attention); scaling their outputs by ``t``
-    scales every channel along its gauge-invariant direction. ``output``: the projection
-    back into the residual stream (``down`` / ``o``). ``readers``: the modules that read the
-    residual stream for this layer (the pre-norm of a :class:`NormGain` gauge, else the
-    input layers themselves).
-    """
-
-    name: str
-    kind: str
-    inputs: list[nn.Module]
-    output: nn.Module
-    readers: list[nn.Module]
-    channels: int
 
 
 def _owners(model: nn.Module) -> dict[int, tuple[str, nn.Module, str]]:
@@ -182,7 +117,7 @@ def _model_gauges(model: nn.Module, gauges: Sequence[Gauge] | None) -> list[Gaug
     if not callable(getattr(model, "gauges", None)):
         raise ValueError(
             f"{type(model).__name__} has no gauges() method; pass gauges=[...] explicitly "
-            f"(diagnostics are computed from declared UnitRescale / HeadRotationVO gauges)"
+            f"(diagnostics are computed from declared UnitRescale gauges)"
         )
     return list(model.gauges())
 
@@ -200,81 +135,38 @@ def _norm_of(weight: nn.Parameter, gauges: list[Gauge], owners) -> nn.Module | N
     return None
 
 
-def channel_layers(model: nn.Module, example_input: torch.Tensor,
-                   gauges: Sequence[Gauge] | None = None) -> list[ChannelLayer]:
-    """The model's channel layers, in module order.
 
-    One per :class:`UnitRescale` gauge (``ffn_relu``, or ``ffn_gated`` when a sibling
-    layer under the same parent reads the same input tensor and has as many outputs: the
-    SwiGLU gate) and one per :class:`HeadRotationVO` gauge (``attn``; its siblings are
-    ``q`` and ``k``). Siblings are found by one forward pass on ``example_input``.
-    """
-    gauges = _model_gauges(model, gauges)
+@dataclass
+class FfnLayer:
+    """An FFN layer found from its :class:`UnitRescale` gauge: ``output`` is the module that
+    owns ``w_out`` (its input's unit axis: the last for ``Linear``, 1 for a convolution)."""
+
+    name: str
+    gauge: UnitRescale
+    output: nn.Module
+
+    @property
+    def units(self) -> int:
+        return self.gauge.size
+
+    def unit_axis(self, x: torch.Tensor) -> int:
+        return x.ndim - 1 if isinstance(self.output, nn.Linear) else 1
+
+
+def ffn_layers(model: nn.Module, gauges: Sequence[Gauge] | None = None) -> list[FfnLayer]:
+    """One :class:`FfnLayer` per :class:`UnitRescale` gauge, in declaration order; named
+    after the parent of the output layer (``blocks.0.mlp``)."""
     owners = _owners(model)
-    modules = dict(model.named_modules())
-    found: list[tuple[str, str, nn.Module, nn.Module]] = []  # (kind, name, input, output)
-    for g in gauges:
+    out = []
+    for g in _model_gauges(model, gauges):
         if isinstance(g, UnitRescale):
-            ins = [owners[id(m.param)] for m in g.members if m.sign > 0 and m.axis == 0
-                   and owners[id(m.param)][2] == "weight"]
-            out = next(owners[id(m.param)] for m in g.members if m.sign < 0)
-            if len(ins) != 1:
-                raise ValueError(f"{g!r}: diagnostics support one input layer per unit gauge, "
-                                 f"got {len(ins)}")
-            found.append(("ffn", _parent(out[0]), ins[0][1], out[1]))
-        elif isinstance(g, HeadRotationVO):
-            v = next(owners[id(m.param)] for m in g.members if m.axis == 0
-                     and owners[id(m.param)][2] == "weight")
-            o = next(owners[id(m.param)] for m in g.members if m.axis == 1)
-            found.append(("attn", _parent(o[0]), v[1], o[1]))
-    # Siblings: Linear layers under the same parent reading the very same input tensor.
-    name_of = {id(m): n for n, m in modules.items()}
-    seen_input: dict[int, torch.Tensor] = {}
-    candidates: dict[int, list[nn.Module]] = {}
-    for _, _, first, _ in found:
-        parent = modules[_parent(name_of[id(first)])]
-        candidates[id(first)] = [
-            c for c in parent.children()
-            if isinstance(c, nn.Linear) and c is not first
-            and c.out_features == getattr(first, "out_features", None)
-        ]
-    watched = {id(m): m for _, _, first, _ in found for m in [first, *candidates[id(first)]]}
-    handles = [m.register_forward_hook(
-        lambda mod, args, out: seen_input.__setitem__(id(mod), args[0])) for m in watched.values()]
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    layers = []
-    for kind, name, first, out in found:
-        x = seen_input.get(id(first))
-        sibs = [c for c in candidates[id(first)] if x is not None and seen_input.get(id(c)) is x]
-        if kind == "ffn":
-            kind = "ffn_gated" if sibs else "ffn_relu"
-        inputs = [first, *sibs]
-        norm = _norm_of(first.weight, gauges, owners)
-        layers.append(ChannelLayer(name=name or name_of[id(out)], kind=kind, inputs=inputs,
-                                   output=out, readers=[norm] if norm is not None else inputs,
-                                   channels=_channels(kind, first, out, gauges)))
-    order = {id(m): i for i, m in enumerate(modules.values())}
-    return sorted(layers, key=lambda layer: order[id(layer.output)])
-
-
-def _channels(kind: str, first: nn.Module, out: nn.Module, gauges: list[Gauge]) -> int:
-    for g in gauges:
-        if kind.startswith("ffn") and isinstance(g, UnitRescale) and any(
-                m.param is out.weight for m in g.members):
-            return g.size
-        if kind == "attn" and isinstance(g, HeadRotationVO) and any(
-                m.param is out.weight for m in g.members):
-            return g.n_blocks
-    raise AssertionError("channel layer without its gauge")  # unreachable by construction
+            name, module, _ = owners[id(next(m.param for m in g.members if m.sign < 0))]
+            out.append(FfnLayer(name=_parent(name) or name, gauge=g, output=module))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
-# Spare feed-forward capacity
+# Masses and spare capacity
 # ---------------------------------------------------------------------------------------
 
 
@@ -327,13 +219,13 @@ def unit_masses(model: nn.Module, gauge: UnitRescale,
     return sq_in.sqrt() * out_norm
 
 
-def spare_capacity(model: nn.Module, *, threshold: float = 0.1,
+def spare_capacity(model: nn.Module, *, threshold: float = LOW_MASS,
                    gauges: Sequence[Gauge] | None = None) -> list[LayerCapacity]:
     """Spare capacity of each FFN layer (one per :class:`UnitRescale` gauge, in declaration
-    order): the fraction of units whose mass is below ``threshold`` × the layer's median
+    order): the fraction of units whose mass is below ``threshold`` × the layer's mean
     mass, and the participation ratio ``(Σ m_i)² / Σ m_i²`` of the masses."""
     if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1) (a fraction of the median), got {threshold}")
+        raise ValueError(f"threshold must be in (0, 1) (a fraction of the mean), got {threshold}")
     all_gauges = _model_gauges(model, gauges)
     owners = _owners(model)
     out = []
@@ -342,225 +234,278 @@ def spare_capacity(model: nn.Module, *, threshold: float = 0.1,
             continue
         mass = unit_masses(model, g, all_gauges)
         down = next(m.param for m in g.members if m.sign < 0)
-        median = float(torch.quantile(mass, 0.5))  # the midpoint for an even count
+        mean = float(mass.mean())
         total_sq = float(mass.pow(2).sum())
         pr = float(mass.sum() ** 2 / total_sq) if total_sq > 0 else 0.0
         out.append(LayerCapacity(
             layer=_parent(owners[id(down)][0]) or owners[id(down)][0], units=g.size,
-            spare_fraction=float((mass < threshold * median).double().mean()),
-            participation_ratio=pr, median_mass=median, threshold=threshold))
+            spare_fraction=float((mass < threshold * mean).double().mean()),
+            participation_ratio=pr, mean_mass=mean, threshold=threshold))
     return out
 
 
 # ---------------------------------------------------------------------------------------
-# Rate fits
+# Unit activity and ablation
 # ---------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=64)
-def _student_t_quantile(dof: int, confidence: float) -> float:
-    """Two-sided Student-t quantile (``P(|T| ≤ q) = confidence``), by bisection on the CDF
-    integrated with Simpson's rule (no SciPy needed in the library)."""
-    log_c = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
-
-    def mass(x: float, n: int = 2000) -> float:  # P(0 ≤ T ≤ x)
-        h = x / n
-        f = [math.exp(log_c - (dof + 1) / 2 * math.log1p((i * h) ** 2 / dof)) for i in range(n + 1)]
-        return h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
-
-    lo, hi = 0.0, 1.0
-    while 2 * mass(hi) < confidence:
-        hi *= 2
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if 2 * mass(mid) < confidence else (lo, mid)
-    return (lo + hi) / 2
-
-
-def fit_rate(scales: Sequence[float], values: Sequence[float], confidence: float = 0.95) -> RateFit:
-    """Fit ``log values = a + s log scales`` by least squares; ``k̂ = 1 + s/2``.
-
-    The slope's confidence interval is the ordinary-least-squares one (Student t with
-    ``n - 2`` degrees of freedom). Non-positive or non-finite values make the fit invalid:
-    slope NaN, R² 0 (such a cell is never read).
-    """
-    t = torch.tensor(list(scales), dtype=torch.float64)
-    v = torch.tensor(list(values), dtype=torch.float64)
-    n = len(t)
-    if n < 3:
-        raise ValueError(f"a rate fit needs at least 3 scales, got {n}")
-    if not bool(torch.isfinite(v).all() and (v > 0).all()):
-        nan = float("nan")
-        return RateFit(slope=nan, slope_ci=nan, k_hat=nan, k_ci=nan, r2=0.0, points=n)
-    x, y = t.log(), v.log()
-    xc, yc = x - x.mean(), y - y.mean()
-    sxx = float((xc * xc).sum())
-    slope = float((xc * yc).sum()) / sxx
-    resid = yc - slope * xc
-    ss_res, ss_tot = float((resid * resid).sum()), float((yc * yc).sum())
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
-    se = math.sqrt(ss_res / (n - 2) / sxx) if n > 2 else float("inf")
-    ci = _student_t_quantile(n - 2, confidence) * se
-    return RateFit(slope=slope, slope_ci=ci, k_hat=1.0 + slope / 2, k_ci=ci / 2, r2=r2, points=n)
-
-
-# ---------------------------------------------------------------------------------------
-# Dead-direction rates
-# ---------------------------------------------------------------------------------------
-
-
-def _scale_hook(t: torch.Tensor) -> Callable:
-    # Scaling a Linear's output by t == scaling its rows and bias by t (the channel's whole
-    # input), which commutes with every declared gauge (see docs/diagnostics.md). ``t`` holds
-    # one scale per sample (the probe batch is repeated once per scale).
-    def hook(module, args, out):
-        return out * t.reshape(-1, *([1] * (out.ndim - 1)))
-    return hook
-
-
-def _contribution(layer: ChannelLayer, out: torch.Tensor) -> torch.Tensor:
-    """The layer's output without the output projection's bias (which t does not scale)."""
-    bias = getattr(layer.output, "bias", None)
-    return out - bias if bias is not None else out
-
-
-def _mean_sq_per_scale(x: torch.Tensor, n_scales: int) -> list[float]:
-    """Per scale (contiguous chunk of the batch), the mean over tokens of the squared norm
-    over the feature axis."""
-    per_token = x.double().pow(2).sum(-1)
-    return per_token.reshape(n_scales, -1).mean(1).tolist()
-
-
-def _forward_readings(model: nn.Module, layer: ChannelLayer, t: torch.Tensor,
-                      inputs: torch.Tensor, n_scales: int) -> tuple[list[float], list[float]]:
-    """Forward second moment and directional (model) Fisher at every scale.
-
-    ``inputs`` is the probe batch repeated once per scale and ``t`` the per-sample scale.
-    One forward pass in forward-mode AD: ``t`` is dual with tangent ``t``, so the logits'
-    tangent is ``ż = dz/dε`` along ``t → t(1 + ε)``, the layer's radial direction.
-    Fisher = mean over positions of ``Var_{y~softmax(z)}(ż_y)``.
-    """
-    captured: dict[str, torch.Tensor] = {}
-    with fwAD.dual_level():
-        handles = [m.register_forward_hook(_scale_hook(fwAD.make_dual(t, t))) for m in layer.inputs]
-        handles.append(layer.output.register_forward_hook(
-            lambda mod, args, out: captured.__setitem__("out", fwAD.unpack_dual(out).primal)))
-        try:
-            logits = model(inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        z, zdot = fwAD.unpack_dual(logits)
-    if zdot is None:  # the logits do not depend on this layer at all
-        zdot = torch.zeros_like(z)
-    p = torch.softmax(z.double(), dim=-1)
-    zdot = zdot.double()
-    centred = zdot - (p * zdot).sum(-1, keepdim=True)
-    fisher = (p * centred * centred).sum(-1).reshape(n_scales, -1).mean(1).tolist()
-    return _mean_sq_per_scale(_contribution(layer, captured["out"]), n_scales), fisher
-
-
-def _backward_readings(model: nn.Module, layer: ChannelLayer, t: torch.Tensor,
-                       inputs: torch.Tensor, targets: torch.Tensor, n_scales: int) -> list[float]:
-    """Backward second moment at every scale: mean over tokens of ``‖∂L/∂x‖²`` where ``x``
-    is the residual stream entering the layer and only the path through this layer counts
-    (``L`` = summed cross-entropy, so per-token gradients do not shrink with batch size;
-    samples do not interact in eval mode, so each scale's chunk gets its own gradient)."""
-    aliases: list[torch.Tensor] = []
-
-    def detach_input(module, args):
-        # A fresh leaf: its gradient is exactly the vector-Jacobian product through this
-        # branch (the residual path keeps using the original tensor).
-        alias = args[0].detach().requires_grad_(True)
-        aliases.append(alias)
-        return (alias, *args[1:])
-
-    handles = [r.register_forward_pre_hook(detach_input) for r in layer.readers]
-    handles += [m.register_forward_hook(_scale_hook(t)) for m in layer.inputs]
-    try:
-        with torch.enable_grad():
-            logits = model(inputs)
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits = logits.float()  # a low-precision loss would swamp the small-t readings
-            loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="sum")
-            grads = torch.autograd.grad(loss, aliases, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    total = None
-    for g in grads:
-        if g is not None:
-            total = g if total is None else total + g
-    if total is None:
-        return [0.0] * n_scales
-    return _mean_sq_per_scale(total, n_scales)
+def _out_column_norms(layer: FfnLayer) -> torch.Tensor:
+    w = next(m.param for m in layer.gauge.members if m.sign < 0)
+    return w.detach().double().movedim(1, 0).flatten(1).norm(dim=1)
 
 
 @torch.no_grad()
-def dead_direction_rates(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
-                         scales: Sequence[float] = DEFAULT_SCALES,
-                         criteria: ReadCriteria = ReadCriteria(),
-                         gauges: Sequence[Gauge] | None = None,
-                         layers: Sequence[ChannelLayer] | None = None) -> DeadDirectionReport:
-    """Read the dead-direction order of every (channel layer, observable) cell.
+def unit_activity(model: nn.Module, inputs: torch.Tensor,
+                  layers: Sequence[FfnLayer] | None = None) -> dict[str, torch.Tensor]:
+    """Per layer, a ``(samples, units)`` float64 tensor: each unit's forward second moment
+    on each probe sample, ``mean over the sample's positions of ‖w_out,i‖² a_i(x)²`` (the
+    squared norm of the unit's contribution; gauge-invariant, as ``a_i`` scales inversely
+    to ``w_out,i`` under the unit gauge). One forward pass in eval mode."""
+    layers = ffn_layers(model) if layers is None else list(layers)
+    seen: dict[str, torch.Tensor] = {}
 
-    ``model(inputs)`` must return logits with the classes on the last axis and ``targets``
-    the matching class indices (a language model's ``(B, T)`` next tokens, or a
-    classifier's ``(B,)`` labels). For each layer and each ``t`` in ``scales`` every channel
-    of that layer alone is scaled by ``t`` (the rest of the model is the checkpoint), and
-    the three observables are measured; the cell's rate is fitted over ``scales``.
+    def capture(layer: FfnLayer):
+        def hook(module, args):
+            a = args[0].detach().double().movedim(layer.unit_axis(args[0]), -1)
+            seen[layer.name] = a.reshape(a.shape[0], -1, a.shape[-1]).pow(2).mean(1).cpu()
+        return hook
 
-    Cost: per channel layer, one forward pass in forward-mode AD and one forward + backward
-    pass, each on the probe batch repeated ``len(scales)`` times (so memory grows with
-    ``len(scales)`` × batch: keep the probe batch small). The model runs in eval mode
-    (samples must not interact: BatchNorm uses its running statistics); attention uses
-    PyTorch's math kernel, which supports forward-mode AD.
-    """
-    scales = tuple(float(s) for s in scales)
-    if len(scales) < 3 or any(not (s > 0) for s in scales):
-        raise ValueError(f"scales must be at least 3 positive numbers, got {list(scales)}")
-    if layers is None:
-        layers = channel_layers(model, inputs, gauges)
-    # Every scale in one pass: the probe batch repeated once per scale, sample j of copy i
-    # scaled by scales[i] (samples never interact in eval mode).
-    n = len(scales)
-    ref = next(model.parameters())
-    stacked = inputs.repeat(n, *([1] * (inputs.ndim - 1)))
-    stacked_targets = targets.repeat(n, *([1] * (targets.ndim - 1)))
-    t = torch.tensor(scales, dtype=ref.dtype, device=ref.device).repeat_interleave(len(inputs))
+    handles = [layer.output.register_forward_pre_hook(capture(layer)) for layer in layers]
     was_training = model.training
     model.eval()
-    cells: list[RateCell] = []
     try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            for layer in layers:
-                fwd, fisher = _forward_readings(model, layer, t, stacked, n)
-                bwd = _backward_readings(model, layer, t, stacked, stacked_targets, n)
-                readings = {"fwd": fwd, "bwd": bwd, "fisher": fisher}
-                k = PREDICTED_ORDER[layer.kind]
-                for obs in OBSERVABLES:
-                    fit = fit_rate(scales, readings[obs], criteria.confidence)
-                    cells.append(RateCell(layer=layer.name, kind=layer.kind, observable=obs,
-                                          predicted_k=k, fit=fit, read=criteria.accepts(fit, k),
-                                          values=tuple(readings[obs])))
+        model(inputs)
     finally:
         model.train(was_training)
-    return DeadDirectionReport(cells=cells, scales=scales)
+        for h in handles:
+            h.remove()
+    return {layer.name: seen[layer.name] * _out_column_norms(layer).cpu().pow(2) for layer in layers}
 
 
-def diagnostics(model: nn.Module, batch: Sequence[torch.Tensor], *, threshold: float = 0.1,
-                scales: Sequence[float] = DEFAULT_SCALES, criteria: ReadCriteria = ReadCriteria(),
-                prefix: str = "diag/") -> dict[str, float]:
+@dataclass(frozen=True)
+class Ablation:
+    """Held-out loss with every FFN unit on, and its change when units are switched off:
+    ``low`` = the low-mass units (below ``threshold`` × their layer's mean mass), ``tail`` =
+    in each layer the ``units - round(PR)`` lowest-mass units (those beyond the effective
+    number). ``*_fraction``: the share of all FFN units switched off."""
+
+    loss: float
+    low_delta: float
+    low_fraction: float
+    tail_delta: float
+    tail_fraction: float
+    threshold: float
+
+
+def _loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: int,
+          masks: dict[int, torch.Tensor] | None, layers: Sequence[FfnLayer]) -> float:
+    handles = []
+    for layer in layers:
+        if masks is None:
+            continue
+        keep = masks[id(layer.output)]
+
+        def hook(module, args, layer=layer, keep=keep):
+            x = args[0]
+            shape = [1] * x.ndim
+            shape[layer.unit_axis(x)] = -1
+            return (x * keep.to(x.dtype).to(x.device).reshape(shape), *args[1:])
+        handles.append(layer.output.register_forward_pre_hook(hook))
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(inputs), batch):
+            logits = model(inputs[i:i + batch]).double()
+            y = targets[i:i + batch]
+            total += float(F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum"))
+            count += y.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return total / count
+
+
+@torch.no_grad()
+def ablation(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
+             threshold: float = LOW_MASS, batch: int = 256,
+             gauges: Sequence[Gauge] | None = None) -> Ablation:
+    """The :class:`Ablation` of ``model`` on held-out ``(inputs, targets)`` (logits with the
+    classes on the last axis; mean cross-entropy over every target), in eval mode, in
+    chunks of ``batch`` samples. A unit is switched off by zeroing its activation where the
+    output layer reads it (exactly removing its contribution; gauge-invariant, since both
+    the masses and the function are)."""
+    all_gauges = _model_gauges(model, gauges)
+    layers = ffn_layers(model, all_gauges)
+    if not layers:
+        raise ValueError("ablation needs FFN layers (UnitRescale gauges); the model declares none")
+    low, tail = {}, {}
+    n_low = n_tail = units = 0
+    for layer in layers:
+        mass = unit_masses(model, layer.gauge, all_gauges)
+        low_off = mass < threshold * mass.mean()
+        pr = float(mass.sum() ** 2 / mass.pow(2).sum()) if float(mass.pow(2).sum()) > 0 else 0.0
+        tail_off = torch.zeros_like(low_off)
+        tail_off[mass.argsort()[:layer.units - round(pr)]] = True
+        low[id(layer.output)], tail[id(layer.output)] = ~low_off, ~tail_off
+        n_low, n_tail, units = n_low + int(low_off.sum()), n_tail + int(tail_off.sum()), units + layer.units
+    was_training = model.training
+    model.eval()
+    try:
+        base = _loss(model, inputs, targets, batch, None, layers)
+        low_loss = _loss(model, inputs, targets, batch, low, layers)
+        tail_loss = _loss(model, inputs, targets, batch, tail, layers)
+    finally:
+        model.train(was_training)
+    return Ablation(loss=base, low_delta=low_loss - base, low_fraction=n_low / units,
+                    tail_delta=tail_loss - base, tail_fraction=n_tail / units, threshold=threshold)
+
+
+# ---------------------------------------------------------------------------------------
+# Dead-direction rates along the training trajectory
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitCell:
+    """One falling unit: its mass fell by ``fall`` from its peak; ``k_hat`` and its bootstrap
+    interval ``[low, high]`` over ``points`` checkpoints from the peak on."""
+
+    layer: str
+    unit: int
+    fall: float
+    k_hat: float
+    low: float
+    high: float
+    points: int
+    read: bool
+
+
+@dataclass
+class RateReport:
+    """The cells (falling units) of a trajectory and how many were read; ``units``: all FFN
+    units observed, ``checkpoints``: readings the trajectory holds."""
+
+    cells: list[UnitCell]
+    units: int
+    checkpoints: int
+    per_layer: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer -> (read, cells)
+
+    @property
+    def total(self) -> int:
+        return len(self.cells)
+
+    @property
+    def read(self) -> int:
+        return sum(c.read for c in self.cells)
+
+    def as_metrics(self, prefix: str = "diag/") -> dict[str, float]:
+        """``{prefix}cells_read``, ``{prefix}cells_total`` (falling units), ``{prefix}units``,
+        ``{prefix}checkpoints``, ``{prefix}read_frac`` (when there is a cell), and per layer
+        ``{prefix}cells_read/<layer>``, ``{prefix}cells_total/<layer>``."""
+        out = {f"{prefix}cells_read": float(self.read), f"{prefix}cells_total": float(self.total),
+               f"{prefix}units": float(self.units), f"{prefix}checkpoints": float(self.checkpoints)}
+        if self.total:
+            out[f"{prefix}read_frac"] = self.read / self.total
+        for name, (read, cells) in self.per_layer.items():
+            out[f"{prefix}cells_read/{name}"] = float(read)
+            out[f"{prefix}cells_total/{name}"] = float(cells)
+        return out
+
+
+def _masked_slopes(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Least-squares slopes of ``y`` on ``x`` along dim -2 with 0/1 weights ``w`` (broadcast)."""
+    n = w.sum(-2, keepdim=True).clamp_min(1)
+    xm = (w * x).sum(-2, keepdim=True) / n
+    ym = (w * y).sum(-2, keepdim=True) / n
+    sxx = (w * (x - xm) ** 2).sum(-2)
+    return (w * (x - xm) * (y - ym)).sum(-2) / sxx.clamp_min(1e-300)
+
+
+class TrajectoryRates:
+    """Dead-direction rates read along a training trajectory (see the module docstring).
+
+    Call :meth:`observe` with the same probe batch at successive checkpoints (the trainer
+    does, every ``diagnostics.every`` steps); :meth:`report` fits every falling unit. The
+    bootstrap draws from a generator seeded with ``seed``, so reports are reproducible.
+    """
+
+    def __init__(self, rule: ReadRule = ReadRule(), seed: int = 0) -> None:
+        self.rule, self.seed = rule, seed
+        self.steps: list[int] = []
+        self.masses: list[dict[str, torch.Tensor]] = []  # per checkpoint: layer -> (units,)
+        self.activity: list[dict[str, torch.Tensor]] = []  # layer -> (samples, units)
+
+    def observe(self, model: nn.Module, inputs: torch.Tensor, step: int,
+                gauges: Sequence[Gauge] | None = None) -> None:
+        """Record every unit's mass and per-sample forward second moment at ``step``."""
+        all_gauges = _model_gauges(model, gauges)
+        layers = ffn_layers(model, all_gauges)
+        self.masses.append({layer.name: unit_masses(model, layer.gauge, all_gauges) for layer in layers})
+        self.activity.append(unit_activity(model, inputs, layers))
+        self.steps.append(int(step))
+
+    def report(self) -> RateReport:
+        """The cells and their readings over the checkpoints observed so far."""
+        rule = self.rule
+        cells: list[UnitCell] = []
+        per_layer: dict[str, tuple[int, int]] = {}
+        units = sum(len(m) for m in self.masses[0].values()) if self.masses else 0
+        if len(self.steps) < rule.min_points:
+            return RateReport(cells=[], units=units, checkpoints=len(self.steps))
+        g = torch.Generator().manual_seed(self.seed)
+        samples = next(iter(self.activity[0].values())).shape[0]
+        resample = torch.randint(0, samples, (rule.bootstrap, samples), generator=g)
+        alpha = (1.0 - rule.confidence) / 2
+        for name in self.masses[0]:
+            mass = torch.stack([m[name] for m in self.masses])  # (C, U)
+            act = torch.stack([a[name] for a in self.activity])  # (C, S, U)
+            peak = mass.argmax(0)
+            idx = torch.arange(len(mass)).unsqueeze(1)
+            after = idx >= peak
+            fall = mass.max(0).values / mass[-1].clamp_min(1e-300)
+            f = act.mean(1)
+            w = (after & (f > 0) & (mass > 0)).double()
+            cand = (fall >= rule.fall) & (w.sum(0) >= rule.min_points)
+            read_here = 0
+            if bool(cand.any()):
+                x = mass[:, cand].clamp_min(1e-300).log()
+                wc = w[:, cand]
+                k_hat = _masked_slopes(x, f[:, cand].clamp_min(1e-300).log(), wc)
+                boot = act[:, resample][..., cand].mean(2)  # (C, B, U)
+                wb = (wc.unsqueeze(1) * (boot > 0)).transpose(0, 1)  # (B, C, U)
+                kb = _masked_slopes(x.unsqueeze(0), boot.clamp_min(1e-300).log().transpose(0, 1), wb)
+                low = torch.quantile(kb, alpha, dim=0)
+                high = torch.quantile(kb, 1 - alpha, dim=0)
+                for j, unit in enumerate(cand.nonzero().flatten().tolist()):
+                    read = rule.reads(float(low[j]), float(high[j]))
+                    read_here += read
+                    cells.append(UnitCell(layer=name, unit=unit, fall=float(fall[unit]),
+                                          k_hat=float(k_hat[j]), low=float(low[j]),
+                                          high=float(high[j]), points=int(wc[:, j].sum()), read=read))
+            per_layer[name] = (read_here, int(cand.sum()))
+        return RateReport(cells=cells, units=units, checkpoints=len(self.steps), per_layer=per_layer)
+
+
+# ---------------------------------------------------------------------------------------
+# Everything, for a trainer
+# ---------------------------------------------------------------------------------------
+
+
+def diagnostics(model: nn.Module, batch: Sequence[torch.Tensor], *, step: int | None = None,
+                trajectory: TrajectoryRates | None = None,
+                held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                threshold: float = LOW_MASS, prefix: str = "diag/") -> dict[str, float]:
     """Every diagnostic as flat floats, for a trainer to log every N steps.
 
-    ``batch = (inputs, targets)`` on the model's device (a probe batch; keep it fixed across
-    calls so readings are comparable). Keys: ``{prefix}spare_frac/<layer>``,
-    ``{prefix}eff_units/<layer>``, ``{prefix}spare_frac`` (mean over FFN layers), and the
-    cells of :meth:`DeadDirectionReport.as_metrics`.
+    ``batch = (inputs, targets)``: the fixed probe batch on the model's device. Keys:
+    ``{prefix}spare_frac/<layer>`` and ``{prefix}eff_units/<layer>`` (:func:`spare_capacity`),
+    ``{prefix}spare_frac`` and ``{prefix}eff_units_frac`` (means over layers; the latter of
+    PR / units). With ``held_out`` (held-out ``(inputs, targets)``): ``{prefix}ablate/loss``,
+    ``…/low_dloss``, ``…/low_frac``, ``…/tail_dloss``, ``…/tail_frac`` (:func:`ablation`).
+    With ``trajectory``: the probe is observed at ``step`` and the keys of
+    :meth:`RateReport.as_metrics` are added.
     """
     if len(batch) < 2:
         raise ValueError("batch must be (inputs, targets)")
-    inputs, targets = batch[0], batch[1]
     gauges = _model_gauges(model, None)
     out: dict[str, float] = {}
     caps = spare_capacity(model, threshold=threshold, gauges=gauges)
@@ -569,7 +514,14 @@ def diagnostics(model: nn.Module, batch: Sequence[torch.Tensor], *, threshold: f
         out[f"{prefix}eff_units/{c.layer}"] = c.participation_ratio
     if caps:
         out[f"{prefix}spare_frac"] = sum(c.spare_fraction for c in caps) / len(caps)
-    report = dead_direction_rates(model, inputs, targets, scales=scales, criteria=criteria,
-                                  gauges=gauges)
-    out.update(report.as_metrics(prefix))
+        out[f"{prefix}eff_units_frac"] = sum(c.participation_ratio / c.units for c in caps) / len(caps)
+    if held_out is not None and caps:
+        a = ablation(model, held_out[0], held_out[1], threshold=threshold, gauges=gauges)
+        out.update({f"{prefix}ablate/loss": a.loss, f"{prefix}ablate/low_dloss": a.low_delta,
+                    f"{prefix}ablate/low_frac": a.low_fraction,
+                    f"{prefix}ablate/tail_dloss": a.tail_delta,
+                    f"{prefix}ablate/tail_frac": a.tail_fraction})
+    if trajectory is not None and caps:
+        trajectory.observe(model, batch[0], -1 if step is None else step, gauges)
+        out.update(trajectory.report().as_metrics(prefix))
     return out

@@ -92,14 +92,15 @@ CLAIMS: tuple[Claim, ...] = (
                     "over-training run rewards learning less; the gap is read at the end"),
     Claim("vit_scratch", "2. ViT from scratch: validation loss, spare FFN capacity",
           "val loss: DDC-Adam 1.71, AdamW 2.12; DDC compresses spare FFN capacity, AdamW "
-          "leaves it intact", ("ddc", "adamw"), ("val_loss", "diag/spare_frac")),
+          "leaves it intact", ("ddc", "adamw"),
+          ("val_loss", "diag/eff_units_frac", "diag/ablate/tail_dloss")),
     Claim("grok_depth", "3. Grokking on a Muon base at depth",
           "depth 24: DDC-Muon groks in 10 of 11 seeds, Muon in 0 of 11",
           ("ddc_muon", "muon"), ("val_acc", "train_eval_acc"), lr_column="grokked",
           count=True),
     Claim("dead_rates", "4. Reading the dead-direction rate: cells read",
           "DDC-Adam 32 of 65 cells, AdamW 7 of 65", ("ddc", "adamw"),
-          ("diag/cells_read", "val_loss"), lr_column="cells_read"),
+          ("diag/cells_total", "diag/cells_read", "val_loss"), lr_column="cells_read"),
 )
 CLAIM_BY_NAME = {c.name: c for c in CLAIMS}
 
@@ -123,8 +124,7 @@ def _data_text(task: str, info: dict[str, Any], steps: int, batch: int) -> str:
         head = f"first {train} bytes" if data.get("train_bytes") else f"{train} bytes"
         return f"{source}: train {head} ({epochs:.3g} epochs), validation {val} held-out bytes"
     if task == "vit_cifar":
-        return (f"{info.get('dataset')} ({info.get('image')} images, {info.get('train_size')} "
-                f"train / {info.get('val_size')} validation)")
+        return vit_data_text(info)
     if task == "grok_modadd":
         return (f"a {info.get('op')} b mod {info.get('p')}: {info.get('train_size')} train / "
                 f"{info.get('val_size')} validation equations")
@@ -207,7 +207,7 @@ def collect_one(runs_dir: Path, out_dir: Path, claim: Claim, scale: str) -> Path
         raise PaperError(f"{runs_dir} mixes tasks/sizes ({names}): one experiment and scale "
                          f"per folder")
     agg = aggregate_task(df)
-    metric = selection_metric(df)
+    metric = CLAIM_SELECTION.get(claim.name) or selection_metric(df)
     chosen = select_best(agg, metric, claim.stat)
     ties = selection_ties(agg, chosen, metric, claim.stat)
     selected_paths = {p for idx in chosen.values() for p in rows_of(df, agg.loc[idx])["path"]}
@@ -231,9 +231,7 @@ def collect_one(runs_dir: Path, out_dir: Path, claim: Claim, scale: str) -> Path
             **{f"best_{m}": r.get(f"best_{m}", np.nan) for m in ("val_loss", "val_acc")},
             "target_step": target.get("step"),
             "grokked": target.get("step") is not None,
-            "cells_read": _diag(summary, "diag/cells_read"),
-            "cells_total": _diag(summary, "diag/cells_total"),
-            "spare_frac": _diag(summary, "diag/spare_frac"),
+            **claim_columns(claim.name, summary),
             "step_time_ms": r["step_time_ms"], "wall_time_s": r["wall_time_s"],
         })
         for rec in metrics.get(str(r["path"]), []):
@@ -292,6 +290,124 @@ def collect(runs_root: Path = RUNS_ROOT, out_root: Path = OUT_ROOT,
             else:
                 print(f"[paper] {claim.name} ({scale}): {NOT_RUN} (no {runs_dir})")
     return written
+
+
+# --------------------------------------------------------------------------------------
+# Claim-specific: vit_scratch and dead_rates (their columns, numbers and statistics)
+# --------------------------------------------------------------------------------------
+
+#: Claims whose selection metric is fixed by the claim (the loss it is about), whatever the
+#: task's target says: each optimizer's lr is its best final validation loss.
+CLAIM_SELECTION = {"vit_scratch": "val_loss", "dead_rates": "val_loss"}
+
+#: ``diag/`` keys of a run's last readings kept per claim in ``runs.csv`` (column = key
+#: without ``diag/``, ``/`` → ``_``).
+CLAIM_DIAG_KEYS = {
+    "vit_scratch": ("diag/spare_frac", "diag/eff_units_frac", "diag/ablate/loss",
+                    "diag/ablate/low_dloss", "diag/ablate/low_frac", "diag/ablate/tail_dloss",
+                    "diag/ablate/tail_frac"),
+    "dead_rates": ("diag/cells_read", "diag/cells_total", "diag/units", "diag/checkpoints",
+                   "diag/spare_frac"),
+}
+
+
+def claim_columns(claim: str, summary: dict[str, Any]) -> dict[str, float]:
+    """The claim's diagnostics columns of one run (NaN where the run did not log them)."""
+    keys = CLAIM_DIAG_KEYS.get(claim, ("diag/cells_read", "diag/cells_total", "diag/spare_frac"))
+    return {k[len("diag/"):].replace("/", "_"): _diag(summary, k) for k in keys}
+
+
+def vit_data_text(info: dict[str, Any]) -> str:
+    """vit_cifar's data in words, with the number of images evaluation used."""
+    return (f"{info.get('dataset')} ({info.get('image')} images, {info.get('train_size')} "
+            f"train / {info.get('val_size')} validation; evaluation used "
+            f"{info.get('eval_examples')} validation images)")
+
+
+def _effect(a: pd.Series, b: pd.Series, digits: int = 3) -> str:
+    """Welch difference ``a - b`` with its 95% interval, p, and Hedges' g."""
+    x, y = _values(a), _values(b)
+    c = welch(x, y)
+    if len(x) < 2 or len(y) < 2:
+        return f"diff {c.diff:+.{digits}f} (too few seeds for a test)"
+    return (f"diff {c.diff:+.{digits}f} [{c.ci95[0]:+.{digits}f}, {c.ci95[1]:+.{digits}f}], "
+            f"Welch p={_p(c.p_value)}, Hedges g={cohens_d(x, y):+.2f}")
+
+
+def vit_number(ok: pd.DataFrame) -> str:
+    """One optimizer's selected setting: val loss, participation ratio / units, and the
+    held-out loss change from ablating the units beyond it (95% t-intervals over seeds)."""
+    return (f"val loss {_ci(ok['val_loss'], 3)}; effective units (PR/units) "
+            f"{_ci(ok.get('eff_units_frac', pd.Series(dtype=float)), 3)}; ablating the "
+            f"{_ci(ok.get('ablate_tail_frac', pd.Series(dtype=float)), 2)} lowest-mass units beyond "
+            f"the PR changes val loss by {_ci(ok.get('ablate_tail_dloss', pd.Series(dtype=float)), 4)}; "
+            f"units below 0.1 x layer mean mass {_ci(ok.get('spare_frac', pd.Series(dtype=float)), 3)}")
+
+
+def dead_number(ok: pd.DataFrame) -> str:
+    """One optimizer's selected setting: cells (falling units) read, pooled over seeds, the
+    fraction read, and the cells per seed."""
+    read = pd.to_numeric(ok["cells_read"], errors="coerce").fillna(0)
+    total = pd.to_numeric(ok["cells_total"], errors="coerce").fillna(0)
+    units = pd.to_numeric(ok.get("units", pd.Series(dtype=float)), errors="coerce").dropna()
+    frac = f" = {read.sum() / total.sum():.2f}" if total.sum() else ""
+    of_units = f" of {units.iloc[0]:g} units per run" if len(units) and units.nunique() == 1 else ""
+    return (f"{read.sum():g} of {total.sum():g} cells read{frac} (cells = units whose mass fell "
+            f"2x from its peak: {', '.join(f'{t:g}' for t in total)} per seed{of_units})")
+
+
+def _matched_lr(claim: Claim, runs: pd.DataFrame, column: str, digits: int = 3) -> str:
+    """``column``'s DDC - baseline difference at every lr_mult both ran (mean over seeds)."""
+    a, b = claim.optimizers
+    ok = runs[~runs["diverged"].astype(bool)]
+    cells = []
+    for mult in sorted(set(ok[ok["optimizer"] == a]["lr_mult"]) & set(ok[ok["optimizer"] == b]["lr_mult"])):
+        x = pd.to_numeric(ok[(ok["optimizer"] == a) & (ok["lr_mult"] == mult)][column], errors="coerce")
+        y = pd.to_numeric(ok[(ok["optimizer"] == b) & (ok["lr_mult"] == mult)][column], errors="coerce")
+        cells.append(f"x{mult:g} {x.mean() - y.mean():+.{digits}f}")
+    return ", ".join(cells)
+
+
+def vit_comparison(claim: Claim, runs: pd.DataFrame) -> str:
+    """DDC-Adam vs AdamW at their selected settings (val loss, effective units, tail
+    ablation) and the val-loss difference at every matched lr."""
+    a, b = (_ok(_selected(runs, o)) for o in claim.optimizers)
+    if a.empty or b.empty:
+        return "comparison: n/a"
+    return (f"DDC-Adam - AdamW: val loss {_effect(a['val_loss'], b['val_loss'])}; effective "
+            f"units {_effect(a['eff_units_frac'], b['eff_units_frac'])}; tail ablation "
+            f"{_effect(a['ablate_tail_dloss'], b['ablate_tail_dloss'], 4)}; val loss at matched "
+            f"lr_mult: {_matched_lr(claim, runs, 'val_loss')}")
+
+
+def dead_comparison(claim: Claim, runs: pd.DataFrame) -> str:
+    """One-sided Fisher exact test (DDC reads a larger fraction of its cells) on the cells
+    pooled over the selected seeds, beside the paper's 32/65 vs 7/65, and the read fraction
+    at every matched lr."""
+    from scipy.stats import fisher_exact
+
+    a, b = (_ok(_selected(runs, o)) for o in claim.optimizers)
+    if a.empty or b.empty:
+        return "comparison: n/a"
+    ra, ta = float(a["cells_read"].fillna(0).sum()), float(a["cells_total"].fillna(0).sum())
+    rb, tb = float(b["cells_read"].fillna(0).sum()), float(b["cells_total"].fillna(0).sum())
+    if ta == 0 or tb == 0:
+        test = "Fisher test: not defined (an optimizer has no cell)"
+    else:
+        p = fisher_exact([[ra, ta - ra], [rb, tb - rb]], alternative="greater").pvalue
+        test = (f"read fraction {ra / ta:.2f} vs {rb / tb:.2f} (paper 0.49 vs 0.11), "
+                f"one-sided Fisher p={p:.2g}")
+    ok = runs[~runs["diverged"].astype(bool)]
+    per_lr = []
+    for opt in claim.optimizers:
+        cells = []
+        for mult, grp in ok[ok["optimizer"] == opt].groupby("lr_mult"):
+            r, t = grp["cells_read"].fillna(0).sum(), grp["cells_total"].fillna(0).sum()
+            cells.append(f"x{mult:g} {r:g}/{t:g}")
+        per_lr.append(f"{NAMES.get(opt, opt)} {', '.join(cells)}")
+    return f"{test}; cells read/cells over seeds at every lr_mult: {'; '.join(per_lr)}"
+
+
 
 
 # --------------------------------------------------------------------------------------
@@ -398,18 +514,30 @@ def read_lm_overtrain(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) ->
 # ---- claim 2: vit_scratch (its design and reading belong to that claim's owner) -------
 
 def read_vit_scratch(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) -> Reading:
-    """Validation loss and spare FFN fraction at each optimizer's selected setting."""
-    parts = []
-    for opt in claim.optimizers:
-        sel = _ok(_selected(runs, opt))
-        if sel.empty:
-            parts.append(f"{NAMES[opt]} {NOT_RUN}")
-            continue
-        parts.append(f"{NAMES[opt]} val loss {_ci(sel['val_loss'])}, spare FFN fraction "
-                     f"{_ci(sel['spare_frac'])} [{_lr(sel)}]")
-    return Reading("; ".join(parts), _grid_means(claim, runs, "val_loss"),
-                   "cannot be tested at this scale: the spare-fraction measure cannot see "
-                   "the claim's unused units (see results/paper/README.md)")
+    """Validation loss, effective units (participation ratio / units) and the held-out loss
+    change from ablating the units beyond the participation ratio, at each optimizer's
+    selected setting, with Welch tests and Hedges' g of DDC-Adam - AdamW, and the val-loss
+    difference at every matched lr. Verdict: "reproduces" when DDC-Adam's validation loss is
+    lower and its effective-unit fraction lower (it compresses), both at p < 0.05;
+    "reproduces in direction only" when one of the two holds; else "does not reproduce"."""
+    ddc, base = claim.optimizers
+    a, b = _ok(_selected(runs, ddc)), _ok(_selected(runs, base))
+    if a.empty or b.empty:
+        return Reading(f"{NOT_RUN} for {'both' if a.empty and b.empty else (ddc if a.empty else base)}",
+                       "-", "cannot be tested at this scale: not run")
+    ours = (f"{NAMES[ddc]} {vit_number(a)} [{_lr(a)}]; {NAMES[base]} {vit_number(b)} [{_lr(b)}]; "
+            + vit_comparison(claim, runs))
+    loss, units = welch(a["val_loss"], b["val_loss"]), welch(a["eff_units_frac"], b["eff_units_frac"])
+    lower = [t.diff < 0 and math.isfinite(t.p_value) and t.p_value < 0.05 for t in (loss, units)]
+    if all(lower):
+        verdict = "reproduces: lower validation loss and fewer effective units, both p < 0.05"
+    elif any(lower):
+        verdict = ("reproduces in direction only: " + ("lower validation loss" if lower[0] else
+                   "fewer effective units") + " at p < 0.05, not both")
+    else:
+        verdict = (f"does not reproduce: val loss difference {loss.diff:+.3f} (p={_p(loss.p_value)}), "
+                   f"effective units {units.diff:+.3f} (p={_p(units.p_value)})")
+    return Reading(ours, _grid_means(claim, runs, "val_loss"), verdict)
 
 
 # ---- claim 3: grok_depth --------------------------------------------------------------
@@ -482,19 +610,36 @@ def read_grok_depth(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) -> R
 # ---- claim 4: dead_rates (its design and reading belong to that claim's owner) --------
 
 def read_dead_rates(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) -> Reading:
-    """Cells read at each optimizer's selected setting."""
-    parts = []
-    for opt in claim.optimizers:
-        sel = _ok(_selected(runs, opt))
-        if sel.empty:
-            parts.append(f"{NAMES[opt]} {NOT_RUN}")
-            continue
-        total = _values(sel["cells_total"])
-        of = f" of {total[0]:g} cells" if len(total) and len(set(total)) == 1 else " cells"
-        parts.append(f"{NAMES[opt]} {_ci(sel['cells_read'], 1)}{of} [{_lr(sel)}]")
-    return Reading("; ".join(parts), _grid_means(claim, runs, "cells_read"),
-                   "cannot be tested at this scale: the read is along an artificial path "
-                   "(see results/paper/README.md)")
+    """Cells (units whose mass fell 2x along training) read at each optimizer's selected
+    setting, pooled over seeds, with a one-sided Fisher exact test and the read fraction at
+    every lr. Verdict: "cannot be tested" when an optimizer has no cell or no cell is read
+    by either (the read rule then says nothing about the optimizers); "reproduces" when
+    DDC-Adam's read fraction is higher with Fisher p < 0.01; "reproduces in direction
+    only" when higher without that; else "does not reproduce"."""
+    from scipy.stats import fisher_exact
+
+    ddc, base = claim.optimizers
+    a, b = _ok(_selected(runs, ddc)), _ok(_selected(runs, base))
+    if a.empty or b.empty:
+        return Reading(f"{NOT_RUN} for {'both' if a.empty and b.empty else (ddc if a.empty else base)}",
+                       "-", "cannot be tested at this scale: not run")
+    ours = f"{NAMES[ddc]} {dead_number(a)} [{_lr(a)}]; {NAMES[base]} {dead_number(b)} [{_lr(b)}]"
+    ra, ta = float(a["cells_read"].fillna(0).sum()), float(a["cells_total"].fillna(0).sum())
+    rb, tb = float(b["cells_read"].fillna(0).sum()), float(b["cells_total"].fillna(0).sum())
+    if ta == 0 or tb == 0:
+        verdict = "cannot be tested at this scale: an optimizer has no falling unit (cell)"
+    elif ra + rb == 0:
+        verdict = ("cannot be tested at this scale: no cell was read by either optimizer (the "
+                   "read rule is calibrated on planted ReLU units only; docs/diagnostics.md)")
+    else:
+        p = fisher_exact([[ra, ta - ra], [rb, tb - rb]], alternative="greater").pvalue
+        if ra / ta > rb / tb and p < 0.01:
+            verdict = f"reproduces: read fraction {ra / ta:.2f} vs {rb / tb:.2f}, Fisher p={_p(p)}"
+        elif ra / ta > rb / tb:
+            verdict = f"reproduces in direction only: {ra / ta:.2f} vs {rb / tb:.2f}, Fisher p={_p(p)}"
+        else:
+            verdict = f"does not reproduce: {ra / ta:.2f} vs {rb / tb:.2f}"
+    return Reading(ours, dead_comparison(claim, runs), verdict)
 
 
 # ---- shared -----------------------------------------------------------------------------

