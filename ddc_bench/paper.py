@@ -623,7 +623,8 @@ def read_dead_rates(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) -> R
     if a.empty or b.empty:
         return Reading(f"{NOT_RUN} for {'both' if a.empty and b.empty else (ddc if a.empty else base)}",
                        "-", "cannot be tested at this scale: not run")
-    ours = f"{NAMES[ddc]} {dead_number(a)} [{_lr(a)}]; {NAMES[base]} {dead_number(b)} [{_lr(b)}]"
+    ours = (f"{NAMES[ddc]} {dead_number(a)} [{_lr(a)}]; {NAMES[base]} {dead_number(b)} [{_lr(b)}]; "
+            + dead_comparison(claim, runs))
     ra, ta = float(a["cells_read"].fillna(0).sum()), float(a["cells_total"].fillna(0).sum())
     rb, tb = float(b["cells_read"].fillna(0).sum()), float(b["cells_total"].fillna(0).sum())
     if ta == 0 or tb == 0:
@@ -639,7 +640,7 @@ def read_dead_rates(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) -> R
             verdict = f"reproduces in direction only: {ra / ta:.2f} vs {rb / tb:.2f}, Fisher p={_p(p)}"
         else:
             verdict = f"does not reproduce: {ra / ta:.2f} vs {rb / tb:.2f}"
-    return Reading(ours, dead_comparison(claim, runs), verdict)
+    return Reading(ours, _grid_means(claim, runs, "cells_read"), verdict)
 
 
 # ---- shared -----------------------------------------------------------------------------

@@ -88,30 +88,6 @@ def _apply_random_gauges(model: nn.Module, seed: int = 3) -> None:
         gauge.act(gauge.random_element(g))
 
 
-def _gpt(mlp: str) -> GPT:
-    torch.manual_seed(0)
-    return GPT(vocab=64, context=12, depth=2, width=16, heads=2, mlp=mlp).double()
-
-
-def _lm_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 64, (3, 12), generator=g), torch.randint(0, 64, (3, 12), generator=g)
-
-
-def _perturb(model: nn.Module, scale: float = 0.3) -> None:
-    """Move away from the symmetric initialisation (non-trivial gains, biases, attention)."""
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * p.abs().mean().clamp_min(0.05) * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
-def _apply_random_gauges(model: nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for gauge in model.gauges():
-        gauge.act(gauge.random_element(g))
-
-
 # --------------------------------------------------------------------------- spare capacity
 
 def _known_masses_mlp() -> tuple[ReluMLP, torch.Tensor]:

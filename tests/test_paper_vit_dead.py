@@ -8,24 +8,12 @@ import math
 
 import pandas as pd
 import pytest
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from omegaconf import OmegaConf, open_dict
 
 from ddc_bench import paper, train
-from ddc_bench.config import CONFIG_DIR, validate
+from ddc_bench.config import validate
+from test_paper import _compose   # one way to compose an experiment in the tests
 
 CLAIMS = ("vit_scratch", "dead_rates")
-
-
-def _compose(overrides):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
-    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    sweep = OmegaConf.to_container(cfg.hydra.sweeper.params)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg, choices, sweep
 
 
 @pytest.mark.parametrize("scale", ["cpu", "gpu_short", "paper"])
