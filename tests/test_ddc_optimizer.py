@@ -48,7 +48,7 @@ def test_no_gauges_reproduces_adamw():
 
 
 def test_no_gauges_reproduces_muon_baseline():
-    baselines = pytest.importorskip("baselines")
+    import baselines
     model = TinyTransformer().double()
     twin = copy.deepcopy(model)
     options = dict(lr=1e-2, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,

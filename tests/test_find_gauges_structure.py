@@ -18,7 +18,7 @@ from ddc.verify import GaugeDeclarationError
 from ddc_models import equivariance_deviation
 from structure_models import ZOO, LlamaBlockLM, MyRMSNorm
 
-transformers = pytest.importorskip("transformers")   # the `hf` extra; torchvision is a dependency
+import transformers   # the `hf` extra, which `make test` installs; torchvision is a dependency
 
 # The gauges each model has, by kind (every one proven; the counts are exact: nothing more
 # is accepted). GQA and RoPE-pair kinds are proven but not enforced by DDC's step yet.

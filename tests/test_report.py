@@ -475,3 +475,16 @@ def test_the_target_mode_of_the_summary_decides_not_the_metric_name(tmp_path):
         rows = [r for r in csv.DictReader(f) if r["task"] == "tinylm"]
     first_eval = min(r["step"] for r in results.read_metrics(rows[0]["path"]) if "val_loss" in r)
     assert all(r["target_step"] == str(first_eval) for r in rows if r["status"] == "finished")
+
+
+def test_the_table_target_uses_the_declared_mode():
+    """A target's declared mode wins over the direction its metric name suggests."""
+    import pandas as pd
+
+    from ddc_bench.report.loading import target_text
+    from ddc_bench.report.tables import _target_of
+
+    df = pd.DataFrame({"target_metric": ["val_acc"], "target_value": [0.5], "target_mode": ["min"]})
+    assert _target_of(df) == ("val_acc", 0.5, "min")
+    assert target_text(*_target_of(df)) == "val_acc ≤ 0.5"
+    assert target_text(*_target_of(df.assign(target_mode=[None]))) == "val_acc ≥ 0.5"

@@ -13,7 +13,7 @@ from conftest import ddc_bench
 
 from ddc_bench import results
 
-pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+import hydra_plugins.hydra_submitit_launcher  # noqa: F401  (the `cluster` extra, which `make test` installs)
 
 
 @pytest.mark.slow

@@ -83,10 +83,13 @@ def _fmt_p(p: float) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.3f}" if p < 0.1 else f"p={p:.2f}"
 
 
-def _target_of(task_df: pd.DataFrame) -> tuple[str, float] | None | str:
-    """The task's single target, None when no run has one, "mixed" when runs disagree."""
+def _target_of(task_df: pd.DataFrame) -> tuple[str, float, str | None] | None | str:
+    """The task's single target (metric, value, declared mode), None when no run has one,
+    "mixed" when runs disagree."""
     t = task_df[task_df["target_metric"].notna()]
-    pairs = {(m, float(v)) for m, v in zip(t["target_metric"], t["target_value"])}
+    modes = t["target_mode"] if "target_mode" in t else [None] * len(t)
+    pairs = {(m, float(v), md if isinstance(md, str) else None)
+             for m, v, md in zip(t["target_metric"], t["target_value"], modes)}
     if not pairs:
         return None
     if len(pairs) > 1:
@@ -108,9 +111,11 @@ def _target_cells(task_df: pd.DataFrame, agg: pd.DataFrame, cells: dict[str, lis
         return
     if target == "mixed":
         t = task_df[task_df["target_metric"].notna()]
-        pairs = sorted({(m, float(v)) for m, v in zip(t["target_metric"], t["target_value"])})
+        modes = t["target_mode"] if "target_mode" in t else [None] * len(t)
+        pairs = sorted({(m, float(v), md if isinstance(md, str) else "")
+                        for m, v, md in zip(t["target_metric"], t["target_value"], modes)})
         notes.append("Runs of this task were given different targets ("
-                     + "; ".join(target_text(m, v) for m, v in pairs)
+                     + "; ".join(target_text(m, v, md or None) for m, v, md in pairs)
                      + "); pass `--target METRIC=VALUE` to compare them on one.")
         name = "target"
     else:
