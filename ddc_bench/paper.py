@@ -456,6 +456,12 @@ class Reading:
     verdict: str
 
 
+def _not_run(a: pd.DataFrame, b: pd.DataFrame, ddc: str, base: str) -> Reading:
+    """The reading of a claim whose selected runs of ``ddc`` or ``base`` are missing."""
+    return Reading(f"{NOT_RUN} for {'both' if a.empty and b.empty else (ddc if a.empty else base)}",
+                   "-", "cannot be tested at this scale: not run")
+
+
 #: The plain verdicts, and the rule each claim's reader applies to reach one.
 VERDICTS = ("reproduces", "reproduces in direction only", "does not reproduce",
             "cannot be tested at this scale")
@@ -477,8 +483,7 @@ def read_lm_overtrain(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) ->
     ddc, base = claim.optimizers
     a, b = _ok(_selected(runs, ddc)), _ok(_selected(runs, base))
     if a.empty or b.empty:
-        return Reading(f"{NOT_RUN} for {'both' if a.empty and b.empty else (ddc if a.empty else base)}",
-                       "-", "cannot be tested at this scale: not run")
+        return _not_run(a, b, ddc, base)
     test, g = welch(a["gap_loss"], b["gap_loss"]), cohens_d(a["gap_loss"], b["gap_loss"])
     ours = (f"gap (per byte): {NAMES[ddc]} {_ci(a['gap_loss'])} [{_lr(a)}]; {NAMES[base]} "
             f"{_ci(b['gap_loss'])} [{_lr(b)}]; {NAMES[ddc]} - {NAMES[base]} {test.diff:.2f} "
@@ -523,8 +528,7 @@ def read_vit_scratch(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) -> 
     ddc, base = claim.optimizers
     a, b = _ok(_selected(runs, ddc)), _ok(_selected(runs, base))
     if a.empty or b.empty:
-        return Reading(f"{NOT_RUN} for {'both' if a.empty and b.empty else (ddc if a.empty else base)}",
-                       "-", "cannot be tested at this scale: not run")
+        return _not_run(a, b, ddc, base)
     ours = (f"{NAMES[ddc]} {vit_number(a)} [{_lr(a)}]; {NAMES[base]} {vit_number(b)} [{_lr(b)}]; "
             + vit_comparison(claim, runs))
     loss, units = welch(a["val_loss"], b["val_loss"]), welch(a["eff_units_frac"], b["eff_units_frac"])
@@ -621,8 +625,7 @@ def read_dead_rates(claim: Claim, runs: pd.DataFrame, meta: dict[str, Any]) -> R
     ddc, base = claim.optimizers
     a, b = _ok(_selected(runs, ddc)), _ok(_selected(runs, base))
     if a.empty or b.empty:
-        return Reading(f"{NOT_RUN} for {'both' if a.empty and b.empty else (ddc if a.empty else base)}",
-                       "-", "cannot be tested at this scale: not run")
+        return _not_run(a, b, ddc, base)
     ours = (f"{NAMES[ddc]} {dead_number(a)} [{_lr(a)}]; {NAMES[base]} {dead_number(b)} [{_lr(b)}]; "
             + dead_comparison(claim, runs))
     ra, ta = float(a["cells_read"].fillna(0).sum()), float(a["cells_total"].fillna(0).sum())
