@@ -136,6 +136,12 @@ def _output_weight(module: nn.Module) -> tuple[nn.Parameter, int, int]:
     raise TypeError(f"expected nn.Linear, nn.ConvNd or a Conv1D, got {type(module).__name__}")
 
 
+def log_normal_scales(size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random positive scales ``c = exp(N(0, 0.5²))``, float64: the scale gauges' random
+    elements (large enough to expose any drift)."""
+    return torch.exp(0.5 * torch.randn(size, generator=generator, dtype=torch.float64))
+
+
 class ScaleGauge(Gauge):
     """A product of positive scalings, one per coordinate ``i < size``.
 
@@ -153,7 +159,7 @@ class ScaleGauge(Gauge):
 
     def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Log-normal scales ``c = exp(N(0, 0.5²))`` (large enough to expose any drift)."""
-        return torch.exp(0.5 * torch.randn(self.size, generator=generator, dtype=torch.float64))
+        return log_normal_scales(self.size, generator)
 
     @torch.no_grad()
     def act(self, element: torch.Tensor) -> None:
@@ -714,7 +720,7 @@ class QKPairScale(Gauge):
 
     def random_element(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Log-normal scales ``c = exp(N(0, 0.5²))``, one per (key head, pair)."""
-        return torch.exp(0.5 * torch.randn(self.size, generator=generator, dtype=torch.float64))
+        return log_normal_scales(self.size, generator)
 
     @torch.no_grad()
     def act(self, element: torch.Tensor) -> None:
