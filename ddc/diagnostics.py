@@ -399,12 +399,19 @@ class RateReport:
 
     def as_metrics(self, prefix: str = "diag/") -> dict[str, float]:
         """``{prefix}cells_read``, ``{prefix}cells_total`` (falling units), ``{prefix}units``,
-        ``{prefix}checkpoints``, ``{prefix}read_frac`` (when there is a cell), and per layer
+        ``{prefix}checkpoints``, ``{prefix}read_frac`` and the quartiles of the cells' fitted
+        orders ``{prefix}k_q25``, ``{prefix}k_median``, ``{prefix}k_q75`` (when there is a
+        cell), and per layer
         ``{prefix}cells_read/<layer>``, ``{prefix}cells_total/<layer>``."""
         out = {f"{prefix}cells_read": float(self.read), f"{prefix}cells_total": float(self.total),
                f"{prefix}units": float(self.units), f"{prefix}checkpoints": float(self.checkpoints)}
         if self.total:
             out[f"{prefix}read_frac"] = self.read / self.total
+            # The fitted orders themselves, so that a run whose cells are not read shows where
+            # its k̂ lie (e.g. all near 3: a faster law than the predicted one).
+            k = torch.tensor([c.k_hat for c in self.cells], dtype=torch.float64)
+            q = torch.quantile(k, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+            out[f"{prefix}k_q25"], out[f"{prefix}k_median"], out[f"{prefix}k_q75"] = (float(v) for v in q)
         for name, (read, cells) in self.per_layer.items():
             out[f"{prefix}cells_read/{name}"] = float(read)
             out[f"{prefix}cells_total/{name}"] = float(cells)

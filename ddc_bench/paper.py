@@ -307,7 +307,7 @@ CLAIM_DIAG_KEYS = {
                     "diag/ablate/low_dloss", "diag/ablate/low_frac", "diag/ablate/tail_dloss",
                     "diag/ablate/tail_frac"),
     "dead_rates": ("diag/cells_read", "diag/cells_total", "diag/units", "diag/checkpoints",
-                   "diag/spare_frac"),
+                   "diag/k_q25", "diag/k_median", "diag/k_q75", "diag/spare_frac"),
 }
 
 
@@ -352,8 +352,11 @@ def dead_number(ok: pd.DataFrame) -> str:
     units = pd.to_numeric(ok.get("units", pd.Series(dtype=float)), errors="coerce").dropna()
     frac = f" = {read.sum() / total.sum():.2f}" if total.sum() else ""
     of_units = f" of {units.iloc[0]:g} units per run" if len(units) and units.nunique() == 1 else ""
+    k = pd.to_numeric(ok.get("k_median", pd.Series(dtype=float)), errors="coerce").dropna()
+    orders = (f"; median fitted order k^ per seed {', '.join(f'{v:.2f}' for v in k)} (predicted 2)"
+              if len(k) else "")
     return (f"{read.sum():g} of {total.sum():g} cells read{frac} (cells = units whose mass fell "
-            f"2x from its peak: {', '.join(f'{t:g}' for t in total)} per seed{of_units})")
+            f"2x from its peak: {', '.join(f'{t:g}' for t in total)} per seed{of_units}{orders})")
 
 
 def _matched_lr(claim: Claim, runs: pd.DataFrame, column: str, digits: int = 3) -> str:

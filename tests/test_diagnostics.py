@@ -198,6 +198,8 @@ def test_a_unit_dying_along_its_direction_is_read():
     assert report.units == 16 and report.checkpoints == 8
     metrics = report.as_metrics()
     assert metrics["diag/cells_read"] == 1.0 and metrics["diag/read_frac"] == 1.0
+    # One cell: its fitted order is every quartile.
+    assert metrics["diag/k_q25"] == metrics["diag/k_median"] == metrics["diag/k_q75"] == pytest.approx(cell.k_hat)
 
 
 def test_a_unit_whose_mass_falls_while_its_direction_turns_is_not_read():
