@@ -46,6 +46,7 @@ paper-cpu: install
 	$(BIN)/python -m ddc_bench.sweep_extend results/paper-runs/lm_overtrain/cpu --stat best --launch -- experiment=lm_overtrain
 	$(BIN)/ddc-bench --multirun experiment=vit_scratch
 	$(BIN)/ddc-bench --multirun experiment=grok_depth
-	$(BIN)/python -m ddc_bench.sweep_extend results/paper-runs/grok_depth/cpu --cap 16 --launch -- experiment=grok_depth
+	$(BIN)/ddc-bench --multirun experiment=grok_depth lr_mult=16 seed=2,3,4
+	$(BIN)/python -m ddc_bench.sweep_extend results/paper-runs/grok_depth/cpu --cap 64 --launch -- experiment=grok_depth
 	$(BIN)/ddc-bench --multirun experiment=dead_rates
 	$(BIN)/python -m ddc_bench.paper collect --scale cpu
