@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     def launch(ext: Extension) -> None:
         cmd = command_for(ext, overrides, seeds_of(ext.optimizer))
         print("[sweep_extend] " + shlex.join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        # The running interpreter's ddc_bench, not whatever `ddc-bench` is on PATH (none is
+        # when the venv is not activated, as under `make paper-cpu`).
+        subprocess.run([sys.executable, "-m", "ddc_bench.cli", *cmd[1:]], check=True)
 
     try:
         if args.launch:
