@@ -115,8 +115,8 @@ def extend_until_interior(select: Selector, launch: Launcher, cap: float = DEFAU
     """Select, extend the grids of the optimizers selected at an edge, launch their runs,
     select again, until no extension is left (or ``max_rounds``). ``select()`` returns
     (optimizer → its lr_mult grid, optimizer → its selected lr_mult); ``launch`` runs one
-    extension; ``record`` (optional) is called before each launch. Returns the extensions
-    made and the final :func:`edge_flags`."""
+    extension; ``record`` (optional) is called after each launch that returned. Returns the
+    extensions made and the final :func:`edge_flags`."""
     if not cap >= 1 >= floor > 0:
         raise ExtendError(f"cap {cap:g} and floor {floor:g}: need cap >= 1 >= floor > 0")
     made: list[Extension] = []
@@ -126,9 +126,9 @@ def extend_until_interior(select: Selector, launch: Launcher, cap: float = DEFAU
         if not todo:
             return made, edge_flags(grids, selected, cap, floor)
         for ext in todo:
-            if record is not None:
-                record(ext)
             launch(ext)
+            if record is not None:  # after the launch: a failed one is not an extension
+                record(ext)
             made.append(ext)
     grids, selected = select()
     return made, edge_flags(grids, selected, cap, floor)

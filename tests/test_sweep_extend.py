@@ -5,6 +5,7 @@ grid, stops at the cap and flags it; and on a fabricated results folder (no trai
 from __future__ import annotations
 
 import json
+import sys
 import math
 
 import pytest
@@ -80,6 +81,8 @@ def test_on_a_results_folder_prints_then_launches_and_records(tmp_path, capsys, 
     launched = []
 
     def run(cmd, check):
+        # the running interpreter's ddc_bench, whatever is on PATH
+        assert cmd[:3] == [sys.executable, "-m", "ddc_bench.cli"]
         opt = next(a.split("=")[1] for a in cmd if a.startswith("optimizer="))
         m = float(next(a.split("=")[1] for a in cmd if a.startswith("lr_mult=")))
         launched.append((opt, m))
