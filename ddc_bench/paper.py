@@ -263,6 +263,8 @@ def collect_one(runs_dir: Path, out_dir: Path, claim: Claim, scale: str) -> Path
         "lr_mults": sorted(float(x) for x in df["lr_mult"].dropna().unique()),
         "seeds": sorted(int(s) for s in df["seed"].dropna().unique()),
         "runs": int(len(df)), "skipped_runs": skipped,
+        "runs_per_lr_mult": {f"{m:g}": int(n) for m, n in df.groupby("lr_mult").size().items()},
+        "unfinished_runs": _unfinished(runs_dir),
         "run_time_s": float(df["wall_time_s"].sum()),
         "elapsed_s": _elapsed_s(summaries),
         "git_commits": sorted({str(c) for c in df["git_commit"].dropna()}),
@@ -778,6 +780,22 @@ def _plot_against_lr(claim: Claim, runs: pd.DataFrame, ax: Any,
     ax.legend(fontsize=6)
 
 
+def _unfinished(runs_dir: Path) -> list[dict[str, Any]]:
+    """The runs under ``runs_dir`` that did not finish (crashed, stopped, or running): they are
+    not in the statistics, and the table says so."""
+    from omegaconf import OmegaConf
+
+    out = []
+    for folder in results.iter_unfinished_runs(runs_dir):
+        cfg = OmegaConf.load(folder / results.CONFIG_FILE)
+        out.append({"path": str(folder.relative_to(runs_dir)),
+                    "optimizer": str(OmegaConf.select(cfg, "optimizer.name", default="?")),
+                    "lr_mult": float(OmegaConf.select(cfg, "lr_mult", default=float("nan"))),
+                    "seed": OmegaConf.select(cfg, "seed", default=None),
+                    "last_step": results.last_logged_step(folder)})
+    return out
+
+
 def _md_cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -792,9 +810,18 @@ def _design(scale: str, meta: dict[str, Any]) -> str:
     the selection notes (ties, a selection at an edge or at the cap)."""
     grid = ",".join(f"{m:g}" for m in meta["lr_mults"])
     summed = meta.get("run_time_s", meta.get("wall_time_s"))
-    text = (f"{scale}: {meta['model']}; seeds {len(meta['seeds'])} x lr_mult {{{grid}}} = "
-            f"{meta['runs']} runs; elapsed {_minutes(meta.get('elapsed_s'))}, summed run time "
-            f"{_minutes(summed)}")
+    per_lr = meta.get("runs_per_lr_mult") or {}
+    if len(set(per_lr.values())) > 1:  # unequal seeds across the grid: say how many where
+        runs = (f"{meta['runs']} runs over lr_mult {{{grid}}} (runs per lr_mult: "
+                + ", ".join(f"{m}: {n}" for m, n in per_lr.items()) + ")")
+    else:
+        runs = f"seeds {len(meta['seeds'])} x lr_mult {{{grid}}} = {meta['runs']} runs"
+    text = (f"{scale}: {meta['model']}; {runs}; elapsed {_minutes(meta.get('elapsed_s'))}, "
+            f"summed run time {_minutes(summed)}")
+    for run in meta.get("unfinished_runs") or []:
+        text += (f"; NOT FINISHED, left out: {NAMES.get(run['optimizer'], run['optimizer'])} "
+                 f"lr_mult {run['lr_mult']:g} seed {run['seed']} (last logged step "
+                 f"{run['last_step']})")
     ext = meta.get("grid_extensions") or []
     if ext:
         text += "; grid extended: " + ", ".join(f"{e['optimizer']} {e['lr_mult']:g}" for e in ext)

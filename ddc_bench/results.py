@@ -442,6 +442,27 @@ def iter_finished_runs(root: str | os.PathLike) -> Iterator[Path]:
         yield summary.parent
 
 
+def iter_unfinished_runs(root: str | os.PathLike) -> Iterator[Path]:
+    """Every folder under ``root`` that holds a run's config but no summary (a run that
+    crashed, was stopped, or is still running), in sorted order."""
+    for config in sorted(Path(root).rglob(CONFIG_FILE)):
+        if not (config.parent / SUMMARY_FILE).is_file():
+            yield config.parent
+
+
+def last_logged_step(folder: str | os.PathLike) -> int | None:
+    """The last ``step`` in a run folder's ``metrics.jsonl`` (None when there is none)."""
+    path = Path(folder) / METRICS_FILE
+    step = None
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                step = int(json.loads(line).get("step", step))
+            except (ValueError, TypeError, AttributeError):
+                continue
+    return step
+
+
 def has_checkpoint(path: str | os.PathLike) -> bool:
     """True when the run folder ``path`` holds a checkpoint (the latest or the one before)."""
     path = Path(path)

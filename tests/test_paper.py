@@ -4,6 +4,7 @@ and ``ddc_bench.paper`` (collect, figures, the README table)."""
 from __future__ import annotations
 
 import json
+import shutil
 import math
 
 import pandas as pd
@@ -124,9 +125,18 @@ def test_collect_then_figures_on_real_tiny_runs(tmp_path):
         for optimizer in claim.optimizers:
             for mult in ("1", "2"):
                 _run_tiny(claim.name, optimizer, runs, [f"lr_mult={mult}"])
+    # A run that crashed (no summary) is left out of the statistics and named in the table.
+    first = paper.CLAIMS[0].name
+    done = sorted((runs / first / "cpu").rglob("summary.json"))[0].parent
+    crashed = done.parent / "seed7"
+    shutil.copytree(done, crashed)
+    (crashed / "summary.json").unlink()
     out = tmp_path / "paper"
     written = paper.collect(runs, out, ["cpu"])
     assert len(written) == 4
+    meta = json.loads((out / first / "cpu" / paper.META_JSON).read_text())
+    assert [(r["path"].endswith("seed7"), r["last_step"]) for r in meta["unfinished_runs"]] == [(True, 3)]
+    assert meta["runs_per_lr_mult"] == {"1": 2, "2": 2}
     for claim in paper.CLAIMS:
         folder = out / claim.name / "cpu"
         rows = pd.read_csv(folder / paper.RUNS_CSV)
@@ -138,6 +148,7 @@ def test_collect_then_figures_on_real_tiny_runs(tmp_path):
         assert set(curves["lr_mult"]) == {1.0, 2.0}  # every lr, not only the selected one
     rows = paper.figures(out, readme=None)
     assert all(r["ours"] != paper.NOT_RUN for r in rows)
+    assert sum("NOT FINISHED, left out" in " ".join(map(str, r.values())) for r in rows) == 1
     assert all((out / r["figure"]).read_bytes()[:8] == PNG for r in rows)
 
 
