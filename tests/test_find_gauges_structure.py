@@ -134,6 +134,49 @@ def test_wrong_hand_declaration_is_refused_in_one_line():
     verify_gauges(model, loss_fn, batches[0], gauges=[UnitRescale([model.w3], model.w2)])   # the up branch is
 
 
+def test_ddc_proves_hand_declarations_at_construction():
+    """Given an example input and the loss, DDC proves every hand-declared gauge with its own
+    random elements and refuses a false one in one line naming the gauge, the parameters and
+    the measured loss change; a found gauge list with a false one appended is no exception."""
+    model, example, loss, _, _ = ZOO["llama_block"]()
+    swiglu_gate = UnitRescale([model.w1], model.w2)   # the gate goes through SiLU: not homogeneous
+    with pytest.raises(GaugeDeclarationError, match=r"^declared gauge UnitRescale\(units=48\) #0 on w1\.weight, "
+                                                    r"w2\.weight is not a symmetry: a random element changes "
+                                                    r"the loss by \d\.\d\de-\d\d") as error:
+        DDC(model, gauges=[swiglu_gate], example_input=example, loss=loss)
+    assert "\n" not in str(error.value)
+    assert float(str(error.value).split("loss by ")[1].split()[0]) > 1e-6
+    true = [UnitRescale([model.w3], model.w2), NormGain(model.n2, [model.w1, model.w3]), LogitShift(model.out)]
+    assert len(DDC(model, gauges=true, example_input=example, loss=loss).gauges) == 3
+    found = find_gauges(model, example, loss=loss, log=False)
+    found.append(swiglu_gate)
+    with pytest.raises(GaugeDeclarationError, match="w1.weight"):
+        DDC(model, gauges=found, example_input=example, loss=loss)
+    with pytest.raises(ValueError, match="no loss is assumed"):   # the loss decides, e.g. the logit shift
+        DDC(model, gauges=true, example_input=example)
+    with pytest.raises(GaugeDeclarationError, match="LogitShift"):
+        DDC(model, gauges=true, example_input=example, loss=None)   # outputs compared: a shift moves them
+    # GPT-2 with zero MLP output projections: GELU units look scalable at that point alone
+    model, example, loss, _, _ = ZOO["hf_gpt2_zero_mlp"]()
+    mlp = model.transformer.h[0].mlp
+    with pytest.raises(GaugeDeclarationError, match="c_fc.weight"):
+        DDC(model, gauges=[UnitRescale([mlp.c_fc], mlp.c_proj)], example_input=example, loss=loss)
+
+
+def test_ddc_says_once_that_declarations_without_an_example_are_not_verified(caplog):
+    model, example, loss, _, _ = ZOO["llama_block"]()
+    true = [UnitRescale([model.w3], model.w2), NormGain(model.n2, [model.w1, model.w3])]
+    with caplog.at_level(logging.INFO, logger="ddc"):
+        DDC(model, gauges=true)
+    said = [r.getMessage() for r in caplog.records if r.name == "ddc" and r.levelno == logging.WARNING]
+    assert len(said) == 1 and "2 declared gauge(s) not verified" in said[0] and "example_input" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ddc"):
+        DDC(model, gauges=true, example_input=example, loss=loss)     # proven: nothing to say
+        DDC(model, gauges="auto", example_input=example, loss=loss)   # found and proven by find_gauges
+    assert not any("not verified" in r.getMessage() for r in caplog.records)
+
+
 def test_user_written_norm_is_declarable_by_hand():
     model = LlamaBlockLM()
     gauge = NormGain(model.n1, [model.wq, model.wkv])
