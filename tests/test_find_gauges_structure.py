@@ -282,3 +282,21 @@ def test_ddc_defaults_are_equivariant_under_the_enforced_gauges(name, base, opti
     assert equivariance_deviation(model, make, loss_fn, batches, select) <= 1e-8
     adamw = lambda m, gauges: (mute_key_biases(gauges), torch.optim.AdamW(m.parameters()))[1]
     assert equivariance_deviation(model, adamw, loss_fn, batches, select) >= 1e-4
+
+
+def test_readme_llama_snippet_runs_and_says_what_it_prints(capsys):
+    """README's "DDC on your own model": the code block runs as written, and the gauge count
+    its comment states is the one printed."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## DDC on your own model", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "transformers.LlamaConfig" in code and 'gauges="auto"' in code
+    stated = int(re.search(r"print\(len\(optimizer\.gauges\)\)\s+#\s*(\d+)", code).group(1))
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert int(printed[0]) == stated
+    assert any(line.startswith("found    LogitShift") for line in printed)
