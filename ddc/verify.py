@@ -265,10 +265,11 @@ def verify_declarations(model: nn.Module | None, gauges: list[Gauge] | None, exa
     if not declared:
         return
     if model is None or example_input is None:
+        how = "DDC(model, ..., example_input=, loss=)" if model is None else "example_input= and loss= to DDC"
         logger.warning("DDC: %d declared gauge(s) not verified (%s); a wrong declaration would be enforced "
-                       "silently. Pass example_input= and loss= to DDC (it then proves each one), or run "
-                       "ddc.verify_gauges(model, loss_fn, batch)",
-                       len(declared), "no model to run" if model is None else "no example_input given")
+                       "silently. Pass %s (it then proves each one), or run ddc.verify_gauges(model, loss_fn, "
+                       "batch)", len(declared), "parameters given, not a model to run" if model is None
+                       else "no example_input given", how)
         return
     check_loss(loss, "DDC, to verify the declared gauges on example_input,")
     verify_gauges(model, loss_function(loss, seed), example_input, gauges=declared, tol=tol,

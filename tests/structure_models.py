@@ -266,8 +266,10 @@ ZOO = {
 @torch.no_grad()
 def dead_parameters(model: nn.Module, loss_fn, batch, tol: float = 1e-12) -> tuple[list[str], float]:
     """Names of the vector parameters (biases, gains) that a random translation (N(0, 1) per
-    entry) changes the training loss by at most ``tol`` relative (train mode, float64, each
-    evaluation on a fresh copy so BatchNorm's running statistics play no part), and the
+    entry) changes the training loss by at most ``tol`` relative, both at the model's point
+    and at a perturbed one (``ddc.verify``'s rule: zero tensors drawn afresh, so a parameter
+    dead only behind a zero-initialised layer is not counted), train mode, float64, each
+    evaluation on a fresh copy so BatchNorm's running statistics play no part; and the
     largest such change.
 
     MobileNet-v3's projection BatchNorms are the example: their output reaches the loss only
@@ -275,21 +277,26 @@ def dead_parameters(model: nn.Module, loss_fn, batch, tol: float = 1e-12) -> tup
     shift. Such a parameter's gradient is zero in exact arithmetic, so after a few steps it is
     rounding noise (1e-12) that any optimizer moves differently from θ and from g·θ: relative
     to its own size the deviation is O(1), and it says nothing about equivariance."""
+    from ddc.verify import _perturbed
+
     work = copy.deepcopy(model).double().train()
-    base = float(loss_fn(copy.deepcopy(work), batch)[0])
     generator = torch.Generator().manual_seed(0)
-    dead, worst = [], 0.0
-    for name, param in work.named_parameters():
-        if param.ndim != 1 or not param.requires_grad:
-            continue
-        saved = param.clone()
-        param.add_(torch.randn(param.shape, generator=generator, dtype=torch.float64))
-        change = abs(float(loss_fn(copy.deepcopy(work), batch)[0]) - base) / abs(base)
-        param.copy_(saved)
-        if change <= tol:
-            dead.append(name)
-            worst = max(worst, change)
-    return dead, worst
+    origin = [p.detach().clone() for p in work.parameters()]
+    worst: dict[str, float] = {}
+    for start in (origin, _perturbed(origin, generator)):
+        for p, v in zip(work.parameters(), start):
+            p.copy_(v)
+        base = float(loss_fn(copy.deepcopy(work), batch)[0])
+        for name, param in work.named_parameters():
+            if param.ndim != 1 or not param.requires_grad or worst.get(name, 0.0) > tol:
+                continue
+            saved = param.clone()
+            param.add_(torch.randn(param.shape, generator=generator, dtype=torch.float64))
+            change = abs(float(loss_fn(copy.deepcopy(work), batch)[0]) - base) / abs(base)
+            param.copy_(saved)
+            worst[name] = max(worst.get(name, 0.0), change)
+    dead = [name for name, change in worst.items() if change <= tol]
+    return dead, max((worst[name] for name in dead), default=0.0)
 
 
 def mute_dead(gauges: list, model: nn.Module, dead: list[str] = ()) -> None:
