@@ -51,20 +51,12 @@ from .gauges import (_CONVS, _NORMS, Gauge, GroupedHeadRotation, GroupedHeadRota
                      HeadRotationVO, LogitShift, NormGain, QKPairScale, UnitRescale, _output_weight,
                      is_conv1d, norm_affine)
 from .frame import Frame   # the step's own rules decide which found gauges it can enforce together
-from .verify import GaugeDeclarationError, check_declarations, unwrap_model, verify_gauges
+from .verify import (LOSS_REQUIRED, LOSSES, _as_float64, call_model, check_declarations, check_loss,
+                     loss_function, model_output, unwrap_model, verify_gauges)
 
 __all__ = ["find_gauges", "FoundGauges", "LOSSES", "call_model", "model_output"]
 
 logger = logging.getLogger("ddc")
-
-#: The accepted string/None values of ``loss`` (a callable ``outputs -> loss`` is accepted too).
-LOSSES = ("cross_entropy", None)
-#: ``loss``'s default: no loss is assumed, so leaving it out is an error naming the choices.
-LOSS_REQUIRED = "required"
-_LOSS_HELP = ("'cross_entropy' (softmax cross-entropy over the outputs' last axis: the readout's logit "
-              "shift is a symmetry), None (only symmetries of the outputs themselves, e.g. an MSE "
-              "regressor), or a callable outputs -> loss (scalar tensor; the logit shift is proposed and "
-              "kept only if this loss proves invariant to it)")
 
 # Autograd nodes that carry a tensor's features through unchanged (up to layout) or
 # through a positively homogeneous map; the walk back from a layer's input crosses them.
@@ -103,6 +95,9 @@ class FoundGauges(list):
                  not_enforced: list[tuple[str, Gauge, str]] | None = None, uncovered: list[str] | None = None,
                  readout: str | None = None) -> None:
         super().__init__(gauges)
+        #: The gauges find_gauges proved (by identity): anything added to the list later is a
+        #: hand declaration, which DDC proves again (``ddc.verify.verify_declarations``).
+        self.proven_ids = frozenset(id(g) for g in list(gauges) + [g for _, g, _ in not_enforced or []])
         self.labels = labels
         self.rejected = rejected
         self.not_enforced = list(not_enforced or [])
@@ -128,42 +123,6 @@ class FoundGauges(list):
 # ----------------------------------------------------------------------------------------
 # Running the model
 # ----------------------------------------------------------------------------------------
-
-def call_model(model: nn.Module, example_input: Any) -> Any:
-    """``model`` applied to ``example_input``: a tensor (or any single object) is one
-    argument, a tuple or list the positional arguments, a dict the keyword arguments
-    (a tokenizer's output for a Hugging Face model)."""
-    if isinstance(example_input, (tuple, list)):
-        return model(*example_input)
-    if isinstance(example_input, dict):
-        return model(**example_input)
-    return model(example_input)
-
-
-def model_output(out: Any) -> torch.Tensor:
-    """The tensor a model's output stands for: the tensor itself, the first element of a
-    tuple or list, ``out["logits"]`` / ``out.logits`` (Hugging Face). Raises ``ValueError``
-    (one line) for anything else."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise ValueError(f"the model's output is a {type(out).__name__} without logits; find_gauges needs a tensor, "
-                     f"a tuple/list starting with one, or an object with a .logits tensor")
-
-
-def _to_float64(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.double() if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_float64(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_float64(v) for k, v in value.items()}
-    return value
-
 
 def _is_layer(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear) or is_conv1d(module):
@@ -424,18 +383,6 @@ def _attention_candidates(site, producers, consumers_of, own, work_modules):
     return found
 
 
-def _loss_function(loss: Any) -> Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]:
-    def evaluate(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        example, targets = batch
-        out = model_output(call_model(model, example))
-        if loss == "cross_entropy":
-            return F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1)), out
-        if callable(loss):
-            return loss(out), out
-        return out.square().mean(), out
-    return evaluate
-
-
 def find_gauges(model: nn.Module, example_input: Any, *, loss: Any = LOSS_REQUIRED, tol: float = 1e-8,
                 seed: int = 0, points: int = 2, log: bool = True) -> FoundGauges:
     """Find the exact gauges of ``model`` (see the module docstring).
@@ -462,13 +409,10 @@ def find_gauges(model: nn.Module, example_input: Any, *, loss: Any = LOSS_REQUIR
         modules; the proven ones it cannot; the candidates left out with the reason; the
         parameters in no gauge.
     """
-    if not (loss in LOSSES or callable(loss)):
-        given = "nothing" if loss == LOSS_REQUIRED else repr(loss)
-        raise ValueError(f"find_gauges needs the training loss, since it decides which gauges exist "
-                         f"(no loss is assumed): loss= {_LOSS_HELP}; got {given}")
+    check_loss(loss, "find_gauges")
     model = unwrap_model(model)
     work = copy.deepcopy(model).double().eval()
-    example = _to_float64(example_input)
+    example = _as_float64(example_input)
     outputs, inputs, final, sites = _record(work, example)
     producers = {t.grad_fn: name for name, t in outputs.items()}
     work_modules = dict(work.named_modules())
@@ -530,8 +474,7 @@ def find_gauges(model: nn.Module, example_input: Any, *, loss: Any = LOSS_REQUIR
             rejected.append((label, str(error)))
             continue
         built.extend((key, label, g) for g in gauges)
-    targets = _targets(final, seed) if loss == "cross_entropy" else None
-    report = verify_gauges(model, _loss_function(loss), (example, targets), gauges=[g for _, _, g in built],
+    report = verify_gauges(model, loss_function(loss, seed), example, gauges=[g for _, _, g in built],
                            tol=tol, seed=seed, points=points, raise_on_failure=False) if built else {}
 
     proven: list[Gauge] = []
@@ -581,9 +524,3 @@ def _log(model: nn.Module, found: FoundGauges) -> None:
     else:
         logger.info(line)
     logger.info("find_gauges on %s:\n%s", type(model).__name__, found.summary())
-
-
-@torch.no_grad()
-def _targets(out: torch.Tensor, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, out.shape[-1], out.shape[:-1], generator=generator).to(out.device)

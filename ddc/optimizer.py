@@ -39,7 +39,7 @@ from .muon_kernels import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS
 from .frame import Frame, pool_over_blocks
 from .gauges import Gauge, from_blocks, to_blocks
 from .param_groups import param_groups
-from .verify import check_declarations, unwrap_model
+from .verify import unwrap_model, verify_declarations
 
 BASES = ("adam", "muon")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -64,7 +64,10 @@ class DDC(Optimizer):
             otherwise), or ``"auto"``: found by :func:`ddc.find_gauges` on the module
             ``params`` run on ``example_input`` (``loss``: required, no default:
             "cross_entropy", None or a callable, as for ``find_gauges``). With no gauges DDC-Adam is AdamW and DDC-Muon is the harness's
-            Muon baseline (Muon on hidden matrices, AdamW on the rest).
+            Muon baseline (Muon on hidden matrices, AdamW on the rest). Declared gauges are
+            proven on ``example_input`` with ``loss`` when it is given (a false one raises
+            ``GaugeDeclarationError``), and said to be unverified otherwise
+            (:func:`ddc.verify.verify_declarations`).
         base: ``"adam"`` or ``"muon"``.
         lr, weight_decay: learning rate and decoupled weight decay (for a module, applied
             to parameters with two or more dimensions only).
@@ -209,8 +212,7 @@ class DDC(Optimizer):
         self.rotation_solve = rotation_solve
         self._fast_plan: fast.FastPlan | None = None   # built at the first fast step
         self.gauges = list(gauges or [])
-        if model is not None:
-            check_declarations(model, self.gauges)
+        verify_declarations(model, gauges, example_input, loss)   # a false hand declaration is refused here
         self._frame = Frame(self.gauges)
         owned = {p for group in self.param_groups for p in group["params"]}
         names = {p: n for n, p in model.named_parameters()} if model is not None else {}

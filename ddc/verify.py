@@ -4,17 +4,40 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .gauges import Gauge
 
+logger = logging.getLogger("ddc")
+
+#: The accepted string/None values of ``loss`` (a callable ``outputs -> loss`` is accepted too).
+LOSSES = ("cross_entropy", None)
+#: ``loss``'s default: no loss is assumed, so leaving it out where it is needed is an error naming the choices.
+LOSS_REQUIRED = "required"
+_LOSS_HELP = ("'cross_entropy' (softmax cross-entropy over the outputs' last axis: the readout's logit "
+              "shift is a symmetry), None (only symmetries of the outputs themselves, e.g. an MSE "
+              "regressor), or a callable outputs -> loss (scalar tensor; the logit shift is proposed and "
+              "kept only if this loss proves invariant to it)")
+
 
 class GaugeDeclarationError(ValueError):
     """A declared gauge changes the loss or the logits: it is not a symmetry."""
+
+
+def check_loss(loss: Any, who: str) -> None:
+    """Raise ``ValueError`` (one line, naming ``who`` and the accepted values) unless ``loss``
+    is one of :data:`LOSSES` or a callable: the loss decides which gauges exist, so it is
+    never assumed."""
+    if not (callable(loss) or (isinstance(loss, (str, type(None))) and loss in LOSSES)):
+        given = "nothing" if isinstance(loss, str) and loss == LOSS_REQUIRED else repr(loss)
+        raise ValueError(f"{who} needs the training loss, since it decides which gauges exist "
+                         f"(no loss is assumed): loss= {_LOSS_HELP}; got {given}")
 
 
 def _as_float64(batch: Any) -> Any:
@@ -25,6 +48,50 @@ def _as_float64(batch: Any) -> Any:
     if isinstance(batch, dict):
         return {k: _as_float64(v) for k, v in batch.items()}
     return batch
+
+
+def call_model(model: nn.Module, example_input: Any) -> Any:
+    """``model`` applied to ``example_input``: a tensor (or any single object) is one
+    argument, a tuple or list the positional arguments, a dict the keyword arguments
+    (a tokenizer's output for a Hugging Face model)."""
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    return model(example_input)
+
+
+def model_output(out: Any) -> torch.Tensor:
+    """The tensor a model's output stands for: the tensor itself, the first element of a
+    tuple or list, ``out["logits"]`` / ``out.logits`` (Hugging Face). Raises ``ValueError``
+    (one line) for anything else."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise ValueError(f"the model's output is a {type(out).__name__} without logits; find_gauges needs a tensor, "
+                     f"a tuple/list starting with one, or an object with a .logits tensor")
+
+
+def loss_function(loss: Any, seed: int = 0) -> Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]:
+    """``loss`` (one of :data:`LOSSES` or a callable ``outputs -> loss``) as the
+    ``loss_fn(model, example_input) -> (loss, outputs)`` that :func:`verify_gauges` takes.
+    ``"cross_entropy"`` scores random class labels (the same at every call: drawn with
+    ``seed`` from the outputs' shape); with ``None`` the loss stands in as the outputs' mean
+    square (every output is compared anyway)."""
+    def evaluate(model: nn.Module, example_input: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model_output(call_model(model, example_input))
+        if isinstance(loss, str) and loss == "cross_entropy":
+            generator = torch.Generator().manual_seed(seed)
+            targets = torch.randint(0, out.shape[-1], out.shape[:-1], generator=generator).to(out.device)
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1)), out
+        if callable(loss):
+            return loss(out), out
+        return out.square().mean(), out
+    return evaluate
 
 
 def _evaluate(model: nn.Module, loss_fn: Callable, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,12 +152,15 @@ def verify_gauges(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], ba
                 if logits is not None and base_logits is not None:
                     worst[k]["logits"] = max(worst[k]["logits"], _change(base_logits, logits, centre))
     report: dict[str, dict[str, float]] = {}
+    names = {id(p): n for n, p in work.named_parameters()}
     for k, gauge in enumerate(declared):
         name = f"{gauge!r} #{k}"
         report[name] = worst[k]
         if (worst[k]["loss"] > tol or worst[k]["logits"] > tol) and raise_on_failure:
+            acting_on = ", ".join(dict.fromkeys(names.get(id(p), f"a {tuple(p.shape)} tensor")
+                                                for p in gauge.parameters()))
             raise GaugeDeclarationError(
-                f"declared gauge {name} is not a symmetry: a random element changes the loss by "
+                f"declared gauge {name} on {acting_on} is not a symmetry: a random element changes the loss by "
                 f"{worst[k]['loss']:.2e} and the outputs by {worst[k]['logits']:.2e} (relative to their "
                 f"size, at the model's point or a perturbed one; tolerance {tol:g})"
             )
@@ -169,6 +239,41 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             break
         model = child
     return model
+
+
+def verify_declarations(model: nn.Module | None, gauges: list[Gauge] | None, example_input: Any = None,
+                        loss: Any = LOSS_REQUIRED, *, tol: float = 1e-8, seed: int = 0, points: int = 2) -> None:
+    """The check DDC runs on its gauges at construction: a wrong declaration is refused there.
+
+    * Structure (:func:`check_declarations`), whenever ``model`` is known.
+    * Gauges that :func:`ddc.find_gauges` proved (the members of a
+      :class:`~ddc.find.FoundGauges`, on the same loss and input) are not proven again.
+    * Every other gauge (declared by hand, or by the model's ``gauges()``): given
+      ``example_input`` (one input batch, as for ``find_gauges``) and ``loss`` (then
+      required: ``"cross_entropy"``, ``None`` or a callable ``outputs -> loss``), proven by
+      :func:`verify_gauges` with its own random elements, at the model's point and at
+      ``points`` perturbed ones; a false one raises :class:`GaugeDeclarationError` (one line
+      naming the gauge, the parameters it acts on and the measured loss change).
+      Without ``example_input`` (or without a model to run), one WARNING on the ``"ddc"``
+      logger says that they were not verified and how to verify them.
+    """
+    proven = getattr(gauges, "proven_ids", frozenset())   # a FoundGauges knows what it proved
+    gauges = list(gauges or [])
+    if model is not None:
+        check_declarations(model, gauges)
+    declared = [g for g in gauges if id(g) not in proven]
+    if not declared:
+        return
+    if model is None or example_input is None:
+        how = "DDC(model, ..., example_input=, loss=)" if model is None else "example_input= and loss= to DDC"
+        logger.warning("DDC: %d declared gauge(s) not verified (%s); a wrong declaration would be enforced "
+                       "silently. Pass %s (it then proves each one), or run ddc.verify_gauges(model, loss_fn, "
+                       "batch)", len(declared), "parameters given, not a model to run" if model is None
+                       else "no example_input given", how)
+        return
+    check_loss(loss, "DDC, to verify the declared gauges on example_input,")
+    verify_gauges(model, loss_function(loss, seed), example_input, gauges=declared, tol=tol,
+                  seed=seed, points=points)
 
 
 def check_declarations(model: nn.Module, gauges: list[Gauge]) -> None:

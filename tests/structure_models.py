@@ -6,10 +6,15 @@ separate q/k/v/o layers with ``scaled_dot_product_attention``; an MSE regressor)
 Each entry of :data:`ZOO` builds ``(model, example_input, loss, loss_fn, batches)``:
 ``loss`` is what ``find_gauges`` is told, ``loss_fn(model, batch) -> (loss, outputs)``
 trains it, ``batches`` are 10 float64-ready training batches.
+
+:func:`dead_parameters` and :func:`mute_dead` deal with parameters whose gradient is zero in
+exact arithmetic (attention key biases, BatchNorm biases read only through 1×1 convolutions
+into another BatchNorm): the equivariance runs mute them, for every optimizer alike.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -256,3 +261,60 @@ ZOO = {
     "hf_bert": hf_bert, "hf_vit": hf_vit, "tv_vit": tv_vit, "tv_resnet18": tv_resnet,
     "tv_mobilenet_v3": tv_mobilenet, "tv_convnext": tv_convnext,
 }
+
+
+@torch.no_grad()
+def dead_parameters(model: nn.Module, loss_fn, batch, tol: float = 1e-12) -> tuple[list[str], float]:
+    """Names of the vector parameters (biases, gains) that a random translation (N(0, 1) per
+    entry) changes the training loss by at most ``tol`` relative, both at the model's point
+    and at a perturbed one (``ddc.verify``'s rule: zero tensors drawn afresh, so a parameter
+    dead only behind a zero-initialised layer is not counted), train mode, float64, each
+    evaluation on a fresh copy so BatchNorm's running statistics play no part; and the
+    largest such change.
+
+    MobileNet-v3's projection BatchNorms are the example: their output reaches the loss only
+    through 1×1 convolutions into another BatchNorm, whose batch mean removes a per-channel
+    shift. Such a parameter's gradient is zero in exact arithmetic, so after a few steps it is
+    rounding noise (1e-12) that any optimizer moves differently from θ and from g·θ: relative
+    to its own size the deviation is O(1), and it says nothing about equivariance."""
+    from ddc.verify import _perturbed
+
+    work = copy.deepcopy(model).double().train()
+    generator = torch.Generator().manual_seed(0)
+    origin = [p.detach().clone() for p in work.parameters()]
+    worst: dict[str, float] = {}
+    for start in (origin, _perturbed(origin, generator)):
+        for p, v in zip(work.parameters(), start):
+            p.copy_(v)
+        base = float(loss_fn(copy.deepcopy(work), batch)[0])
+        for name, param in work.named_parameters():
+            if param.ndim != 1 or not param.requires_grad or worst.get(name, 0.0) > tol:
+                continue
+            saved = param.clone()
+            param.add_(torch.randn(param.shape, generator=generator, dtype=torch.float64))
+            change = abs(float(loss_fn(copy.deepcopy(work), batch)[0]) - base) / abs(base)
+            param.copy_(saved)
+            worst[name] = max(worst.get(name, 0.0), change)
+    dead = [name for name, change in worst.items() if change <= tol]
+    return dead, max((worst[name] for name in dead), default=0.0)
+
+
+def mute_dead(gauges: list, model: nn.Module, dead: list[str] = ()) -> None:
+    """Zero the gradients of dead parameters: the key-bias rows of each ``HeadRotation`` in
+    ``gauges`` (built on ``model``) and the parameters of ``model`` named in ``dead``.
+
+    A key bias adds ``q·b_k``, the same for every key, to each row of scores: softmax ignores
+    it. Its translation (and a dead BatchNorm bias's, :func:`dead_parameters`) is not a gauge
+    kind of ours, so it is muted, the same for DDC and AdamW, rather than compared as noise."""
+    from ddc.gauges import HeadRotation
+
+    for gauge in gauges:
+        if isinstance(gauge, HeadRotation):
+            biases = [m for m in gauge.members if m.param.ndim == 1]
+            if len(biases) == 2:   # query bias, key bias
+                key = biases[1]
+                key.param.register_hook(lambda grad, rows=key.perm: grad.index_fill(0, rows.to(grad.device), 0.0))
+    named = dict(model.named_parameters())
+    for name in dead:
+        named[name].register_hook(torch.zeros_like)
+

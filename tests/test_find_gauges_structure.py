@@ -16,7 +16,7 @@ from ddc import GroupedHeadRotation, GroupedHeadRotationVO, HeadRotation, LogitS
 from ddc.param_groups import output_layer, parameter_roles
 from ddc.verify import GaugeDeclarationError
 from ddc_models import equivariance_deviation
-from structure_models import ZOO, LlamaBlockLM, MyRMSNorm
+from structure_models import ZOO, LlamaBlockLM, MyRMSNorm, dead_parameters, mute_dead
 
 import transformers   # the `hf` extra, which `make test` installs; torchvision is a dependency
 
@@ -134,6 +134,49 @@ def test_wrong_hand_declaration_is_refused_in_one_line():
     verify_gauges(model, loss_fn, batches[0], gauges=[UnitRescale([model.w3], model.w2)])   # the up branch is
 
 
+def test_ddc_proves_hand_declarations_at_construction():
+    """Given an example input and the loss, DDC proves every hand-declared gauge with its own
+    random elements and refuses a false one in one line naming the gauge, the parameters and
+    the measured loss change; a found gauge list with a false one appended is no exception."""
+    model, example, loss, _, _ = ZOO["llama_block"]()
+    swiglu_gate = UnitRescale([model.w1], model.w2)   # the gate goes through SiLU: not homogeneous
+    with pytest.raises(GaugeDeclarationError, match=r"^declared gauge UnitRescale\(units=48\) #0 on w1\.weight, "
+                                                    r"w2\.weight is not a symmetry: a random element changes "
+                                                    r"the loss by \d\.\d\de-\d\d") as error:
+        DDC(model, gauges=[swiglu_gate], example_input=example, loss=loss)
+    assert "\n" not in str(error.value)
+    assert float(str(error.value).split("loss by ")[1].split()[0]) > 1e-6
+    true = [UnitRescale([model.w3], model.w2), NormGain(model.n2, [model.w1, model.w3]), LogitShift(model.out)]
+    assert len(DDC(model, gauges=true, example_input=example, loss=loss).gauges) == 3
+    found = find_gauges(model, example, loss=loss, log=False)
+    found.append(swiglu_gate)
+    with pytest.raises(GaugeDeclarationError, match="w1.weight"):
+        DDC(model, gauges=found, example_input=example, loss=loss)
+    with pytest.raises(ValueError, match="no loss is assumed"):   # the loss decides, e.g. the logit shift
+        DDC(model, gauges=true, example_input=example)
+    with pytest.raises(GaugeDeclarationError, match="LogitShift"):
+        DDC(model, gauges=true, example_input=example, loss=None)   # outputs compared: a shift moves them
+    # GPT-2 with zero MLP output projections: GELU units look scalable at that point alone
+    model, example, loss, _, _ = ZOO["hf_gpt2_zero_mlp"]()
+    mlp = model.transformer.h[0].mlp
+    with pytest.raises(GaugeDeclarationError, match="c_fc.weight"):
+        DDC(model, gauges=[UnitRescale([mlp.c_fc], mlp.c_proj)], example_input=example, loss=loss)
+
+
+def test_ddc_says_once_that_declarations_without_an_example_are_not_verified(caplog):
+    model, example, loss, _, _ = ZOO["llama_block"]()
+    true = [UnitRescale([model.w3], model.w2), NormGain(model.n2, [model.w1, model.w3])]
+    with caplog.at_level(logging.INFO, logger="ddc"):
+        DDC(model, gauges=true)
+    said = [r.getMessage() for r in caplog.records if r.name == "ddc" and r.levelno == logging.WARNING]
+    assert len(said) == 1 and "2 declared gauge(s) not verified" in said[0] and "example_input" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ddc"):
+        DDC(model, gauges=true, example_input=example, loss=loss)     # proven: nothing to say
+        DDC(model, gauges="auto", example_input=example, loss=loss)   # found and proven by find_gauges
+    assert not any("not verified" in r.getMessage() for r in caplog.records)
+
+
 def test_user_written_norm_is_declarable_by_hand():
     model = LlamaBlockLM()
     gauge = NormGain(model.n1, [model.wq, model.wkv])
@@ -202,30 +245,16 @@ def test_ddc_says_it_cannot_enforce_a_grouped_gauge():
 
 EQUIVARIANCE = ["sdpa_block", "llama_block", "mse_regressor", "hf_vit"] + [
     pytest.param(name, marks=pytest.mark.slow)   # 4-7 s each
-    for name in ("hf_llama_mha", "hf_gpt2_zero_mlp", "tv_vit", "hf_bert", "tv_convnext")]
+    for name in ("hf_llama_mha", "hf_gpt2_zero_mlp", "tv_vit", "hf_bert", "tv_convnext", "tv_resnet18",
+                 "tv_mobilenet_v3")]
 
 
-def mute_key_biases(gauges: list) -> None:
-    """Zero the gradient of attention key biases (the key rows' bias of each HeadRotation).
-
-    A key bias adds ``q·b_k``, the same for every key, to each row of scores: softmax
-    ignores it, so the bias is a dead parameter whose gradient is exactly zero up to
-    rounding, and Adam's normalisation turns that rounding into full-size steps in any
-    optimizer. Its translation is not a gauge kind of ours (yet), so it is muted here, the
-    same for DDC and AdamW, rather than compared as noise."""
-    for gauge in gauges:
-        if isinstance(gauge, HeadRotation):
-            biases = [m for m in gauge.members if m.param.ndim == 1]
-            if len(biases) == 2:   # query bias, key bias
-                key = biases[1]
-                key.param.register_hook(lambda grad, rows=key.perm: grad.index_fill(0, rows.to(grad.device), 0.0))
-
-
-@pytest.mark.parametrize("base,options", [("adam", {}), ("muon", {"orthogonalizer": "svd"})], ids=["adam", "muon-svd"])
+@pytest.mark.parametrize("base", ["adam", "muon"])
 @pytest.mark.parametrize("name", EQUIVARIANCE)
-def test_ddc_defaults_are_equivariant_under_the_enforced_gauges(name, base, options):
-    """10 float64 steps of DDC with its default settings (Muon with the exact SVD
-    orthogonaliser) under random elements of every gauge find_gauges hands DDC."""
+def test_ddc_defaults_are_equivariant_under_the_enforced_gauges(name, base):
+    """10 float64 steps of DDC with its default settings (Muon's: the exact SVD
+    orthogonaliser) under random elements of every gauge find_gauges hands DDC; parameters
+    dead in training muted for both optimizers (``structure_models.mute_dead``)."""
     model, example, loss, loss_fn, batches = ZOO[name]()
     if name == "tv_vit":
         # Its zero head stops every gradient below it at the first step, exactly for θ and
@@ -233,9 +262,28 @@ def test_ddc_defaults_are_equivariant_under_the_enforced_gauges(name, base, opti
         # amplifies: measured 3e-8 from the zero head (a degenerate orbit, contract item 6),
         # 5e-14 from this head.
         nn.init.normal_(model.heads.head.weight, std=0.02)
+    dead = dead_parameters(model, loss_fn, batches[0])[0]
     model = model.double()
     select = lambda m: list(find_gauges(m, example, loss=loss, log=False))
-    make = lambda m, gauges: (mute_key_biases(gauges), DDC(m, gauges=gauges, base=base, **options))[1]
+    make = lambda m, gauges: (mute_dead(gauges, m, dead), DDC(m, gauges=gauges, base=base))[1]
     assert equivariance_deviation(model, make, loss_fn, batches, select) <= 1e-8
-    adamw = lambda m, gauges: (mute_key_biases(gauges), torch.optim.AdamW(m.parameters()))[1]
+    adamw = lambda m, gauges: (mute_dead(gauges, m, dead), torch.optim.AdamW(m.parameters()))[1]
     assert equivariance_deviation(model, adamw, loss_fn, batches, select) >= 1e-4
+
+
+def test_readme_llama_snippet_runs_and_says_what_it_prints(capsys):
+    """README's "DDC on your own model": the code block runs as written, and the gauge count
+    its comment states is the one printed."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## DDC on your own model", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "transformers.LlamaConfig" in code and 'gauges="auto"' in code
+    stated = int(re.search(r"print\(len\(optimizer\.gauges\)\)\s+#\s*(\d+)", code).group(1))
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert int(printed[0]) == stated
+    assert any(line.startswith("found    LogitShift") for line in printed)
