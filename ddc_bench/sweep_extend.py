@@ -170,9 +170,13 @@ def folder_selector(root: Path, metric: str | None = None, stat: str = "final"
     return select, lambda opt: state.get("seeds", {}).get(opt, [0])
 
 
-def command_for(ext: Extension, overrides: Sequence[str], seeds: Sequence[int]) -> list[str]:
-    """The ddc-bench command that runs one extension."""
-    return ["ddc-bench", "--multirun", *overrides, f"optimizer={ext.optimizer}",
+def command_for(ext: Extension, overrides: Sequence[str], seeds: Sequence[int],
+                choices: dict[str, str] | None = None) -> list[str]:
+    """The ddc-bench command that runs one extension. ``choices`` maps an optimizer's run
+    name to the config it was run with where the two differ (grok_depth's DDC-Muon runs
+    are named ddc_muon and come from configs/optimizer/ddc_muon_ns.yaml)."""
+    choice = (choices or {}).get(ext.optimizer, ext.optimizer)
+    return ["ddc-bench", "--multirun", *overrides, f"optimizer={choice}",
             f"lr_mult={ext.lr_mult:g}", "seed=" + ",".join(str(s) for s in seeds)]
 
 
@@ -192,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"smallest lr_mult to try (default {DEFAULT_FLOOR:g})")
     parser.add_argument("--metric", default=None,
                         help="validation metric to select on (default: the task's)")
+    parser.add_argument("--choice", action="append", default=[], metavar="NAME=CONFIG",
+                        help="run optimizer NAME's extensions with optimizer=CONFIG (when "
+                             "its runs came from a config of another name)")
     parser.add_argument("--stat", default="final", choices=("final", "best"),
                         help="select on the final value or the best over the run")
     parser.add_argument("--launch", action="store_true",
@@ -201,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[sweep_extend] error: {args.results} is not a folder (give a sweep's "
               f"results_dir)", file=sys.stderr)
         return 2
+    bad = [c for c in args.choice if c.count("=") != 1 or not all(c.split("="))]
+    if bad:
+        print(f"[sweep_extend] error: --choice {bad[0]!r}: expected NAME=CONFIG, e.g. "
+              f"ddc_muon=ddc_muon_ns", file=sys.stderr)
+        return 2
+    choices = dict(c.split("=") for c in args.choice)
     select, seeds_of = folder_selector(args.results, args.metric, args.stat)
 
     def record(ext: Extension) -> None:
@@ -211,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(entry) + "\n")
 
     def launch(ext: Extension) -> None:
-        cmd = command_for(ext, overrides, seeds_of(ext.optimizer))
+        cmd = command_for(ext, overrides, seeds_of(ext.optimizer), choices)
         print("[sweep_extend] " + shlex.join(cmd), flush=True)
         # The running interpreter's ddc_bench, not whatever `ddc-bench` is on PATH (none is
         # when the venv is not activated, as under `make paper-cpu`).
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             grids, selected = select()
             made = plan_extensions(grids, selected, args.cap, args.floor)
             for ext in made:
-                print(shlex.join(command_for(ext, overrides, seeds_of(ext.optimizer))))
+                print(shlex.join(command_for(ext, overrides, seeds_of(ext.optimizer), choices)))
             flags = edge_flags(grids, selected, args.cap, args.floor)
             if not made:
                 print("[sweep_extend] every selection is inside its grid or at a bound")

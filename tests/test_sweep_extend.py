@@ -77,6 +77,11 @@ def test_on_a_results_folder_prints_then_launches_and_records(tmp_path, capsys, 
     out = capsys.readouterr().out
     assert "ddc-bench --multirun experiment=x optimizer=adamw lr_mult=4 seed=0,1" in out
     assert "optimizer=ddc" not in out
+    # an optimizer whose runs came from a config of another name is extended with that config
+    assert se.main([str(root), "--choice", "adamw=adamw_variant", "--", "experiment=x"]) == 0
+    assert "experiment=x optimizer=adamw_variant lr_mult=4 seed=0,1" in capsys.readouterr().out
+    assert se.main([str(root), "--choice", "adamw", "--", "experiment=x"]) == 2
+    assert "expected NAME=CONFIG" in capsys.readouterr().err
 
     launched = []
 
