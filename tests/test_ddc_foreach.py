@@ -179,10 +179,12 @@ def test_cg_rotation_solve_equals_reference(case, cifar_root):
     else:
         model, batches = float64_case(case, cifar_root, STEPS)
         worst, runs = deviation(model, batches, logits_loss, lr=1e-3, weight_decay=0.1, rotation_solve="cg")
-    solves = runs[1][1]._fast_plan.rotation_solves
-    assert worst <= TOLERANCE, f"{case}: fast (cg) vs reference {worst:.2e}, {solves}"
-    if case != "dead-units":  # (no rotation gauge)
-        assert solves["cg"] >= 1, solves
+    opt = runs[1][1]
+    ages = [int(st[k]) for st in opt.state.values() for k in st if str(k).startswith("ddc_rotation_age")]
+    assert worst <= TOLERANCE, f"{case}: fast (cg) vs reference {worst:.2e}, basis ages {ages}"
+    wide = [g for g in opt._frame.rotation_gauges if g.block > 2]
+    if wide:  # CG ran: the bases were taken at the first step and used for the others
+        assert ages and min(ages) == STEPS, ages
 
 
 def _without_key_bias(runs):
