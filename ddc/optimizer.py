@@ -306,7 +306,7 @@ class DDC(Optimizer):
         (canonical coordinates). 0.0 without stored bases. A host read, off the hot path."""
         frame = self._frame
         bases = self._rotation_bases()
-        if not frame.rotation_gauges or any(b is None for b in bases):
+        if not any(b is not None for b in bases):
             return 0.0
         layout = self._layout_on(frame.params[0].device)
         points = self._centred_points()
@@ -319,7 +319,7 @@ class DDC(Optimizer):
         grads = [g if f is None else g / f for g, f in zip(grads, factors)]
         worst = 0.0
         for r, members in enumerate(layout.rotations):
-            if members[0].member.block == 2:
+            if bases[r] is None:   # RoPE pairs (closed form), or no basis yet
                 continue
             gram, rhs = F.rotation_system([m.get(grads[m.index]) for m in members],
                                           [m.get(points[m.index]) for m in members])
