@@ -347,27 +347,40 @@ class DDC(Optimizer):
         return [self.state[param].get(key) if param is not None and param in self.state else None
                 for param, key in self._rotation_anchors]
 
-    def _rotation_refresh(self) -> bool:
+    def _rotation_refresh(self) -> bool | torch.Tensor:
         """Whether this step takes fresh bases by ``eigh`` (the fixed schedule: every
         ``rotation_refresh_every`` steps, or where a gauge has none). The ages are CPU
-        counters: reading them is no device synchronisation."""
+        counters: reading them is no device synchronisation. Traced by ``torch.compile``
+        the answer is a 0-d bool tensor (no read; the step branches with ``torch.cond``)."""
+        ages = []
         for (param, key), gauge in zip(self._rotation_anchors, self._frame.rotation_gauges):
             if param is None or gauge.block == 2:   # RoPE pairs: closed form, no basis
                 continue
             age = self.state[param].get(_age_key(key)) if param in self.state else None
-            if key not in self.state.get(param, {}) or age is None or int(age) >= self.rotation_refresh_every:
+            if key not in self.state.get(param, {}) or age is None:
                 return True
-        return False
+            ages.append(age)
+        if not ages:
+            return False
+        if torch.compiler.is_compiling():
+            return (torch.stack(ages) >= self.rotation_refresh_every).any()
+        return any(int(age) >= self.rotation_refresh_every for age in ages)
 
-    def _store_rotation_bases(self, bases: list[torch.Tensor | None], refreshed: bool) -> None:
+    def _store_rotation_bases(self, bases: list[torch.Tensor | None], refreshed: bool | torch.Tensor) -> None:
         for (param, key), basis in zip(self._rotation_anchors, bases):
             if param is None or basis is None:
                 continue
             state = self.state[param]
             state[key] = basis
-            if refreshed or _age_key(key) not in state:
+            if _age_key(key) not in state:
                 state[_age_key(key)] = torch.tensor(0.0)
-            state[_age_key(key)] += 1
+            age = state[_age_key(key)]
+            if isinstance(refreshed, torch.Tensor):
+                age.copy_(torch.where(refreshed, 1.0, age + 1))
+            elif refreshed:
+                age.fill_(1.0)
+            else:
+                age += 1
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, except that the log-scales stay float64 (torch would

@@ -266,14 +266,15 @@ def _base_directions(layout: StepLayout, spec: _Spec, options: list[ParamOptions
 
 
 def _remove_dead(layout: StepLayout, points: list[torch.Tensor], deltas: list[torch.Tensor | None],
-                 bases: list[torch.Tensor | None], refresh: bool, rotation_solve: str, cg_steps: int
-                 ) -> list[torch.Tensor | None]:
+                 bases: list[torch.Tensor | None], refresh: bool | torch.Tensor, rotation_solve: str,
+                 cg_steps: int) -> list[torch.Tensor | None]:
     """Step 4, in place on ``deltas``: the vocabulary mean and the component along every
     head-rotation orbit removed. Gauges of one block size whose members have the same
     shapes are stacked into one call of the rules (:func:`ddc.functional.rotation_system`,
     then the generator, then :func:`ddc.functional.apply_generator`). Returns the rotation
     bases (``rotation_solve="cg"``: fresh ones from ``eigh`` where ``refresh`` or none is
-    stored, else the stored ones, used for ``cg_steps`` CG iterations)."""
+    stored, else the stored ones, used for ``cg_steps`` CG iterations; ``refresh`` a 0-d
+    bool tensor when traced by ``torch.compile``: then both run under ``torch.cond``)."""
     for i in layout.centred:
         deltas[i].sub_(deltas[i].mean(dim=0, keepdim=True))
     bases = list(bases)
@@ -283,18 +284,20 @@ def _remove_dead(layout: StepLayout, points: list[torch.Tensor], deltas: list[to
             xs = [torch.cat([m[k].get(points[m[k].index]) for m in members]) for k in range(len(members[0]))]
             ds = [torch.cat([m[k].get(deltas[m[k].index]) for m in members]) for k in range(len(members[0]))]
             gram, rhs = F.rotation_system(ds, xs)
+            stored = rotation_solve == "cg" and all(bases[r] is not None for r in batch)
             if block == 2:
                 generator = F.pair_generator(gram, rhs, groups=len(batch))
-            elif rotation_solve == "cg" and not refresh and all(bases[r] is not None for r in batch):
+            elif stored and isinstance(refresh, torch.Tensor):
+                # Traced by torch.compile: the schedule's flag is a tensor, both branches in the graph.
+                generator, basis = torch.cond(refresh, _eigh_branch, functools.partial(_cg_branch, cg_steps),
+                                              (gram, rhs, torch.cat([bases[r] for r in batch])))
+                _split_bases(layout, batch, basis, bases)
+            elif stored and not refresh:
                 generator = F.lyapunov_skew_cg(torch.cat([bases[r] for r in batch]), gram, rhs, cg_steps)
             else:
-                generator, eigvecs = F.lyapunov_skew(gram, rhs)
+                generator, basis = _eigh_branch(gram, rhs)
                 if rotation_solve == "cg":
-                    # Row-major, as a basis loaded from a checkpoint is: the CG's products
-                    # would otherwise round differently in the run and after a resume.
-                    for r, part in zip(batch, eigvecs.contiguous().split(
-                            [layout.rotation_blocks(r) for r in batch])):
-                        bases[r] = part.clone()
+                    _split_bases(layout, batch, basis, bases)
             projected = F.apply_generator(ds, xs, generator)
             start = 0
             for r, m in zip(batch, members):
@@ -303,6 +306,29 @@ def _remove_dead(layout: StepLayout, points: list[torch.Tensor], deltas: list[to
                     deltas[blocks.index] = blocks.set(deltas[blocks.index], projected[k][start:start + size])
                 start += size
     return bases
+
+
+def _eigh_branch(gram: torch.Tensor, rhs: torch.Tensor, basis: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The so(d) generator by ``eigh`` and its eigenbasis (row-major, as a basis loaded
+    from a checkpoint is: the CG's products would otherwise round differently in the run
+    and after a resume)."""
+    generator, eigvecs = F.lyapunov_skew(gram, rhs)
+    return generator, eigvecs.contiguous()
+
+
+def _cg_branch(cg_steps: int, gram: torch.Tensor, rhs: torch.Tensor, basis: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The so(d) generator by ``cg_steps`` CG iterations in ``basis`` (kept)."""
+    return F.lyapunov_skew_cg(basis, gram, rhs, cg_steps), basis.clone()
+
+
+def _split_bases(layout: StepLayout, batch: list[int], basis: torch.Tensor, bases: list[torch.Tensor | None]
+                 ) -> None:
+    """Each gauge's slice of the stacked ``basis`` into ``bases`` (own copies: a saved view
+    would save the whole stacked tensor)."""
+    for r, part in zip(batch, basis.split([layout.rotation_blocks(r) for r in batch])):
+        bases[r] = part.clone()
 
 
 def _same_shapes(layout: StepLayout, gauges: list[int], points: list[torch.Tensor]) -> list[list[int]]:
@@ -316,7 +342,8 @@ def _same_shapes(layout: StepLayout, gauges: list[int], points: list[torch.Tenso
 
 def _middle(layout: StepLayout, spec: _Spec, options: list[ParamOptions], state: BaseState,
             points: list[torch.Tensor], grads: list[torch.Tensor], log_scales: torch.Tensor, work: torch.dtype,
-            freeze: bool, bases: list[torch.Tensor | None], refresh: bool, rotation_solve: str, cg_steps: int
+            freeze: bool, bases: list[torch.Tensor | None], refresh: bool | torch.Tensor, rotation_solve: str,
+            cg_steps: int
             ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     """Steps 1 to 4 after the frame is known (one kernel): the canonical point and gradient
     (:func:`_canonical`), the base step (:func:`_base_directions`), its dead components

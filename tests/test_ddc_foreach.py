@@ -241,9 +241,10 @@ def test_frozen_member_falls_back_to_the_reference_path():
 @pytest.mark.slow
 @pytest.mark.parametrize("foreach", [True, False])
 def test_compiled_step_runs_and_matches_eager(foreach):
-    """``torch.compile(opt.step)`` on a model with every gauge kind runs (it graph-breaks at
-    the host reads of the balancing solve and of Adam's step counters, and falls back to
-    eager there) and gives the eager step's parameters. Slow: compiling takes ~40 s."""
+    """``torch.compile(opt.step)`` on a model with every gauge kind runs from the first step
+    (which graph-breaks at the host reads of the first step's adaptive balancing solve and
+    the reference path's step counters, and falls back to eager there) and gives the eager
+    step's parameters. Slow: compiling takes ~40 s."""
     torch.manual_seed(0)
     model = TinyTransformer(mlp="swiglu")
     batches = make_batches(model, 2)
@@ -274,7 +275,7 @@ COMPILED_TOLERANCE = 1e-12
 def test_compile_option_matches_eager_and_does_not_recompile(base, rotation_solve, cifar_root):
     """``DDC(compile=True)`` computes the eager batched step's parameters (float64, GPT
     tiny with every gauge kind of the task model, both bases, both rotation solves: with
-    ``cg`` the so(d) projections run eagerly between two kernels), under an lr that changes
+    ``cg`` the so(d) projections' fixed CG runs inside the kernel), under an lr that changes
     every step (a scheduler), and compiles only in its first steps: the numbers that change
     every step reach the kernels as tensors, not as constants that would force a
     recompilation each step. Slow: compiling the kernels takes about a minute."""
