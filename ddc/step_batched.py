@@ -439,8 +439,11 @@ def multi_tensor_step(layout: StepLayout, params: list[torch.Tensor], grads: lis
             # The stored frame moves equivariantly with the trajectory: a fixed number of
             # Newton steps from it keeps the step exact, and needs no host read. With
             # dead_mode "freeze" the last step left that frame canonical for the parameters
-            # as they are now (to its re-balancing's residual), so one round confirms it;
-            # "free" moves the frame every step and takes the full schedule.
+            # as they are now (to its re-balancing's residual), so the closed-form step alone
+            # (``balance_steps_before`` = 0 Newton rounds) keeps it there: measured on GPT
+            # small, 777 of the step's 1293 operators were the balancing, a third of them
+            # this solve's Newton round; "free" moves the frame every step and takes the
+            # full schedule.
             kappa, active, start = first
             before = (opts.balance_steps_before if freeze else schedule[0], schedule[1])
             log_scales = kernels.balance(layout, log_scales, *reduced, kappa, active, start, *before)

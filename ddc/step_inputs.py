@@ -75,7 +75,7 @@ class StepOptions:
     balance_max_iter: int
     balance_steps: int | None = None      # the fixed schedule's counts (None: the defaults)
     balance_cg_steps: int | None = None
-    balance_steps_before: int = 1          # rounds at the start of a step in "freeze"
+    balance_steps_before: int = 0          # Newton rounds at the start of a step in "freeze"
     rotation_solve: str = "eigh"           # or "cg"
     rotation_cg_steps: int = 16
     compiled: bool = False
