@@ -71,12 +71,18 @@ class _Blocks:
 
 
 
+def _block_shape(member: RotationMember) -> tuple[int, int, int]:
+    """``(n_blocks, block, rest)``: the shape of ``member``'s block view."""
+    param = member.param
+    return (member.perm.numel() // member.block, member.block, param.numel() // param.shape[member.axis])
+
+
 class StepLayout:
     """Index tensors and groupings of one DDC instance's gauges, built once per device.
 
     ``scales``: the scale gauges' :class:`~ddc.balancing.ScaleSystem`; ``rotations[r]``:
-    the members of rotation gauge ``r`` as :class:`_Blocks`; ``rotation_by_block``: block
-    size -> the rotation gauges of that size; ``pool_members[i]``: the rotation members of
+    the members of rotation gauge ``r`` as :class:`_Blocks`; ``rotation_batches``:
+    (block size, rotation gauges stacked into one solve); ``pool_members[i]``: the rotation members of
     parameter ``i`` (its second moment is pooled over their blocks); ``centred``: the
     parameters centred on axis 0 (logit shift)."""
 
@@ -89,10 +95,13 @@ class StepLayout:
         self.rotations: list[list[_Blocks]] = []
         for gauge in frame.rotation_gauges:
             self.rotations.append([_Blocks(m, frame.index[m.param]) for m in gauge.members])
-        self.rotation_by_block: dict[int, list[int]] = {}
-        for r, gauge in enumerate(frame.rotation_gauges):
-            self.rotation_by_block.setdefault(gauge.block, []).append(r)
         self.pool_members = {i: [_Blocks(m, i) for m in members] for i, members in frame.rotation_of.items()}
+        #: The rotation gauges in batches of one block size whose members have the same block
+        #: shapes (a model's layers): the batched step stacks each batch into one solve.
+        batches: dict[tuple, list[int]] = {}
+        for r, gauge in enumerate(frame.rotation_gauges):
+            batches.setdefault((gauge.block, tuple(_block_shape(m) for m in gauge.members)), []).append(r)
+        self.rotation_batches: list[tuple[int, list[int]]] = [(key[0], rs) for key, rs in batches.items()]
         self.centred = sorted(frame.centred)
 
     def rotation_blocks(self, r: int) -> int:

@@ -278,33 +278,33 @@ def _remove_dead(layout: StepLayout, points: list[torch.Tensor], deltas: list[to
     for i in layout.centred:
         deltas[i].sub_(deltas[i].mean(dim=0, keepdim=True))
     bases = list(bases)
-    for block, gauges in layout.rotation_by_block.items():
-        for batch in _same_shapes(layout, gauges, points):
-            members = [layout.rotations[r] for r in batch]
-            xs = [torch.cat([m[k].get(points[m[k].index]) for m in members]) for k in range(len(members[0]))]
-            ds = [torch.cat([m[k].get(deltas[m[k].index]) for m in members]) for k in range(len(members[0]))]
-            gram, rhs = F.rotation_system(ds, xs)
-            stored = rotation_solve == "cg" and all(bases[r] is not None for r in batch)
-            if block == 2:
-                generator = F.pair_generator(gram, rhs, groups=len(batch))
-            elif stored and isinstance(refresh, torch.Tensor):
-                # Traced by torch.compile: the schedule's flag is a tensor, both branches in the graph.
-                generator, basis = torch.cond(refresh, _eigh_branch, functools.partial(_cg_branch, cg_steps),
-                                              (gram, rhs, torch.cat([bases[r] for r in batch])))
+    for block, batch in layout.rotation_batches:
+        # one stacked solve per batch of gauges with equal block shapes (layout.rotation_batches)
+        members = [layout.rotations[r] for r in batch]
+        xs = [torch.cat([m[k].get(points[m[k].index]) for m in members]) for k in range(len(members[0]))]
+        ds = [torch.cat([m[k].get(deltas[m[k].index]) for m in members]) for k in range(len(members[0]))]
+        gram, rhs = F.rotation_system(ds, xs)
+        stored = rotation_solve == "cg" and all(bases[r] is not None for r in batch)
+        if block == 2:
+            generator = F.pair_generator(gram, rhs, groups=len(batch))
+        elif stored and isinstance(refresh, torch.Tensor):
+            # Traced by torch.compile: the schedule's flag is a tensor, both branches in the graph.
+            generator, basis = torch.cond(refresh, _eigh_branch, functools.partial(_cg_branch, cg_steps),
+                                          (gram, rhs, torch.cat([bases[r] for r in batch])))
+            _split_bases(layout, batch, basis, bases)
+        elif stored and not refresh:
+            generator = F.lyapunov_skew_cg(torch.cat([bases[r] for r in batch]), gram, rhs, cg_steps)
+        else:
+            generator, basis = _eigh_branch(gram, rhs)
+            if rotation_solve == "cg":
                 _split_bases(layout, batch, basis, bases)
-            elif stored and not refresh:
-                generator = F.lyapunov_skew_cg(torch.cat([bases[r] for r in batch]), gram, rhs, cg_steps)
-            else:
-                generator, basis = _eigh_branch(gram, rhs)
-                if rotation_solve == "cg":
-                    _split_bases(layout, batch, basis, bases)
-            projected = F.apply_generator(ds, xs, generator)
-            start = 0
-            for r, m in zip(batch, members):
-                size = layout.rotation_blocks(r)
-                for k, blocks in enumerate(m):
-                    deltas[blocks.index] = blocks.set(deltas[blocks.index], projected[k][start:start + size])
-                start += size
+        projected = F.apply_generator(ds, xs, generator)
+        start = 0
+        for r, m in zip(batch, members):
+            size = layout.rotation_blocks(r)
+            for k, blocks in enumerate(m):
+                deltas[blocks.index] = blocks.set(deltas[blocks.index], projected[k][start:start + size])
+            start += size
     return bases
 
 
@@ -329,15 +329,6 @@ def _split_bases(layout: StepLayout, batch: list[int], basis: torch.Tensor, base
     would save the whole stacked tensor)."""
     for r, part in zip(batch, basis.split([layout.rotation_blocks(r) for r in batch])):
         bases[r] = part.clone()
-
-
-def _same_shapes(layout: StepLayout, gauges: list[int], points: list[torch.Tensor]) -> list[list[int]]:
-    """``gauges`` in batches whose members have the same block shapes (a model's layers)."""
-    by: dict[tuple, list[int]] = {}
-    for r in gauges:
-        key = tuple((b.get(points[b.index]).shape, points[b.index].dtype) for b in layout.rotations[r])
-        by.setdefault(key, []).append(r)
-    return list(by.values())
 
 
 def _middle(layout: StepLayout, spec: _Spec, options: list[ParamOptions], state: BaseState,
