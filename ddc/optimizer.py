@@ -100,8 +100,8 @@ class DDC(Optimizer):
             Defaults (``None``): in float64, 4 rounds and CG iterations twice the longest
             chain of coupled gauges, at least 8; in float32, 2 rounds and that chain's
             length, at least 4 (measured: ``docs/ddc.md``). In dead_mode ``"freeze"`` the
-            solve at the start of a step takes one round: the last step left the frame
-            canonical.
+            solve at the start of a step is the closed-form step alone (one round with
+            bf16/fp16 gauged parameters): the last step left the frame canonical.
         reference_norm: ρ, the one absolute scale of the canonical frame (see
             ``docs/ddc.md``, "The canonical point"): where one side of a scale gauge
             coordinate is zero (a zero-initialised readout or down projection, a dead unit)
