@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .gauges import Gauge, LogitShift, RotationGauge, RotationMember, ScaleGauge, from_blocks, to_blocks
+from .gauges import Gauge, LogitShift, RotationGauge, RotationMember, ScaleGauge
 
-__all__ = ["Frame", "pool_over_blocks"]
+__all__ = ["Frame"]
 
 
 class Frame:
@@ -118,8 +118,3 @@ class Frame:
                       f"to that residual. Raise balance_max_iter (warned once).", RuntimeWarning,
                       stacklevel=4)
 
-
-def pool_over_blocks(x: torch.Tensor, member: RotationMember) -> torch.Tensor:
-    """Average ``x`` over each rotation block (the entries one orthogonal map mixes)."""
-    blocks = to_blocks(x, member)
-    return from_blocks(blocks.mean(dim=1, keepdim=True).expand_as(blocks), member, into=x)

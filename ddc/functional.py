@@ -6,10 +6,9 @@ See ``docs/ddc.md`` for how they fit together. Shapes are noted per function.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-
 import torch
 
+from .balancing import canonical_levels, closed_form_step, min_norm_log_scales  # the balancing rule
 from .muon_kernels import adjust_lr, zeropower_via_newtonschulz  # torch's Muon kernels, vendored
 
 __all__ = [
@@ -17,7 +16,13 @@ __all__ = [
     "init_muon_state",
     "canonical_levels",
     "closed_form_step",
+    "pool_blocks",
+    "rotation_system",
+    "pair_generator",
+    "apply_generator",
     "lyapunov_skew",
+    "lyapunov_skew_cg",
+    "lyapunov_residual",
     "adam_update",
     "muon_update",
     "orthogonalize_svd",
@@ -43,38 +48,6 @@ def init_muon_state(state: dict, like: torch.Tensor, dtype: torch.dtype | None =
     """Muon's state (the momentum buffer), created once, like ``like`` (in ``dtype`` if given)."""
     if "momentum_buffer" not in state:
         state["momentum_buffer"] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
-
-
-# ------------------------------------------------------------------------ the canonical point
-
-def canonical_levels(grow0: torch.Tensor, shrink0: torch.Tensor, live: torch.Tensor, level: float,
-                     zero_level: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The canonical-point rule (:func:`min_norm_log_scales`): per scale coordinate its
-    level ``κ`` and whether it is active, from its grow and shrink sides ``A``, ``B`` at any
-    log-scales (what is read is invariant under the coordinate's own scaling). ``live``:
-    ``κ`` where both sides are non-zero (the gauge's level times ``ρ²``); where one side is
-    zero (``√(AB) ≤ zero_level·ρ²``) ``κ = ±ρ²`` puts the other at squared norm ``ρ²``;
-    coordinates with both sides exactly zero are inactive. ``level`` is ``ρ²``."""
-    degenerate = (grow0 * shrink0).sqrt() <= zero_level * level
-    kappa = torch.where(degenerate, torch.where(grow0 >= shrink0, level, -level), live)
-    active = (grow0 > 0) | (shrink0 > 0)
-    return kappa, active
-
-
-def closed_form_step(grow: torch.Tensor, shrink: torch.Tensor, kappa: torch.Tensor, active: torch.Tensor
-                     ) -> torch.Tensor:
-    """The change of each log-scale that solves its own canonical-point equation
-    ``A·e^{2δ} − B·e^{−2δ} = κ`` exactly, the other coordinates held (``A``, ``B``: the
-    grow and shrink sides now). With ``x = e^{2δ}``: ``A x² − κ x − B = 0``, whose positive
-    root is taken in the form that does not cancel (``κ ≥ 0``: ``(κ + √(κ² + 4AB)) / 2A``;
-    else ``2B / (√(κ² + 4AB) − κ)``), which also covers a zero side (κ then puts the other
-    at ``|κ|``). Inactive coordinates (both sides zero) do not move. Where no parameter
-    couples two gauges this is the canonical point in one evaluation; it is a function of
-    invariants at an equivariant start, so equivariant."""
-    tiny = torch.finfo(grow.dtype).tiny
-    disc = torch.sqrt(kappa * kappa + 4 * grow * shrink)
-    x = torch.where(kappa >= 0, (kappa + disc) / (2 * grow).clamp_min(tiny), 2 * shrink / (disc - kappa).clamp_min(tiny))
-    return torch.where(active, 0.5 * torch.log(x.clamp_min(tiny)), 0.0)
 
 
 def adam_update(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
@@ -152,173 +125,59 @@ def muon_update(grad: torch.Tensor, momentum_buffer: torch.Tensor, lr: float, mo
     return ortho.view(grad.shape).to(grad.dtype).mul_(-adjusted_lr)
 
 
-def min_norm_log_scales(reduced_sq: list[torch.Tensor], axes: list[list[tuple[int, int]]],
-                        sizes: list[int], log_scales: list[torch.Tensor], tol: float,
-                        max_iter: int, reference_norm: float = 1.0,
-                        zero_level: float = 0.0,
-                        levels: list[float] | None = None) -> tuple[list[torch.Tensor], int, list[int]]:
-    """Kempf–Ness: the log-scales moving a point to the canonical point of its orbit under
-    a torus of scale gauges, by a damped Newton method.
-
-    The point is given by one tensor per parameter, ``reduced_sq[p]``: its squared entries
-    summed over every axis no gauge scales, leaving one or two gauged axes.
-    ``axes[p]`` lists, for those axes in order, ``(gauge, sign)``: the gauge scaling that
-    axis and the exponent (+1 or -1). Gauge ``g`` has ``sizes[g]`` coordinates; its
-    coordinate ``i`` multiplies the slices ``i`` of its members by ``exp(sign · s_g[i])``.
-
-    Canonical point (see ``docs/ddc.md``, "The canonical point"): the minimiser of the
-    convex function ``F(s) = ‖S(s)·θ‖² − 2 Σ_i κ_i s_i``; at it ``A_i − B_i = κ_i`` (A, B the
-    scaled squared norms of the growing (+1) and shrinking (−1) slices of coordinate i; a
-    moment-map level set). With ``ρ = reference_norm``:
-
-    * both sides non-zero: ``κ_i = levels[g] · ρ²`` (``levels`` default 0: *balanced*,
-      ``A_i = B_i``, the minimum-norm point; a norm gain uses 1: the gain keeps its natural
-      scale while its consumers' columns are small, and the rule is continuous as they
-      go to zero);
-    * one side zero (no minimum-norm point: the norm decreases forever along the orbit):
-      ``κ_i = ±ρ²``, which puts the non-zero side at squared norm ``ρ²``. Which side is zero
-      is gauge-invariant, so the rule is. "Zero" means ``√(A_i B_i)`` (invariant under the
-      coordinate's own scaling) at most ``zero_level · ρ²``: a readout centred after a
-      logit shift is zero only up to round-off;
-    * both sides exactly zero: nothing to scale; the coordinate keeps its value.
-
-    Newton: gradient ``∂F/∂s_i = 2(A_i − B_i − κ_i)``, Hessian applied matrix-free (diagonal
-    ``4(A_i + B_i)`` plus the couplings through parameters scaled along two axes), each
-    Newton system solved by Jacobi-preconditioned conjugate gradients, then a backtracking
-    line search on ``F``. Stops when the largest Newton step is below ``tol`` (log-scale
-    units) or after ``max_iter`` Newton steps. Deep chains of overlapping gauges, which make
-    coordinate-wise balancing crawl (hundreds of sweeps), take a handful of Newton steps.
-
-    Starts from ``log_scales`` (warm start, not modified); returns the new log-scales, the
-    number of Newton steps taken and the gauges still moving by more than ``tol`` when
-    ``max_iter`` ran out (empty when the solve converged). Everything is float64.
-    """
-    s = [x.clone() for x in log_scales]
-    if not sizes:
-        return s, 0, []
-    level = reference_norm ** 2
-    offsets = [0]
-    for n in sizes:
-        offsets.append(offsets[-1] + n)
-
-    def scaled(state: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for x, param_axes in zip(reduced_sq, axes):
-            factors = [torch.exp(2 * sign * state[g]) for g, sign in param_axes]
-            out.append(factors[0] * x if len(factors) == 1 else factors[0][:, None] * x * factors[1][None, :])
-        return out
-
-    def sides(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        grow = torch.zeros(offsets[-1], dtype=torch.float64, device=s[0].device)
-        shrink = torch.zeros_like(grow)
-        for x, param_axes in zip(xs, axes):
-            for pos, (g, sign) in enumerate(param_axes):
-                norms = x if x.ndim == 1 else x.sum(dim=1 - pos)
-                (grow if sign > 0 else shrink)[offsets[g]:offsets[g + 1]] += norms
-        return grow, shrink
-
-    # Which coordinates are degenerate does not depend on s (scaling never makes zero non-zero).
-    grow0, shrink0 = sides(reduced_sq)
-    if levels is None:
-        live = torch.zeros_like(grow0)
-    else:
-        live = torch.cat([torch.full((n,), float(lv) * level, dtype=torch.float64, device=grow0.device)
-                          for n, lv in zip(sizes, levels)])
-    kappa, active = canonical_levels(grow0, shrink0, live, level, zero_level)
-
-    def flat(state: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(state)
-
-    def split(vector: torch.Tensor) -> list[torch.Tensor]:
-        return [vector[offsets[g]:offsets[g + 1]] for g in range(len(sizes))]
-
-    def objective(state: list[torch.Tensor]) -> float:
-        return float(sum(x.sum() for x in scaled(state)) - 2 * (kappa * flat(state)).sum())
-
-    def hessian_vector(xs: list[torch.Tensor], diag: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = diag * v
-        parts = split(v)
-        for x, param_axes in zip(xs, axes):
-            if len(param_axes) == 2:
-                (g, a), (h, b) = param_axes
-                out[offsets[g]:offsets[g + 1]] += 4 * a * b * (x @ parts[h])
-                out[offsets[h]:offsets[h + 1]] += 4 * a * b * (x.T @ parts[g])
-        return out
-
-    for newton in range(1, max_iter + 1):
-        xs = scaled(s)
-        grow, shrink = sides(xs)
-        grad = torch.where(active, 2 * (grow - shrink - kappa), torch.zeros_like(grow))
-        diag = 4 * (grow + shrink)
-        precond = torch.where(active, 1 / diag.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(diag))
-        step = _conjugate_gradient(lambda v: hessian_vector(xs, diag, v), -grad, precond,
-                                   max_iter=max(50, 4 * len(sizes)), atol=1e-3 * tol)
-        largest = float(step.abs().max())
-        if largest <= tol:
-            return s, newton, []
-        # Backtracking line search: the exponentials make full Newton steps from far away
-        # overshoot. Small steps are taken whole: there the decrease of F is below its
-        # round-off, so comparing values of F would only stall the solve.
-        t = 1.0
-        if largest > 0.1:
-            f0, slope = objective(s), float(grad @ step)
-            while objective([a + t * b for a, b in zip(s, split(step))]) > f0 + 1e-4 * t * slope and t > 1e-6:
-                t *= 0.5
-        s = [a + t * b for a, b in zip(s, split(step))]
-    return s, max_iter, [g for g, part in enumerate(split(step)) if part.numel() and float(part.abs().max()) * t > tol]
+def pool_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """The rotation-pooled second moment: ``blocks`` (n_blocks, block, rest) averaged over
+    each block (the entries one orthogonal map mixes), as VectorAdam pools a vector's
+    coordinates, which makes Adam's preconditioner rotation-invariant."""
+    return blocks.mean(dim=1, keepdim=True).expand_as(blocks)
 
 
-def _conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor,
-                        precond: torch.Tensor, max_iter: int, atol: float, rtol: float = 1e-14) -> torch.Tensor:
-    """Preconditioned conjugate gradients for ``apply(x) = rhs`` (symmetric positive
-    semi-definite; coordinates where ``precond`` is zero stay zero). Stops when the
-    residual is below ``rtol`` of the right-hand side, or when the preconditioned residual
-    (the Jacobi estimate of the remaining correction) is below ``atol``: a warm-started
-    solve already at its tolerance costs one product."""
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
-    z = precond * r
-    p = z.clone()
-    rz = float(r @ z)
-    stop = rtol * float(rhs.abs().max())
-    for _ in range(max_iter):
-        if float(r.abs().max()) <= stop or float(z.abs().max()) <= atol:
-            break
-        ap = apply(p)
-        curvature = float(p @ ap)
-        if curvature <= 0:
-            break
-        alpha = rz / curvature
-        x += alpha * p
-        r -= alpha * ap
-        z = precond * r
-        rz_new = float(r @ z)
-        p = z + (rz_new / rz) * p
-        rz = rz_new
-    return x
+def rotation_system(deltas: list[torch.Tensor], points: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The so(block) projection's equation per block: ``M = Σ_m X Xᵀ`` and ``C − Cᵀ`` with
+    ``C = Σ_m Δ Xᵀ`` (tensors (n_blocks, block, rest_m) per member ``m``)."""
+    gram = sum(torch.bmm(x, x.transpose(1, 2)) for x in points)
+    cross = sum(torch.bmm(d, x.transpose(1, 2)) for d, x in zip(deltas, points))
+    return gram, cross - cross.transpose(1, 2)
 
 
-def remove_rotation_component(deltas: list[torch.Tensor], points: list[torch.Tensor]) -> list[torch.Tensor]:
+def pair_generator(gram: torch.Tensor, rhs: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """The so(2) solution of ``A M + M A = rhs`` (RoPE pairs): so(2) is one-dimensional,
+    ``A = a·J``, and ``J M + M J = tr(M)·J`` for symmetric M, so ``A = rhs / tr(M)``; pairs
+    with a trace below 1e-12 of the gauge's largest move nothing. The stack holds
+    ``groups`` gauges of equal size one after the other (the floor is per gauge, so
+    stacking gauges changes nothing)."""
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    per_gauge = trace.abs().reshape(groups, -1).amax(dim=1, keepdim=True)
+    floor = (per_gauge * 1e-12 + torch.finfo(gram.dtype).tiny).expand(groups, trace.shape[0] // groups).reshape(-1)
+    trace, floor = trace[:, None, None], floor[:, None, None]
+    return torch.where(trace > floor, rhs / trace.clamp_min(floor), torch.zeros_like(rhs))
+
+
+def apply_generator(deltas: list[torch.Tensor], points: list[torch.Tensor], generator: torch.Tensor
+                    ) -> list[torch.Tensor]:
+    """``Δ − A X`` per member: the deltas without their component along the orbit."""
+    return [d - torch.bmm(generator, x) for d, x in zip(deltas, points)]
+
+
+def remove_rotation_component(deltas: list[torch.Tensor], points: list[torch.Tensor], groups: int = 1
+                              ) -> list[torch.Tensor]:
     """Remove from ``deltas`` their component along the orbit of a block rotation group.
 
     Each tensor is shaped (n_blocks, block, rest_m): member ``m`` of the gauge, with block
     ``b`` of every member rotated by the same ``R_b``. The orbit's tangent at ``points``
     is ``{(A_b X_{m,b})_m : A_b antisymmetric}``; the orthogonal projection of ``deltas``
     onto it solves, per block, the Lyapunov equation ``A M + M A = C − Cᵀ`` with
-    ``M = Σ_m X Xᵀ`` and ``C = Σ_m Δ Xᵀ``. Solved in M's eigenbasis; rotation-equivariant
-    because every quantity maps by ``R`` under a rotation of the inputs.
+    ``M = Σ_m X Xᵀ`` and ``C = Σ_m Δ Xᵀ`` (:func:`rotation_system`): in closed form for
+    pairs (:func:`pair_generator`), else in M's eigenbasis (:func:`lyapunov_skew`).
+    Rotation-equivariant because every quantity maps by ``R`` under a rotation of the
+    inputs. ``groups``: the stacks hold that many gauges of equal size one after the other.
     """
-    gram = sum(x @ x.transpose(1, 2) for x in points)
-    cross = sum(d @ x.transpose(1, 2) for d, x in zip(deltas, points))
-    rhs = cross - cross.transpose(1, 2)
+    gram, rhs = rotation_system(deltas, points)
     if gram.shape[-1] == 2:
-        # so(2) is one-dimensional: A = a·J, and J M + M J = tr(M)·J for symmetric M.
-        trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).unsqueeze(-1)
-        floor = trace.abs().amax() * 1e-12 + torch.finfo(gram.dtype).tiny
-        generator = torch.where(trace > floor, rhs / trace.clamp_min(floor), torch.zeros_like(rhs))
-        return [d - generator @ x for d, x in zip(deltas, points)]
-    generator = lyapunov_skew(gram, rhs)[0]
-    return [d - generator @ x for d, x in zip(deltas, points)]
+        generator = pair_generator(gram, rhs, groups)
+    else:
+        generator = lyapunov_skew(gram, rhs)[0]
+    return apply_generator(deltas, points, generator)
 
 
 def lyapunov_skew(gram: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,3 +191,60 @@ def lyapunov_skew(gram: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, 
     floor = eigvals.abs().amax(dim=-1, keepdim=True).unsqueeze(-1) * 1e-12 + torch.finfo(gram.dtype).tiny
     a_eig = torch.where(denom > floor, rhs_eig / denom.clamp_min(floor), torch.zeros_like(rhs_eig))
     return eigvecs @ a_eig @ eigvecs.transpose(1, 2), eigvecs
+
+
+def lyapunov_skew_cg(basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor, iterations: int
+                     ) -> torch.Tensor:
+    """:func:`lyapunov_skew` by ``iterations`` conjugate-gradient iterations in the
+    eigenbasis ``basis`` of an earlier ``M`` (no host reads: a fixed count).
+
+    Why: a batched ``eigh`` is the costliest op of the step where heads are large (CUDA,
+    144 matrices 64×64: 122 ms, against 2 ms for a fused AdamW step of the whole model),
+    while ``M`` moves little per step. In ``V = basis`` the operator ``A ↦ M̂A + AM̂``
+    (``M̂ = VᵀMV``) is nearly diagonal on skew matrices, with diagonal ``M̂_ii + M̂_jj``; CG
+    preconditioned by it converges in a few iterations, each one batched matrix product
+    (``AM̂ = -(M̂A)ᵀ`` for skew ``A``). Equivariant for any count: under a rotation ``R`` of
+    the gauge the stored basis maps to ``R V`` (up to the signs ``eigh`` picks, which the
+    diagonal preconditioner does not see), so every iterate maps by ``R``. How close the
+    count gets is certified off the hot path (:func:`lyapunov_residual`). Pairs of
+    directions with ``M̂_ii + M̂_jj`` below 1e-12 of the largest are not moved, as
+    :func:`lyapunov_skew` floors them."""
+    vt = basis.transpose(1, 2)
+    m = vt @ gram @ basis
+    m = 0.5 * (m + m.transpose(1, 2))
+    r = vt @ rhs @ basis
+    r = 0.5 * (r - r.transpose(1, 2))   # skew to the last bit: CG cannot reduce a symmetric part
+    d = m.diagonal(dim1=1, dim2=2)
+    pair = d.unsqueeze(-1) + d.unsqueeze(-2)
+    floor = d.abs().amax(dim=-1, keepdim=True).unsqueeze(-1) * 1e-12 + torch.finfo(m.dtype).tiny
+    inv = torch.where(pair > floor, 1.0 / pair.clamp_min(floor), torch.zeros_like(pair))
+    tiny = torch.finfo(m.dtype).tiny
+
+    def apply(a: torch.Tensor) -> torch.Tensor:
+        ma = m @ a
+        return ma - ma.transpose(1, 2)
+
+    x = r * inv                     # exact if M has not moved since the basis was taken
+    r = r - apply(x)
+    z = r * inv
+    p = z
+    rz = (r * z).sum((1, 2))
+    for _ in range(iterations):
+        q = apply(p)
+        curvature = (p * q).sum((1, 2))
+        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), 0.0)
+        x = x + alpha[:, None, None] * p
+        r = r - alpha[:, None, None] * q
+        z = r * inv
+        rz_new = (r * z).sum((1, 2))
+        p = z + (rz_new / torch.where(rz != 0, rz, 1.0))[:, None, None] * p
+        rz = rz_new
+    return basis @ x @ vt
+
+
+def lyapunov_residual(gram: torch.Tensor, rhs: torch.Tensor, generator: torch.Tensor) -> torch.Tensor:
+    """``max_b ‖A M + M A − rhs‖ / ‖rhs‖`` over the stack (0 where ``rhs`` is 0): how well
+    ``generator`` solves the so(d) projection's equation (a certificate, off the hot path)."""
+    err = (generator @ gram + gram @ generator - rhs).square().sum((1, 2)).sqrt()
+    size = rhs.square().sum((1, 2)).sqrt()
+    return torch.where(size > 0, err / size.clamp_min(torch.finfo(size.dtype).tiny), err).amax()

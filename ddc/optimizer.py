@@ -33,12 +33,13 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from . import fast
 from . import functional as F
 from .muon_kernels import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS as MUON_EPS
-from .frame import Frame, pool_over_blocks
-from .gauges import Gauge, from_blocks, to_blocks
+from .frame import Frame
+from .gauges import Gauge
+from .layout import StepLayout
 from .param_groups import param_groups
+from .step import BaseState, FrameState, MuonOptions, ParamOptions, StepOptions, base_step, ddc_step
 from .verify import unwrap_model, verify_declarations
 
 BASES = ("adam", "muon")
@@ -46,6 +47,11 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 DEAD_MODES = ("freeze", "free")
 ORTHOGONALIZERS = ("svd", "newton_schulz")
 ROTATION_SOLVES = ("eigh", "cg")
+
+
+def _age_key(basis_key: str) -> str:
+    """The state key of a rotation basis's age (steps since its eigh), beside the basis."""
+    return basis_key.replace("ddc_rotation_basis", "ddc_rotation_age")
 
 
 class DDC(Optimizer):
@@ -97,15 +103,17 @@ class DDC(Optimizer):
             Defaults (``None``): in float64, 4 rounds and CG iterations twice the longest
             chain of coupled gauges, at least 8; in float32, 2 rounds and that chain's
             length, at least 4 (measured: ``docs/ddc.md``). In dead_mode ``"freeze"`` the
-            solve at the start of a step takes one round: the last step left the frame
-            canonical.
+            solve at the start of a step is the closed-form step alone (one round with
+            bf16/fp16 gauged parameters): the last step left the frame canonical.
         reference_norm: ρ, the one absolute scale of the canonical frame (see
             ``docs/ddc.md``, "The canonical point"): where one side of a scale gauge
             coordinate is zero (a zero-initialised readout or down projection, a dead unit)
             the non-zero side gets norm ρ; a norm gain's side exceeds its consumers' by ρ²
             in squared norm (``ScaleGauge.level``).
-        foreach: ``True`` (default): the batched step (``ddc/fast.py``); ``False``: the
-            readable reference step, one parameter at a time. Both compute the same step.
+        foreach: ``True`` (default): the batched step (``ddc/step_batched.py``);
+            ``False``: the readable reference step (``ddc/step_reference.py``), one
+            parameter at a time. Both compute the same step, through one function
+            (:func:`ddc.step.ddc_step`) and the same rules.
         compile: with ``foreach``, run the batched step's tensor work through
             ``torch.compile`` (``docs/ddc.md``, "The batched step"): faster steps after a
             one-off compilation at the first step (tens of seconds on a CPU); the same
@@ -113,13 +121,16 @@ class DDC(Optimizer):
         rotation_solve: how the batched step solves the so(d) projection of head
             rotations with blocks wider than 2 (a Lyapunov equation per head):
             ``"eigh"`` (default), a batched eigendecomposition every step, as the
-            reference; ``"cg"``: conjugate gradients preconditioned by the eigenbasis of
-            an earlier step (``eigh`` again only when they do not converge in a few
-            iterations). The same step to round-off; ``"cg"`` is much faster where the
-            batched ``eigh`` is slow (CUDA, heads wider than 32: ``docs/ddc.md``, "The
-            batched step"), but keeps that basis, ``d × d`` per head, in the optimizer
-            state (so a resumed run continues identically): more than the per-row
-            vectors the default keeps beyond AdamW's state.
+            reference; ``"cg"``: ``rotation_cg_steps`` conjugate-gradient iterations
+            preconditioned by the eigenbasis of an earlier step, taken afresh by ``eigh``
+            every ``rotation_refresh_every`` steps: a fixed schedule, no host reads, exactly
+            equivariant for any counts (the basis moves with the gauge); how close it comes
+            to the eigh solve is certified off the hot path (:meth:`rotation_residual`).
+            Much faster where the batched ``eigh`` is slow (CUDA, heads wider than 32:
+            ``docs/ddc.md``, "The batched step"), but keeps that basis, ``d × d`` per head,
+            in the optimizer state (so a resumed run continues identically): more than the
+            per-row vectors the default keeps beyond AdamW's state.
+        rotation_cg_steps, rotation_refresh_every: that schedule (defaults 16 and 8).
     """
 
     def __init__(
@@ -150,6 +161,8 @@ class DDC(Optimizer):
         foreach: bool = True,
         compile: bool = False,
         rotation_solve: str = "eigh",
+        rotation_cg_steps: int = 16,
+        rotation_refresh_every: int = 8,
     ) -> None:
         if base not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {base!r}")
@@ -175,6 +188,9 @@ class DDC(Optimizer):
         if any(n is not None and n < 1 for n in (balance_steps, balance_cg_steps)):
             raise ValueError(f"balance_steps and balance_cg_steps must be at least 1, or None, got "
                              f"{balance_steps} and {balance_cg_steps}")
+        if rotation_cg_steps < 0 or rotation_refresh_every < 1:
+            raise ValueError(f"rotation_cg_steps must be at least 0 and rotation_refresh_every at least 1, got "
+                             f"{rotation_cg_steps} and {rotation_refresh_every}")
         if not reference_norm > 0.0:
             raise ValueError(f"reference_norm must be positive, got {reference_norm}")
 
@@ -204,13 +220,19 @@ class DDC(Optimizer):
         self.balance_max_iter = balance_max_iter
         self.balance_steps = None if balance_steps is None else int(balance_steps)
         self.balance_cg_steps = None if balance_cg_steps is None else int(balance_cg_steps)
-        #: Rounds of the solve at the start of a step in dead_mode "freeze" (ddc/fast.py).
-        self.balance_steps_before = 1
+        #: Newton rounds of the solve at the start of a step in dead_mode "freeze" (the batched
+        #: step), after its closed-form step: 0, as the last step's re-balancing left the frame
+        #: canonical for the parameters as they are (``balance_residual`` certifies it); 1
+        #: where a gauged parameter is bf16/fp16, as rounding on the write moves it off the
+        #: canonical point (measured: bf16 Muon then differs from the reference by 2.5e-2).
+        self.balance_steps_before = 0
         self.reference_norm = reference_norm
         self.foreach = bool(foreach)
         self.compile = bool(compile)
         self.rotation_solve = rotation_solve
-        self._fast_plan: fast.FastPlan | None = None   # built at the first fast step
+        self.rotation_cg_steps = int(rotation_cg_steps)
+        self.rotation_refresh_every = int(rotation_refresh_every)
+        self._layout: StepLayout | None = None   # the gauges' layout on the parameters' device, built at the first step
         self.gauges = list(gauges or [])
         verify_declarations(model, gauges, example_input, loss)   # a false hand declaration is refused here
         self._frame = Frame(self.gauges)
@@ -235,9 +257,10 @@ class DDC(Optimizer):
             anchor = next((m for m in gauge.members if m.param in owned), None)
             self._anchors.append((anchor.param, f"ddc_log_scales_axis{anchor.axis}") if anchor else (None, ""))
         self._unanchored: dict[int, torch.Tensor] = {}
-        # The batched step's so(d) projections keep the eigenbasis of their last eigh per
-        # rotation gauge (the preconditioner of their CG, ``ddc.fast._lyapunov``) in the
-        # state of a member the optimizer owns, so a resumed run continues identically.
+        # rotation_solve="cg" keeps the eigenbasis of the last eigh per rotation gauge (the
+        # preconditioner of its CG, ``ddc.functional.lyapunov_skew_cg``) and the steps since
+        # (a CPU counter, ``..._age``) in the state of a member the optimizer owns, so a
+        # resumed run continues identically.
         self._rotation_anchors: list[tuple[torch.Tensor | None, str]] = []
         for r, gauge in enumerate(self._frame.rotation_gauges):
             anchor = next((m for m in gauge.members if m.param in owned), None)
@@ -274,15 +297,48 @@ class DDC(Optimizer):
         frame = self._frame
         if not frame.scale_gauges:
             return 0.0
-        device = frame.params[0].device
-        plan = self._fast_plan if self._fast_plan is not None and self._fast_plan.device == device \
-            else fast.FastPlan(self, device)
-        work = self._work_dtype()
-        points = [p.detach().to(work) for p in frame.params]
-        for i in plan.centred:
+        layout = self._layout_on(frame.params[0].device)
+        points = self._centred_points()
+        log_scales = torch.cat(self._log_scales).to(layout.device)
+        return float(layout.scales.residual(*layout.scales.reduce(points), log_scales, self.reference_norm ** 2,
+                                            self._zero_level()))
+
+    @torch.no_grad()
+    def rotation_residual(self) -> float:
+        """How well ``rotation_solve="cg"``'s fixed schedule solves the so(d) projections
+        at the parameters as they are now: the largest relative residual of the Lyapunov
+        equation (:func:`ddc.functional.lyapunov_residual`) left by ``rotation_cg_steps``
+        CG iterations in the stored bases, probed with the current gradients as the step
+        (canonical coordinates). 0.0 without stored bases. A host read, off the hot path."""
+        frame = self._frame
+        bases = self._rotation_bases()
+        if not any(b is not None for b in bases):
+            return 0.0
+        layout = self._layout_on(frame.params[0].device)
+        points = self._centred_points()
+        log_scales = torch.cat(self._log_scales).to(layout.device) if frame.scale_gauges else None
+        factors = layout.scales.factors(log_scales, points[0].dtype, points)[0] if log_scales is not None \
+            else [None] * len(points)
+        grads = [p.grad.detach().to(points[0].dtype) if p.grad is not None else torch.zeros_like(x)
+                 for p, x in zip(frame.params, points)]
+        points = [x if f is None else x * f for x, f in zip(points, factors)]
+        grads = [g if f is None else g / f for g, f in zip(grads, factors)]
+        worst = 0.0
+        for r, members in enumerate(layout.rotations):
+            if bases[r] is None:   # RoPE pairs (closed form), or no basis yet
+                continue
+            gram, rhs = F.rotation_system([m.get(grads[m.index]) for m in members],
+                                          [m.get(points[m.index]) for m in members])
+            generator = F.lyapunov_skew_cg(bases[r], gram, rhs, self.rotation_cg_steps)
+            worst = max(worst, float(F.lyapunov_residual(gram, rhs, generator)))
+        return worst
+
+    def _centred_points(self) -> list[torch.Tensor]:
+        """The gauged parameters in the working precision, the readouts centred."""
+        points = [p.detach().to(self._work_dtype()) for p in self._frame.params]
+        for i in self._frame.centred:
             points[i] = points[i] - points[i].mean(dim=0, keepdim=True)
-        log_scales = torch.cat(self._log_scales).to(device)
-        return float(plan.residual(*plan.reduce(points), log_scales, self.reference_norm ** 2, self._zero_level()))
+        return points
 
     @_log_scales.setter
     def _log_scales(self, values: list[torch.Tensor]) -> None:
@@ -292,26 +348,67 @@ class DDC(Optimizer):
             else:
                 self.state[param][key] = value
 
+    def _rotation_bases(self) -> list[torch.Tensor | None]:
+        """The stored eigenbasis of each rotation gauge (``rotation_solve="cg"``; None where none)."""
+        return [self.state[param].get(key) if param is not None and param in self.state else None
+                for param, key in self._rotation_anchors]
+
+    def _rotation_refresh(self) -> bool | torch.Tensor:
+        """Whether this step takes fresh bases by ``eigh`` (the fixed schedule: every
+        ``rotation_refresh_every`` steps, or where a gauge has none). The ages are CPU
+        counters: reading them is no device synchronisation. Traced by ``torch.compile``
+        the answer is a 0-d bool tensor (no read; the step branches with ``torch.cond``)."""
+        ages = []
+        for (param, key), gauge in zip(self._rotation_anchors, self._frame.rotation_gauges):
+            if param is None or gauge.block == 2:   # RoPE pairs: closed form, no basis
+                continue
+            age = self.state[param].get(_age_key(key)) if param in self.state else None
+            if key not in self.state.get(param, {}) or age is None:
+                return True
+            ages.append(age)
+        if not ages:
+            return False
+        if torch.compiler.is_compiling():
+            return (torch.stack(ages) >= self.rotation_refresh_every).any()
+        return any(int(age) >= self.rotation_refresh_every for age in ages)
+
+    def _store_rotation_bases(self, bases: list[torch.Tensor | None], refreshed: bool | torch.Tensor) -> None:
+        for (param, key), basis in zip(self._rotation_anchors, bases):
+            if param is None or basis is None:
+                continue
+            state = self.state[param]
+            state[key] = basis
+            if _age_key(key) not in state:
+                state[_age_key(key)] = torch.tensor(0.0)
+            age = state[_age_key(key)]
+            if isinstance(refreshed, torch.Tensor):
+                age.copy_(torch.where(refreshed, 1.0, age + 1))
+            elif refreshed:
+                age.fill_(1.0)
+            else:
+                age += 1
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, except that the log-scales stay float64 (torch would
-        cast them to the parameter's dtype), so a resumed run continues with identical steps."""
+        cast them to the parameter's dtype) and the rotation bases' ages stay CPU counters,
+        so a resumed run continues with identical steps."""
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         by_id = dict(zip(saved_ids, params))
-        scales = {(i, key): value for i, st in state_dict["state"].items() for key, value in st.items()
-                  if isinstance(key, str) and key.startswith("ddc_log_scales")}
-        bases = {(i, key): value for i, st in state_dict["state"].items() for key, value in st.items()
-                 if isinstance(key, str) and key.startswith("ddc_rotation_basis")}
+        kept = {(i, key): value for i, st in state_dict["state"].items() for key, value in st.items()
+                if isinstance(key, str) and key.startswith(("ddc_log_scales", "ddc_rotation_"))}
         super().load_state_dict(state_dict)
-        for (i, key), value in scales.items():
-            if i in by_id:
-                p = by_id[i]
-                self.state[p][key] = value.detach().to(dtype=torch.float64, device=p.device).clone()
-        for (i, key), value in bases.items():  # in their own (working) precision, as saved
-            if i in by_id:
-                self.state[by_id[i]][key] = value.detach().to(device=by_id[i].device).clone()
-        if self._fast_plan is not None:
-            self._fast_plan.rotation_basis.clear()
+        for (i, key), value in kept.items():
+            if i not in by_id:
+                continue
+            p = by_id[i]
+            if key.startswith("ddc_log_scales"):
+                value = value.detach().to(dtype=torch.float64, device=p.device)
+            elif key.startswith("ddc_rotation_age"):
+                value = value.detach().to(device="cpu")
+            else:  # a basis, in its own (working) precision, as saved
+                value = value.detach().to(device=p.device)
+            self.state[p][key] = value.clone()
 
     def _muon_momentum(self, group: dict[str, Any]) -> float:
         """Muon's momentum for ``group``. Schedulers that cycle momentum (OneCycleLR,
@@ -329,21 +426,43 @@ class DDC(Optimizer):
         role = group.get("role")
         return role == "matrix" if role is not None else p.ndim >= 2
 
-    def _base_update(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor,
-                     grad_sq: torch.Tensor | None = None) -> torch.Tensor:
-        """The base optimizer's step for ``p`` from ``grad`` (canonical coordinates), with
-        state created lazily and advanced in place. Weight decay is not included."""
-        state = self.state[p]
+    def _options(self, group: dict[str, Any], p: torch.Tensor) -> ParamOptions:
+        """The numbers of ``p``'s step (its group's, now: a scheduler may have changed them)."""
+        muon = None
         if self._uses_muon(group, p):
-            F.init_muon_state(state, grad)
-            return F.muon_update(grad, state["momentum_buffer"], group["lr"], self._muon_momentum(group),
-                                 group["nesterov"], self.orthogonalizer, group["ns_coefficients"],
-                                 group["ns_steps"], group["ns_eps"], group["adjust_lr_fn"])
-        F.init_adam_state(state, grad)
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        return F.adam_update(grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
-                             group["lr"], beta1, beta2, group["eps"], grad_sq)
+            muon = MuonOptions(self._muon_momentum(group), group["nesterov"], self.orthogonalizer,
+                               tuple(group["ns_coefficients"]), group["ns_steps"], group["ns_eps"],
+                               group["adjust_lr_fn"])
+        return ParamOptions(group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"], muon)
+
+    def _base_state(self, params: list[torch.Tensor], likes: list[torch.Tensor | None], options: list[Any],
+                    dtype: torch.dtype | None = None) -> BaseState:
+        """The base state of ``params`` as lists, created (:func:`ddc.functional.init_adam_state`
+        / ``init_muon_state``, like ``likes[i]`` in ``dtype``) for each with a ``likes`` entry."""
+        state = BaseState([], [], [], [])
+        for p, like, o in zip(params, likes, options):
+            st = self.state[p] if like is not None else {}
+            if like is not None:
+                (F.init_muon_state if o.muon is not None else F.init_adam_state)(st, like, dtype)
+            state.exp_avgs.append(st.get("exp_avg"))
+            state.exp_avg_sqs.append(st.get("exp_avg_sq"))
+            state.steps.append(st.get("step"))
+            state.momentum_buffers.append(st.get("momentum_buffer"))
+        return state
+
+    def _layout_on(self, device: torch.device) -> StepLayout:
+        if self._layout is None or self._layout.device != device:
+            self._layout = StepLayout(self._frame, device)
+        return self._layout
+
+    def _step_options(self) -> StepOptions:
+        return StepOptions(work=self._work_dtype(), freeze=self.dead_mode == "freeze",
+                           reference_norm=self.reference_norm, zero_level=self._zero_level(),
+                           balance_tol=self._balance_tol(), balance_max_iter=self.balance_max_iter,
+                           balance_steps=self.balance_steps, balance_cg_steps=self.balance_cg_steps,
+                           balance_steps_before=max(self.balance_steps_before, int(any(
+                               p.dtype in _LOW_PRECISION for p in self._frame.params))), rotation_solve=self.rotation_solve,
+                           rotation_cg_steps=self.rotation_cg_steps, compiled=self.compile)
 
     # ------------------------------------------------------------------------------ step
 
@@ -356,37 +475,46 @@ class DDC(Optimizer):
                 loss = closure()
 
         frame = self._frame
-        group_of: dict[int, dict[str, Any]] = {}
-        plain: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        gauged_options: list[ParamOptions | None] = [None] * len(frame.params)
+        plain: list[torch.Tensor] = []
+        plain_options: list[ParamOptions] = []
         for group in self.param_groups:
             for p in group["params"]:
                 i = frame.index.get(p)
                 if i is not None:
-                    group_of[i] = group
-                    continue
-                if p.grad is None:
-                    continue
-                if self.foreach:
-                    plain.append((p, group))
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("DDC does not support sparse gradients")
-                # No gauge acts on p: exactly the base optimizer's step (for bf16/fp16
-                # parameters computed, and its state kept, in float32; at lr 0 the state
-                # advances and nothing moves).
-                grad = p.grad.float() if p.grad.dtype in _LOW_PRECISION else p.grad
-                update = self._base_update(p, group, grad)
-                if group["lr"] != 0:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(update.to(p.dtype))
+                    gauged_options[i] = self._options(group, p)
+                elif p.grad is not None:
+                    plain.append(p)
+                    plain_options.append(self._options(group, p))
 
         if plain:
-            fast.plain_step(self, plain)
-        if any(p.grad is not None for i, p in enumerate(frame.params) if i in group_of):
-            if self.foreach and fast.fast_supported(self, group_of):
-                fast.gauged_step(self, group_of)
-            else:
-                self._gauged_step(group_of)
+            # No gauge acts on these: exactly the base optimizer's step (for bf16/fp16
+            # parameters computed, and its state kept, in float32).
+            grads = [p.grad.float() if p.grad.dtype in _LOW_PRECISION else p.grad for p in plain]
+            state = self._base_state(plain, grads, plain_options)
+            base_step(plain, [p.grad for p in plain], plain_options, state, foreach=self.foreach)
+        grads = [p.grad if o is not None else None for p, o in zip(frame.params, gauged_options)]
+        if any(g is not None for g in grads):
+            work = self._work_dtype()
+            layout = self._layout_on(frame.params[0].device)
+            state = self._base_state(frame.params, [p.detach() if g is not None else None
+                                                    for p, g in zip(frame.params, grads)],
+                                     gauged_options, work)
+            rotation = self.rotation_solve == "cg" and self.foreach
+            refresh = rotation and self._rotation_refresh()
+            log_scales = torch.cat(self._log_scales).to(layout.device) if frame.scale_gauges \
+                else torch.zeros(0, dtype=torch.float64, device=layout.device)
+            frame_state = FrameState(log_scales, self._frame_initialised(),
+                                     self._rotation_bases() if rotation else [None] * len(frame.rotation_gauges),
+                                     refresh)
+            report = ddc_step(layout, frame.params, grads, gauged_options, state, frame_state,
+                              self._step_options(), foreach=self.foreach)
+            if frame.scale_gauges:
+                self._log_scales = [x.clone() for x in report.log_scales.split(layout.scales.sizes)]
+            if rotation:
+                self._store_rotation_bases(report.rotation_bases, refresh)
+            frame.warn_unsettled(report.unsettled, self._balance_tol(), self.balance_max_iter)
+            self.last_balance_sweeps = report.sweeps
         return loss
 
     def _balance_tol(self) -> float:
@@ -399,103 +527,33 @@ class DDC(Optimizer):
         parameter is float64, else float32 (bfloat16 and float16 parameters included)."""
         return torch.float64 if any(p.dtype == torch.float64 for p in self._frame.params) else torch.float32
 
-    def _to_canonical(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None], dict[int, torch.Tensor],
-                                     list[torch.Tensor | None], int]:
-        """Step 1: the canonical points and gradients of every gauged parameter (in the
-        working precision), the readout means taken out, the scale factors ``S`` and the
-        number of Newton steps the balancing took. Updates the stored frame (warm start)."""
+    def _canonical_grads(self) -> list[torch.Tensor | None]:
+        """The gradients of every gauged parameter as the base step sees them (working
+        precision, readout gradients centred, divided by the scale frame ``S``, which is
+        solved here and stored: the warm start of the coming step)."""
         frame = self._frame
         work = self._work_dtype()
-        points = [p.detach().to(work, copy=True) for p in frame.params]
         grads = [p.grad.detach().to(work) if p.grad is not None else None for p in frame.params]
-        means: dict[int, torch.Tensor] = {}
         for i in frame.centred:
-            means[i] = points[i].mean(dim=0, keepdim=True)
-            points[i] -= means[i]
             if grads[i] is not None:
                 grads[i] = grads[i] - grads[i].mean(dim=0, keepdim=True)
-        sweeps = 0
-        if frame.scale_gauges:
-            self._log_scales, sweeps = frame.solve_scales(points, self._log_scales, self._balance_tol(),
-                                                          self.balance_max_iter, self.reference_norm,
-                                                          self._zero_level())
-        scales = [frame.scale_tensor(i, self._log_scales, points[i]) for i in range(len(frame.params))]
-        for i, s in enumerate(scales):
-            if s is not None:
-                points[i] = points[i] * s
-                if grads[i] is not None:
-                    grads[i] = grads[i] / s
-        return points, grads, means, scales, sweeps
+        if not frame.scale_gauges:
+            return grads
+        layout = self._layout_on(frame.params[0].device)
+        system = layout.scales
+        r1, xs = system.reduce(self._centred_points())
+        warm = torch.cat(self._log_scales).to(layout.device)
+        level = self.reference_norm ** 2
+        s, _, unsettled = system.solve(r1, xs, warm, self._balance_tol(), self.balance_max_iter,
+                                       system.first_system(r1, xs, warm, level, self._zero_level()))
+        frame.warn_unsettled(unsettled, self._balance_tol(), self.balance_max_iter)
+        self._log_scales = [x.clone() for x in s.split(system.sizes)]
+        factors = system.factors(s, work, [p.detach() for p in frame.params])[0]
+        return [g if g is None or f is None else g / f for g, f in zip(grads, factors)]
 
     def _zero_level(self) -> float:
         # A side of a scale coordinate counts as zero below √eps of the working precision.
         return torch.finfo(self._work_dtype()).eps ** 0.5
-
-    def _gauged_step(self, group_of: dict[int, dict[str, Any]]) -> None:
-        frame = self._frame
-        params = frame.params
-        freeze = self.dead_mode == "freeze"
-        points, grads, means, scales, sweeps_before = self._to_canonical()
-
-        # Parameters that move: owned by the optimizer, with a gradient, in a group with lr > 0.
-        # The others stay exactly where they are, as with torch's optimizers (frozen or
-        # grad-None parameters also keep their state; lr-0 groups advance it, as AdamW does).
-        stepped = [i in group_of and grads[i] is not None for i in range(len(params))]
-        moving = [stepped[i] and group_of[i]["lr"] != 0 for i in range(len(params))]
-        if not any(stepped):
-            return
-
-        # 2-3. Weight decay and the base step, in canonical coordinates.
-        deltas = []
-        for i, p in enumerate(params):
-            if not stepped[i]:
-                deltas.append(torch.zeros_like(points[i]))
-                continue
-            group = group_of[i]
-            points[i].mul_(1 - group["lr"] * group["weight_decay"])
-            pooled = None
-            if i in frame.rotation_of and not self._uses_muon(group, p):
-                pooled = grads[i] * grads[i]
-                for member in frame.rotation_of[i]:
-                    pooled = pool_over_blocks(pooled, member)
-            delta = self._base_update(p, group, grads[i], pooled)
-            deltas.append(delta if moving[i] else torch.zeros_like(delta))
-
-        # 4. Dead directions: no translation, no rotation, no rescaling.
-        if freeze:
-            for i in frame.centred:
-                deltas[i] = deltas[i] - deltas[i].mean(dim=0, keepdim=True)
-            for gauge in frame.rotation_gauges:
-                idx = [frame.index[m.param] for m in gauge.members]
-                projected = F.remove_rotation_component(
-                    [to_blocks(deltas[i], m) for i, m in zip(idx, gauge.members)],
-                    [to_blocks(points[i], m) for i, m in zip(idx, gauge.members)],
-                )
-                for i, m, d in zip(idx, gauge.members, projected):
-                    deltas[i] = from_blocks(d, m, into=deltas[i])
-        new_points = [x + d for x, d in zip(points, deltas)]
-        sweeps_after = 0
-        # Re-balancing rescales every member of a gauge; with a member that must stay fixed
-        # (frozen, no gradient, lr 0) the step skips it: still equivariant, not drift-free.
-        scaled_all_moving = all(moving[i] for i in frame.scale_axes)
-        if freeze and frame.scale_gauges and scaled_all_moving:
-            zeros = [torch.zeros_like(s) for s in self._log_scales]
-            back, sweeps_after = frame.solve_scales(new_points, zeros, self._balance_tol(), self.balance_max_iter,
-                                                    self.reference_norm, self._zero_level())
-            for i in range(len(params)):
-                s = frame.scale_tensor(i, back, new_points[i])
-                if s is not None:
-                    new_points[i] = new_points[i] * s
-
-        # 5. Back to the model's coordinates (only the parameters that move are written).
-        for i, p in enumerate(params):
-            if not moving[i]:
-                continue
-            x = new_points[i] if scales[i] is None else new_points[i] / scales[i]
-            if i in means:
-                x = x + means[i]
-            p.copy_(x)
-        self.last_balance_sweeps = (sweeps_before, sweeps_after)
 
     # -------------------------------------------------------------------------- clipping
 
@@ -533,7 +591,7 @@ class DDC(Optimizer):
             for g in grads.values()]), norm_type)
         frame = self._frame
         if any(p in grads for p in frame.params):
-            canonical = self._to_canonical()[1]
+            canonical = self._canonical_grads()
             for p, g in zip(frame.params, canonical):
                 if p in grads and g is not None:
                     grads[p] = g

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from ddc_bench import perf
+from ddc_bench.perf import setup as perf
 from ddc_models import HOST_READS, count_step  # tests/ddc_models.py: the counter the tests use
 
 
