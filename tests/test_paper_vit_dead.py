@@ -33,7 +33,8 @@ def test_designs_keep_what_the_claim_depends_on(experiment, scale):
         assert cfg.task.data.eval_examples is not None  # what the table states is what was used
         assert "target" not in cfg.task or cfg.task.target.value is None
     else:
-        assert cfg.task.model.mlp == "swiglu" and cfg.diagnostics.probe_batch >= 8
+        # ReLU units: the kind the read rule's predicted order holds for (dead_rates.yaml)
+        assert cfg.task.model.mlp == "relu" and cfg.diagnostics.probe_batch >= 8
         assert (cfg.steps or 10000) // cfg.diagnostics.every >= 10  # a trajectory to fit
 
 
