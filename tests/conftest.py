@@ -29,9 +29,19 @@ PYTHON = sys.executable
 DDC_BENCH_SCRIPT = Path(sys.executable).parent / "ddc-bench"
 
 
-def config_names(group: str) -> list[str]:
-    """The options of a config group, read from ``configs/<group>/`` (new ones included)."""
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+def config_names(group: str, variants: bool = False) -> list[str]:
+    """The options of a config group, read from ``configs/<group>/`` (new ones included).
+    A *variant* (a file whose ``defaults`` list extends a sibling, e.g. ddc_muon_ns.yaml)
+    runs under its parent's name and is left out unless ``variants``: the matrix and
+    resume tests run its parent, and tests/test_recipes.py checks what it changes."""
+    import yaml
+
+    names = []
+    for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
+        defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults") or []
+        if variants or not any(isinstance(d, str) and d != "_self_" for d in defaults):
+            names.append(path.stem)
+    return names
 
 
 # --------------------------------------------------------------------------------------

@@ -88,3 +88,14 @@ def test_task_recipe_applies_to_its_task_only_and_the_command_line_wins() -> Non
     assert resnet["lr"] == 0.1 and resnet["weight_decay"] == 1e-4
     assert resnet != default
     assert optimizer_cfg("sgd", "resnet_cifar", "optimizer.lr=0.05")["lr"] == 0.05
+
+
+@pytest.mark.parametrize("task", ["grok_modadd", "gpt_lm"])
+def test_ddc_muon_ns_is_ddc_muon_with_muons_orthogonaliser(task: str) -> None:
+    """grok_depth's matched DDC-Muon: ddc_muon.yaml, named ddc_muon (its runs land where
+    ddc_muon's do), with muon's Newton-Schulz instead of the exact svd default."""
+    base, variant = optimizer_cfg("ddc_muon", task), optimizer_cfg("ddc_muon_ns", task)
+    assert base["orthogonalizer"] == "svd" and variant["orthogonalizer"] == "newton_schulz"
+    assert variant["name"] == "ddc_muon"
+    assert {k: v for k, v in variant.items() if k != "orthogonalizer"} == \
+        {k: v for k, v in base.items() if k != "orthogonalizer"}
