@@ -141,6 +141,8 @@ def _eval_text(task: str, info: dict[str, Any]) -> str:
         return f"evaluated on all {info['val_size']} validation equations"
     if info.get("eval_size"):
         return f"evaluated on {info['eval_size']} validation examples"
+    if task == "vit_cifar" and info.get("eval_examples"):
+        return f"evaluated on {info['eval_examples']} validation images"
     return "evaluation size not recorded"
 
 
