@@ -452,15 +452,8 @@ def iter_unfinished_runs(root: str | os.PathLike) -> Iterator[Path]:
 
 def last_logged_step(folder: str | os.PathLike) -> int | None:
     """The last ``step`` in a run folder's ``metrics.jsonl`` (None when there is none)."""
-    path = Path(folder) / METRICS_FILE
-    step = None
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                step = int(json.loads(line).get("step", step))
-            except (ValueError, TypeError, AttributeError):
-                continue
-    return step
+    steps = [r["step"] for r in read_metrics(folder) if isinstance(r.get("step"), int)]
+    return steps[-1] if steps else None
 
 
 def has_checkpoint(path: str | os.PathLike) -> bool:
