@@ -142,9 +142,13 @@ def _batches(options: Sequence[ParamOptions], index: Sequence[int]) -> list[list
     return list(by.values())
 
 
-def _muon_direction(i: int, grad: torch.Tensor, options: ParamOptions, state: BaseState) -> torch.Tensor:
+def _muon_direction(i: int, grad: torch.Tensor, options: ParamOptions, state: BaseState,
+                    lr: Any = None) -> torch.Tensor:
+    """Muon's direction of parameter ``i``; ``lr`` (default ``options.lr``) a 0-d tensor in
+    the compiled step, where a Python number would be compiled in as a constant."""
     muon = options.muon
-    return F.muon_update(grad, state.momentum_buffers[i], options.lr, muon.momentum, muon.nesterov,
+    lr = options.lr if lr is None else lr
+    return F.muon_update(grad, state.momentum_buffers[i], lr, muon.momentum, muon.nesterov,
                          muon.orthogonalizer, muon.ns_coefficients, muon.ns_steps, muon.eps, muon.adjust_lr_fn)
 
 
@@ -182,6 +186,7 @@ class _Spec(NamedTuple):
     no_decay: list[bool]
     adam: list[tuple[list[int], _AdamGroup]]
     muon: list[int]
+    muon_lr: list[Any]  # per entry of ``muon``: its lr (0-d tensors when compiled)
 
 
 def _spec(options: list[ParamOptions], state: BaseState, compiled: bool, device: torch.device) -> _Spec:
@@ -195,7 +200,11 @@ def _spec(options: list[ParamOptions], state: BaseState, compiled: bool, device:
     groups = [(ks, _AdamGroup(options[ks[0]], [state.exp_avgs[i] for i in ks], [state.exp_avg_sqs[i] for i in ks],
                               [state.steps[i] for i in ks], device if compiled else None))
               for ks in _batches(options, adam)]
-    return _Spec(decay_values, no_decay, groups, [i for i, o in enumerate(options) if o.muon is not None])
+    muon = [i for i, o in enumerate(options) if o.muon is not None]
+    muon_lr: list[Any] = [options[i].lr for i in muon]
+    if compiled and muon:
+        muon_lr = list(torch.tensor(muon_lr, dtype=torch.float64, device=device).unbind())
+    return _Spec(decay_values, no_decay, groups, muon, muon_lr)
 
 
 def _prepare(layout: StepLayout, params: list[torch.Tensor], grads: list[torch.Tensor], work: torch.dtype,
@@ -255,8 +264,8 @@ def _base_directions(layout: StepLayout, spec: _Spec, options: list[ParamOptions
     where it was added to its canonical point in place already (an Adam step nothing
     projects afterwards: no rotation, no centring, or dead_mode "free")."""
     deltas: list[torch.Tensor | None] = [None] * len(points)
-    for i in spec.muon:
-        deltas[i] = _muon_direction(i, grads[i], options[i], state)
+    for i, lr in zip(spec.muon, spec.muon_lr):
+        deltas[i] = _muon_direction(i, grads[i], options[i], state, lr)
     for index, hp in spec.adam:
         pooled = [_pooled_square(layout, i, grads[i]) for i in index]
         direct = [None if freeze and (i in layout.pool_members or i in layout.centred) else points[i] for i in index]
