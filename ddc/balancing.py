@@ -262,14 +262,26 @@ class ScaleSystem:
             out.index_add_(0, st["flat_b"], (st["coupling"] * to_b).reshape(-1))
         return out
 
-    def _levels(self, r1: torch.Tensor, xs: list[torch.Tensor], level: float, zero_level: float
+    def _levels(self, r1: torch.Tensor, xs: list[torch.Tensor], level: float, zero_level: float,
+                at: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, list[Any], torch.Tensor]]:
-        """κ and the active coordinates (the canonical-point rule, read at log-scales 0),
-        and the sides at 0 (the first Newton evaluation of a solve from zero)."""
-        at_zero = self._sides(torch.zeros(self.n, dtype=torch.float64, device=self.device), r1, xs)
-        grow0, shrink0 = at_zero[0][:self.n], at_zero[0][self.n:]
+        """κ and the active coordinates (the canonical-point rule) read at log-scales ``at``
+        (0 for None), and the sides there (the solve's first Newton evaluation).
+
+        Where to read matters where parameters couple gauges: a coordinate's ``√(AB)`` is
+        invariant under its own scaling but not under its neighbours'. A warm solve reads
+        at the stored frame, which moves with the trajectory (so the reading is as
+        equivariant as the frame) and is where the last solve left the point canonical, so
+        every solve of a step reads its degenerate set at the same, canonical, point. Read
+        at the model's own coordinates instead, a unit near the degenerate threshold was
+        degenerate to one solve and live to the next, each pulling the frame its way: the
+        frame ratcheted by ~4 log-units a step until the model's coordinates under- and
+        overflowed (DDC-Muon, grok_depth lr_mult 8, step 2510)."""
+        s = torch.zeros(self.n, dtype=torch.float64, device=self.device) if at is None else at
+        sides = self._sides(s, r1, xs)
+        grow0, shrink0 = sides[0][:self.n], sides[0][self.n:]
         kappa, active = canonical_levels(grow0, shrink0, self.levels * level, level, zero_level)
-        return kappa, active, at_zero
+        return kappa, active, sides
 
     def _system(self, s: torch.Tensor, kappa: torch.Tensor, active: torch.Tensor,
                 sides: tuple[torch.Tensor, list[Any], torch.Tensor]) -> dict[str, Any]:
@@ -294,15 +306,15 @@ class ScaleSystem:
     def _evaluate_zero(self, r1: torch.Tensor, xs: list[torch.Tensor], level: float, zero_level: float
                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """κ, the active coordinates and the Newton system at log-scales 0."""
-        kappa, active, at_zero = self._levels(r1, xs, level, zero_level)
         s = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        kappa, active, at_zero = self._levels(r1, xs, level, zero_level, s)
         return kappa, active, self._system(s, kappa, active, at_zero)
 
     def _evaluate_warm(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor], level: float,
                        zero_level: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """κ, the active coordinates and the Newton system at the warm start ``s``."""
-        kappa, active, _ = self._levels(r1, xs, level, zero_level)
-        return kappa, active, self.evaluate(s, r1, xs, kappa, active)
+        kappa, active, at_warm = self._levels(r1, xs, level, zero_level, s)
+        return kappa, active, self._system(s, kappa, active, at_warm)
 
     def objective(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor], kappa: torch.Tensor
                    ) -> torch.Tensor:
@@ -499,8 +511,10 @@ def min_norm_log_scales(reduced_sq: list[torch.Tensor], axes: list[list[tuple[in
     * one side zero (no minimum-norm point: the norm decreases forever along the orbit):
       ``κ_i = ±ρ²``, which puts the non-zero side at squared norm ``ρ²``. Which side is zero
       is gauge-invariant, so the rule is. "Zero" means ``√(A_i B_i)`` (invariant under the
-      coordinate's own scaling) at most ``zero_level · ρ²``: a readout centred after a
-      logit shift is zero only up to round-off;
+      coordinate's own scaling) at most ``zero_level · ρ²``, read at the warm start
+      ``log_scales`` (where a parameter couples two gauges the product also depends on the
+      neighbours' scales; the warm start is the frame that moves with the trajectory): a
+      readout centred after a logit shift is zero only up to round-off;
     * both sides exactly zero: nothing to scale; the coordinate keeps its value.
 
     Starts from ``log_scales`` (warm start, not modified); returns the new log-scales, the

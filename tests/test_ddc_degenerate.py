@@ -133,3 +133,36 @@ def test_level_set_of_a_norm_gain():
     degenerate, _, _ = min_norm_log_scales([gains, torch.zeros(3, dtype=torch.float64)], axes, [3], zeros,
                                            1e-13, 50, levels=[1.0])
     torch.testing.assert_close(degenerate[0], s[0], rtol=0, atol=1e-9)
+
+
+def test_degenerate_set_is_read_at_the_frame_where_gauges_couple():
+    """A chain W1 (3×4), W2 (3×3), W3 (4×3) with unit gauges g0 (rows of W1, columns of W2)
+    and g1 (rows of W2, columns of W3): W2 couples them. Unit 0 of g0 has a tiny incoming
+    row, so whether it is degenerate (√(A·B) against the zero level) depends on where g1's
+    scales stand. Solving from a warm frame ``s`` must give the same canonical point as
+    solving from 0 on the point already moved to that frame: the rule reads the degenerate
+    set at the frame. (Read in the model's own coordinates, the unit was degenerate to one
+    solve and live to the other, and the frame ratcheted by ~4 log-units a step: DDC-Muon
+    diverged at step 2510 of a depth-24 run.)"""
+    gen = torch.Generator().manual_seed(0)
+    w1 = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+    w1[0] = 1e-8                                   # unit 0's incoming squared norm
+    w2 = torch.rand(3, 3, generator=gen, dtype=torch.float64) + 0.5
+    w2[:, 0] = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)  # its outgoing column
+    w3 = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+    axes = [[(0, 1)], [(1, 1), (0, -1)], [(1, -1)]]
+    zero_level = torch.finfo(torch.float32).eps ** 0.5
+    warm = [torch.zeros(3, dtype=torch.float64), torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64)]
+    # At the raw point unit 0's √(A·B) = 1e-4 is below the zero level (3.5e-4); in the
+    # frame (g1's unit 0 scaled by e^5) it is 1.5e-2, alive.
+    moved = [w1 * torch.exp(2 * warm[0]),
+             torch.exp(2 * warm[1])[:, None] * w2 * torch.exp(-2 * warm[0])[None, :],
+             w3 * torch.exp(-2 * warm[1])]
+    zeros = [torch.zeros(3, dtype=torch.float64)] * 2
+    from_warm, _, unsettled = min_norm_log_scales([w1, w2, w3], axes, [3, 3], warm, 1e-13, 100,
+                                                  zero_level=zero_level)
+    from_frame, _, unsettled_frame = min_norm_log_scales(moved, axes, [3, 3], zeros, 1e-13, 100,
+                                                         zero_level=zero_level)
+    assert not unsettled and not unsettled_frame
+    for s, w, f in zip(from_warm, warm, from_frame):
+        assert torch.allclose(s - w, f, atol=1e-9), (s - w, f)
