@@ -544,9 +544,17 @@ class DDC(Optimizer):
         r1, xs = system.reduce(self._centred_points())
         warm = torch.cat(self._log_scales).to(layout.device)
         level = self.reference_norm ** 2
-        s, _, unsettled = system.solve(r1, xs, warm, self._balance_tol(), self.balance_max_iter,
-                                       system.first_system(r1, xs, warm, level, self._zero_level()))
-        frame.warn_unsettled(unsettled, self._balance_tol(), self.balance_max_iter)
+        first = system.first_system(r1, xs, warm, level, self._zero_level())
+        if self.foreach and self._frame_initialised():
+            # As the batched step's own solve from the stored frame (the same fixed
+            # schedule): no host read, and the step's solve then starts where this left it.
+            opts = self._step_options()
+            rounds, cg_steps = system.schedule(work, opts.balance_steps, opts.balance_cg_steps)
+            s = system.balance(warm, r1, xs, *first, opts.balance_steps_before if opts.freeze else rounds,
+                               cg_steps)
+        else:
+            s, _, unsettled = system.solve(r1, xs, warm, self._balance_tol(), self.balance_max_iter, first)
+            frame.warn_unsettled(unsettled, self._balance_tol(), self.balance_max_iter)
         self._log_scales = [x.clone() for x in s.split(system.sizes)]
         factors = system.factors(s, work, [p.detach() for p in frame.params])[0]
         return [g if g is None or f is None else g / f for g, f in zip(grads, factors)]

@@ -238,14 +238,15 @@ class StepCounter(TorchDispatchMode):
         return sum(n for name, n in self.ops.items() if name not in VIEW_OPS)
 
 
-def count_step(optimizer: torch.optim.Optimizer) -> StepCounter:
-    """The operators of one ``optimizer.step()`` on the gradients in place. The CPU
-    counters of the state (``step``, and DDC's ``ddc_rotation_age*``: steps since a
-    rotation basis was taken) are read apart, as torch's AdamW reads its step."""
+def count_step(optimizer: torch.optim.Optimizer, call=None) -> StepCounter:
+    """The operators of one ``optimizer.step()`` (or of ``call()``, for example a clip of
+    the gradients) on the gradients in place. The CPU counters of the state (``step``, and
+    DDC's ``ddc_rotation_age*``: steps since a rotation basis was taken) are read apart, as
+    torch's AdamW reads its step."""
     steps = frozenset(t.untyped_storage().data_ptr() for s in optimizer.state.values() for k, t in s.items()
                       if (k == "step" or str(k).startswith("ddc_rotation_age"))
                       and isinstance(t, torch.Tensor) and t.device.type == "cpu")
     counter = StepCounter(steps)
     with counter:
-        optimizer.step()
+        (call or optimizer.step)()
     return counter

@@ -57,6 +57,26 @@ def test_no_host_reads_after_the_first_step_and_the_frame_is_canonical(name, bas
     assert max(residuals) <= 1e-12, residuals
 
 
+@pytest.mark.parametrize("base", BASES)
+def test_clipping_in_the_canonical_frame_has_no_host_reads_after_the_first_step(base):
+    """``DDC.clip_grad_norm_`` measures the gradients in the canonical frame, which it
+    solves from the stored frame on the batched step's fixed schedule (the harness clips
+    every step by default: an adaptive solve there read the host every step)."""
+    torch.manual_seed(0)
+    model = TinyTransformer(rope="half", mlp="relu", norm="rmsnorm").double()
+    opt = DDC(model, base=base, lr=1e-2, weight_decay=0.1)
+    for k, batch in enumerate(make_batches(model, 4)):
+        opt.zero_grad()
+        classification_loss(model, batch)[0].backward()
+        if k == 3:
+            counter = count_step(opt, lambda: opt.clip_grad_norm_(0.05))
+        else:
+            opt.clip_grad_norm_(0.05)
+        opt.step()
+    assert counter.compute > 0 and counter.host_reads == 0
+    assert opt.balance_residual() <= 1e-12
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_no_host_reads_on_task_models(case, cifar_root):
     model, batches = float64_case(case, cifar_root, 4)
