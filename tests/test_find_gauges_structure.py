@@ -177,6 +177,23 @@ def test_ddc_says_once_that_declarations_without_an_example_are_not_verified(cap
     assert not any("not verified" in r.getMessage() for r in caplog.records)
 
 
+def test_the_harness_mutes_the_warning_only_where_it_verifies_the_gauges_itself(caplog):
+    """ddc-bench builds DDC before any batch exists and proves the declared gauges on the
+    first training batch (the loop's start-up check): the warning would be false there.
+    Built without the task's loss (nothing will verify them), the warning stays."""
+    from ddc_bench.optimizers import _build_ddc
+    model, _, _, _, _ = ZOO["llama_block"]()
+    true = [UnitRescale([model.w3], model.w2), NormGain(model.n2, [model.w1, model.w3])]
+    with caplog.at_level(logging.INFO, logger="ddc"):
+        built = _build_ddc(model, gauges=true, loss_fn=lambda m, b: m(b[0]).sum())
+    assert built.startup_check is not None
+    assert not any("not verified" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.INFO, logger="ddc"):
+        _build_ddc(model, gauges=true)
+    assert any("not verified" in r.getMessage() for r in caplog.records)
+    assert not logging.getLogger("ddc").filters   # the mute does not outlive the build
+
+
 def test_user_written_norm_is_declarable_by_hand():
     model = LlamaBlockLM()
     gauge = NormGain(model.n1, [model.wq, model.wkv])
