@@ -152,9 +152,10 @@ def _diag(summary: dict[str, Any], key: str) -> float:
 
 
 def _elapsed_s(summaries: list[dict[str, Any]]) -> float:
-    """Elapsed wall time of a sweep: from the first run's start to the last run's end
-    (start + wall time); NaN when no run recorded its start. Runs in parallel count once
-    here, and each in full in the summed run time."""
+    """Elapsed wall time of a sweep: the length of the union of the runs' spans (start to
+    start + wall time), so runs in parallel count once here (each in full in the summed run
+    time) and time when none ran (a sweep continued in a later session) not at all; NaN
+    when no run recorded its start."""
     spans = []
     for s in summaries:
         started = (s.get("provenance") or {}).get("started_at")
@@ -170,7 +171,12 @@ def _elapsed_s(summaries: list[dict[str, Any]]) -> float:
         spans.append((t0.timestamp(), t0.timestamp() + float(wall)))
     if not spans:
         return math.nan
-    return max(e for _, e in spans) - min(b for b, _ in spans)
+    total, reach = 0.0, -math.inf
+    for begin, end in sorted(spans):
+        if end > reach:
+            total += end - max(begin, reach)
+            reach = end
+    return total
 
 
 def _extensions(runs_dir: Path) -> tuple[list[dict[str, Any]], float]:

@@ -307,3 +307,16 @@ def test_collect_without_runs_is_one_line(tmp_path, capsys):
                        "--readme", str(tmp_path / "none.md")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "no finished run under" in err and "\n" not in err
+
+
+def test_elapsed_time_is_the_union_of_the_runs_spans():
+    """Two runs side by side count once; a gap between sessions counts not at all."""
+    from ddc_bench.paper import _elapsed_s
+
+    def run(start, wall):
+        return {"provenance": {"started_at": start}, "wall_time_s": wall}
+
+    runs = [run("2026-12-05T01:00:00+00:00", 600), run("2026-12-05T01:05:00+00:00", 600),
+            run("2026-12-05T04:00:00+00:00", 60)]
+    assert _elapsed_s(runs) == 900 + 60
+    assert math.isnan(_elapsed_s([{"wall_time_s": 5}]))
