@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .gauges import Gauge, LogitShift, RotationGauge, RotationMember, ScaleGauge
+from .gauges import Gauge, LogitShift, RotationGauge, RotationMember, ScaleGauge, SharedRotation
 
 __all__ = ["Frame"]
 
@@ -26,14 +26,14 @@ class Frame:
         self.params: list[nn.Parameter] = []           # every gauged parameter, fixed order
         self.index: dict[nn.Parameter, int] = {}
         self.scale_gauges = [g for g in gauges if isinstance(g, ScaleGauge)]
-        self.rotation_gauges = [g for g in gauges if isinstance(g, RotationGauge)]
+        self.rotation_gauges = [g for g in gauges if isinstance(g, (RotationGauge, SharedRotation))]
         self.centred: set[int] = set()                 # parameter indices centred on axis 0
         self.scale_axes: dict[int, list[tuple[int, int, int]]] = {}   # p -> [(axis, gauge, sign)]
         self.rotation_of: dict[int, list[RotationMember]] = {}   # disjoint slices of one axis
         self.warned_cap = False                        # the balancing cap warning is given once
 
         for gauge in gauges:
-            if not isinstance(gauge, (ScaleGauge, RotationGauge, LogitShift)):
+            if not isinstance(gauge, (ScaleGauge, RotationGauge, SharedRotation, LogitShift)):
                 raise TypeError(f"unsupported gauge type {type(gauge).__name__}")
             for p in gauge.parameters():
                 self._add(p)

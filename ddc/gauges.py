@@ -28,10 +28,12 @@ shape out × in):
 * :class:`QKPairScale` — under RoPE, a per-pair scale: a query pair times ``c``, its key
   pair divided by ``c`` (shared across a GQA group).
 
-The last three (:class:`SharedRotation` and :class:`QKPairScale`) are proven by
+DDC's step enforces the shared rotations like the per-head ones: the so(d) projection of
+a shared block sums the Gram and cross matrices over every block that shares it
+(:func:`ddc.functional.rotation_system`). :class:`QKPairScale` is proven by
 :func:`ddc.verify_gauges` and found by :func:`ddc.find_gauges`, but DDC's step does not
-enforce them yet: ``DDC`` refuses them by type, and ``find_gauges`` lists them as found but
-not enforced.
+enforce it yet: ``DDC`` refuses it by type, and ``find_gauges`` lists it as found but not
+enforced.
 
 Every gauge can draw a random group element (:meth:`Gauge.random_element`) and apply one
 to its parameters in place (:meth:`Gauge.act`), so equivariance and invariance can be
@@ -581,6 +583,12 @@ class SharedRotationMember:
     block: int
     share: torch.Tensor
 
+    @property
+    def perm(self) -> torch.Tensor:
+        """``positions`` under :class:`RotationMember`'s name, so the block views
+        (:func:`to_blocks`, :mod:`ddc.layout`) read both kinds of member alike."""
+        return self.positions
+
 
 @dataclass(frozen=True, eq=False)
 class SharedScaleMember:
@@ -605,8 +613,9 @@ class SharedRotation(Gauge):
     """Orthogonal matrices ``R_g`` (one per ``n_blocks``), each acting on every member block
     that shares it. The grouped-query attention gauges below are built on it.
 
-    DDC's step does not enforce this kind yet (``DDC`` refuses it by type);
-    :func:`ddc.find_gauges` proves it and reports it as found but not enforced.
+    DDC's step enforces it as it does :class:`RotationGauge`: the second moment pooled
+    over each member block, and the so(d) projection of a shared matrix solved on the
+    Gram and cross matrices summed over the blocks that share it.
     """
 
     members: list[SharedRotationMember]

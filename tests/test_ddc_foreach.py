@@ -157,6 +157,32 @@ def test_fast_step_equals_reference_elsewhere(case, base):
     assert worst <= TOLERANCE, f"{case}/{base}: fast vs reference {worst:.2e}"
 
 
+def _gqa_gauges(model):
+    """Every gauge find_gauges proves on the GQA block (structure_models.LlamaBlockLM: shared
+    query/key pair rotations under RoPE's half layout, shared value/output rotations on a
+    fused key/value projection, per-pair query/key scales, norm gains, a SwiGLU unit scale)."""
+    from ddc import find_gauges
+    from structure_models import ZOO
+
+    example = ZOO["llama_block"]()[1]
+    return list(find_gauges(model, example, loss="cross_entropy", log=False))
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("rotation_solve", ["eigh", "cg"])
+def test_fast_step_equals_reference_on_grouped_query_attention(base, rotation_solve):
+    """Shared rotations (GQA) and pair scales: the batched step stacks them with offsets
+    into one solve per batch; the reference solves each gauge alone."""
+    from structure_models import ZOO, lm_loss
+
+    model, _, _, _, batches = ZOO["llama_block"]()
+    kinds = {type(g).__name__ for g in _gqa_gauges(model)}
+    assert {"GroupedHeadRotation", "GroupedHeadRotationVO"} <= kinds, kinds
+    worst, runs = deviation(model.double(), batches[:STEPS], lm_loss, gauges=_gqa_gauges, base=base, lr=1e-2,
+                            weight_decay=0.1, rotation_solve=rotation_solve, **BASES[base])
+    assert worst <= (TOLERANCE if base == "adam" else MUON_SVD_TOLERANCE), f"GQA/{base}: {worst:.2e}"
+
+
 ROTATION_CASES = ["gpt-swiglu-rope-layernorm", "gpt-relu-norope-rmsnorm", "vit", "grok"]
 
 
