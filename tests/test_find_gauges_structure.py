@@ -229,21 +229,21 @@ def test_outcome_is_logged_once(caplog):
         found = find_gauges(model, example, loss=loss)
     warnings = [r for r in caplog.records if r.name == "ddc" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "1 proven but not enforced" in warnings[0].getMessage() and "base optimizer" in warnings[0].getMessage()
+    assert "0 proven but not enforced" in warnings[0].getMessage() and "base optimizer" in warnings[0].getMessage()
     assert any(found.uncovered[0] in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
 
 
-def test_ddc_enforces_the_grouped_rotations():
-    """The GQA rotations are enforced: ``gauges='auto'`` hands them to DDC, and declared by
-    hand DDC takes them."""
+def test_ddc_enforces_the_grouped_kinds():
+    """The GQA rotations and the RoPE pair scale are enforced: ``gauges='auto'`` hands them
+    to DDC (nothing is left in ``not_enforced``), and declared by hand DDC takes them."""
     model, example, loss, _, _ = ZOO["llama_block"]()
-    found = find_gauges(model, example, loss=loss, log=False)
-    assert not any(isinstance(g, (GroupedHeadRotation, GroupedHeadRotationVO)) for _, g, _ in found.not_enforced)
+    assert find_gauges(model, example, loss=loss, log=False).not_enforced == []
     optimizer = DDC(model, gauges="auto", example_input=example, loss=loss)
     kinds = Counter(type(g).__name__ for g in optimizer.gauges)
-    assert kinds["GroupedHeadRotation"] == 1 and kinds["GroupedHeadRotationVO"] == 1, kinds
+    assert kinds["GroupedHeadRotation"] == kinds["GroupedHeadRotationVO"] == kinds["QKPairScale"] == 1, kinds
     declared = [GroupedHeadRotation(model.wq, model.wkv, 8, 4, 2, rope="half"),
-                GroupedHeadRotationVO(model.wkv, model.wo, 8, 4, 2, v_offset=16)]
+                GroupedHeadRotationVO(model.wkv, model.wo, 8, 4, 2, v_offset=16),
+                QKPairScale(model.wq, model.wkv, 8, 4, 2, rope="half")]
     assert DDC(model, gauges=declared, example_input=example, loss=loss).gauges == declared
 
 
