@@ -22,9 +22,19 @@ KINDS = [GroupedHeadRotation, GroupedHeadRotationVO, QKPairScale]
 
 
 def _found(name):
+    """The model (float64), its gauges found once, a function giving those gauges on a copy
+    of the model (``equivariance_deviation`` copies it), the loss and the batches."""
     model, example, loss, loss_fn, batches = ZOO[name]()
-    select = lambda m: list(find_gauges(m, example, loss=loss, log=False))
-    return model.double(), select, loss_fn, batches
+    model = model.double()
+    found = find_gauges(model, example, loss=loss, log=False)
+    return model, found, lambda m: _on(model, list(found), m), loss_fn, batches
+
+
+def _on(model, gauges, copy_of_model):
+    """``gauges`` (built on ``model``) built on ``copy_of_model`` instead: a deep copy with
+    each parameter mapped to the copy's (find_gauges once, not on every copy)."""
+    memo = {id(p): q for p, q in zip(model.parameters(), copy_of_model.parameters())}
+    return copy.deepcopy(gauges, memo)
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -32,7 +42,7 @@ def _found(name):
 def test_each_grouped_kind_alone_is_enforced_exactly(kind, base):
     """DDC with only the gauges of one new kind: its trajectories from θ and from g·θ agree
     up to g (random elements of that kind); AdamW's do not, so the harness can fail."""
-    model, select_all, loss_fn, batches = _found("llama_block")
+    model, _, select_all, loss_fn, batches = _found("llama_block")
     select = lambda m: [g for g in select_all(m) if type(g) is kind]
     assert len(select(model)) == 1
     ddc = lambda m, gauges: DDC(m, gauges=gauges, base=base, lr=1e-2, weight_decay=0.1, **BASES[base])
@@ -42,13 +52,12 @@ def test_each_grouped_kind_alone_is_enforced_exactly(kind, base):
 
 
 @pytest.mark.parametrize("base", BASES)
-@pytest.mark.parametrize("name", ["llama_block", "hf_llama_gqa", "hf_llama_mqa"])
+@pytest.mark.parametrize("name", ["llama_block", "hf_llama_gqa",
+                                  pytest.param("hf_llama_mqa", marks=pytest.mark.slow)])
 def test_ddc_defaults_on_gqa_models_enforce_every_found_gauge(name, base):
     """Every gauge find_gauges proves on a GQA / MQA model is enforced (nothing in
     ``not_enforced``), and DDC with its defaults is equivariant under all of them together."""
-    model, select, loss_fn, batches = _found(name)
-    example = ZOO[name]()[1]
-    found = find_gauges(model, example, loss="cross_entropy", log=False)
+    model, found, select, loss_fn, batches = _found(name)
     assert found.not_enforced == []
     assert {type(g) for g in found} >= set(KINDS)
     ddc = lambda m, gauges: DDC(m, gauges=gauges, base=base)
@@ -90,7 +99,7 @@ def test_a_step_has_no_pair_scale_component(base):
 def test_state_dict_round_trip_continues_identically_with_gqa_gauges():
     """The pair scales' log-scales and the shared rotations' bases (``rotation_solve="cg"``)
     are saved and restored: a resumed run takes the same steps."""
-    model, select, loss_fn, batches = _found("llama_block")
+    model, _, select, loss_fn, batches = _found("llama_block")
     optimizer = DDC(model, gauges=select(model), lr=1e-2, weight_decay=0.1, rotation_solve="cg")
     train_steps(model, optimizer, batches[:3], loss_fn)
     saved_model, saved_state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
