@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .gauges import Gauge, LogitShift, RotationGauge, RotationMember, ScaleGauge
+from .gauges import (Gauge, LogitShift, QKPairScale, RotationGauge, RotationMember, ScaleGauge, SharedRotation,
+                     SharedScaleMember)
 
 __all__ = ["Frame"]
 
@@ -25,15 +26,18 @@ class Frame:
     def __init__(self, gauges: list[Gauge]) -> None:
         self.params: list[nn.Parameter] = []           # every gauged parameter, fixed order
         self.index: dict[nn.Parameter, int] = {}
-        self.scale_gauges = [g for g in gauges if isinstance(g, ScaleGauge)]
-        self.rotation_gauges = [g for g in gauges if isinstance(g, RotationGauge)]
+        self.scale_gauges = [g for g in gauges if isinstance(g, (ScaleGauge, QKPairScale))]
+        self.rotation_gauges = [g for g in gauges if isinstance(g, (RotationGauge, SharedRotation))]
         self.centred: set[int] = set()                 # parameter indices centred on axis 0
         self.scale_axes: dict[int, list[tuple[int, int, int]]] = {}   # p -> [(axis, gauge, sign)]
         self.rotation_of: dict[int, list[RotationMember]] = {}   # disjoint slices of one axis
+        # Scale gauges acting on some entries of an axis, several per coordinate
+        # (QKPairScale): p -> [(gauge, member)], one gauge and one axis per parameter.
+        self.shared_scale_of: dict[int, list[tuple[int, SharedScaleMember]]] = {}
         self.warned_cap = False                        # the balancing cap warning is given once
 
         for gauge in gauges:
-            if not isinstance(gauge, (ScaleGauge, RotationGauge, LogitShift)):
+            if not isinstance(gauge, (ScaleGauge, QKPairScale, RotationGauge, SharedRotation, LogitShift)):
                 raise TypeError(f"unsupported gauge type {type(gauge).__name__}")
             for p in gauge.parameters():
                 self._add(p)
@@ -42,6 +46,9 @@ class Frame:
                 self.centred.update(self.index[p] for p in gauge.parameters())
         for g, gauge in enumerate(self.scale_gauges):
             for m in gauge.members:
+                if isinstance(m, SharedScaleMember):
+                    self.shared_scale_of.setdefault(self.index[m.param], []).append((g, m))
+                    continue
                 axes = self.scale_axes.setdefault(self.index[m.param], [])
                 if any(axis == m.axis for axis, _, _ in axes):
                     raise ValueError(
@@ -54,9 +61,16 @@ class Frame:
                 if len(axes) > 2:
                     raise ValueError(f"a parameter of shape {tuple(m.param.shape)} is scaled along "
                                      f"more than two axes; at most two are supported")
+        self._check_shared_scales()
         for gauge in self.rotation_gauges:
             for m in gauge.members:
                 i = self.index[m.param]
+                if i in self.shared_scale_of and self.shared_scale_of[i][0][1].axis == m.axis:
+                    codes = self.shared_scale_codes(i)[m.perm.to(torch.long)].reshape(-1, m.block)
+                    if not bool((codes == codes[:, :1]).all()):
+                        raise ValueError(f"{gauge!r} rotates entries of a {tuple(m.param.shape)} parameter that "
+                                         f"a pair scale scales by different factors (a rotation block must lie "
+                                         f"within one scale coordinate's entries, or outside them)")
                 for other in self.rotation_of.get(i, []):
                     overlap = bool(set(other.perm.tolist()) & set(m.perm.tolist()))
                     if other.axis != m.axis or overlap:
@@ -66,8 +80,39 @@ class Frame:
                     raise ValueError(f"{gauge!r} rotates an axis that a scale gauge scales")
                 self.rotation_of.setdefault(i, []).append(m)
         for i in self.centred:
-            if any(axis == 0 for axis, _, _ in self.scale_axes.get(i, [])) or i in self.rotation_of:
+            if any(axis == 0 for axis, _, _ in self.scale_axes.get(i, [])) or i in self.rotation_of \
+                    or any(m.axis == 0 for _, m in self.shared_scale_of.get(i, [])):
                 raise ValueError("LogitShift's vocabulary axis may not be scaled or rotated by another gauge")
+
+    def _check_shared_scales(self) -> None:
+        """A parameter's entries scaled by a shared scale gauge (QKPairScale): one gauge on
+        one axis, disjoint entries, no other scale gauge on that axis, two scaled axes at most."""
+        for i, entries in self.shared_scale_of.items():
+            shape = tuple(self.params[i].shape)
+            if len({g for g, _ in entries}) > 1 or len({m.axis for _, m in entries}) > 1:
+                raise ValueError(f"a {shape} parameter is in two pair-scale gauges (or on two axes); "
+                                 f"at most one per parameter is supported")
+            axis = entries[0][1].axis
+            dense = self.scale_axes.get(i, [])
+            if any(a == axis for a, _, _ in dense):
+                raise ValueError(f"a pair scale scales axis {axis} of a {shape} parameter that another "
+                                 f"scale gauge already scales")
+            if len(dense) > 1:
+                raise ValueError(f"a parameter of shape {shape} is scaled along more than two axes; "
+                                 f"at most two are supported")
+            positions = torch.cat([m.positions for _, m in entries])
+            if positions.unique().numel() != positions.numel():
+                raise ValueError(f"a pair scale's members overlap on a {shape} parameter")
+
+    def shared_scale_codes(self, i: int) -> torch.Tensor:
+        """Per entry of parameter ``i``'s shared-scale axis: ``2·coordinate + (sign < 0)``
+        of the shared scale gauge that scales it, −1 where none does (CPU, long)."""
+        entries = self.shared_scale_of[i]
+        axis = entries[0][1].axis
+        codes = torch.full((self.params[i].shape[axis],), -1, dtype=torch.long)
+        for _, m in entries:
+            codes[m.positions.to(torch.long)] = 2 * m.share.to(torch.long) + int(m.sign < 0)
+        return codes
 
     def _add(self, p: nn.Parameter) -> None:
         if p not in self.index:
@@ -75,7 +120,12 @@ class Frame:
             self.params.append(p)
 
     def scale_tensor(self, i: int, log_scales: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
-        """The factor ``S`` of parameter ``i`` (broadcastable to it), or ``None`` if unscaled."""
+        """The factor ``S`` of parameter ``i`` (broadcastable to it), or ``None`` if unscaled
+        (the :class:`ScaleGauge` kinds; a pair scale's factors come from
+        :class:`ddc.layout.SharedScaleSystem`)."""
+        if i in self.shared_scale_of:
+            raise ValueError("Frame.scale_tensor covers the ScaleGauge kinds only; a QKPairScale's factors "
+                             "come from StepLayout.scales.factors")
         factor = None
         for axis, g, sign in self.scale_axes.get(i, []):
             shape = [1] * like.ndim
@@ -89,7 +139,11 @@ class Frame:
                      zero_level: float = 0.0) -> tuple[list[torch.Tensor], int]:
         """Log-scales moving ``points`` (one per gauged parameter) to their canonical point
         (:func:`ddc.functional.min_norm_log_scales`). Warns once per gauge set when the
-        solve stops at ``max_iter`` without reaching ``tol``."""
+        solve stops at ``max_iter`` without reaching ``tol``. The :class:`ScaleGauge` kinds
+        only (with a QKPairScale: ``StepLayout.scales.solve``)."""
+        if self.shared_scale_of:
+            raise ValueError("Frame.solve_scales covers the ScaleGauge kinds only; with a QKPairScale use "
+                             "StepLayout.scales.solve")
         order = sorted(self.scale_axes)
         reduced, axes = [], []
         for i in order:

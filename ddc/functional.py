@@ -132,11 +132,34 @@ def pool_blocks(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.mean(dim=1, keepdim=True).expand_as(blocks)
 
 
-def rotation_system(deltas: list[torch.Tensor], points: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_gauge_blocks(per_block: torch.Tensor, share: torch.Tensor | None, n_blocks: int | None) -> torch.Tensor:
+    """``per_block`` (one matrix per member block) summed into the gauge's blocks: block
+    ``j`` into ``share[j]`` (a rotation shared by several blocks, grouped-query attention);
+    unchanged where ``share`` is None (block ``j`` is the gauge's block ``j``)."""
+    if share is None:
+        return per_block
+    out = per_block.new_zeros((n_blocks,) + per_block.shape[1:])
+    return out.index_add_(0, share, per_block)
+
+
+def rotation_system(deltas: list[torch.Tensor], points: list[torch.Tensor],
+                    shares: list[torch.Tensor | None] | None = None, n_blocks: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The so(block) projection's equation per block: ``M = Σ_m X Xᵀ`` and ``C − Cᵀ`` with
-    ``C = Σ_m Δ Xᵀ`` (tensors (n_blocks, block, rest_m) per member ``m``)."""
-    gram = sum(torch.bmm(x, x.transpose(1, 2)) for x in points)
-    cross = sum(torch.bmm(d, x.transpose(1, 2)) for d, x in zip(deltas, points))
+    ``C = Σ_m Δ Xᵀ`` (tensors (n_blocks, block, rest_m) per member ``m``).
+
+    ``shares`` (a shared rotation, :class:`ddc.gauges.SharedRotation`): per member, the
+    gauge block each of its blocks is rotated by (None: its own index); the gauge has
+    ``n_blocks`` blocks, and ``M``, ``C`` sum over every member block that shares one: the
+    tangent of the orbit is ``A_{share[j]} X_j``, so the projection's normal equation for
+    ``A_g`` gathers all of them."""
+    if shares is None or all(s is None for s in shares):
+        gram = sum(torch.bmm(x, x.transpose(1, 2)) for x in points)
+        cross = sum(torch.bmm(d, x.transpose(1, 2)) for d, x in zip(deltas, points))
+    else:
+        gram = sum(_to_gauge_blocks(torch.bmm(x, x.transpose(1, 2)), s, n_blocks) for x, s in zip(points, shares))
+        cross = sum(_to_gauge_blocks(torch.bmm(d, x.transpose(1, 2)), s, n_blocks)
+                    for d, x, s in zip(deltas, points, shares))
     return gram, cross - cross.transpose(1, 2)
 
 
@@ -153,13 +176,17 @@ def pair_generator(gram: torch.Tensor, rhs: torch.Tensor, groups: int = 1) -> to
     return torch.where(trace > floor, rhs / trace.clamp_min(floor), torch.zeros_like(rhs))
 
 
-def apply_generator(deltas: list[torch.Tensor], points: list[torch.Tensor], generator: torch.Tensor
-                    ) -> list[torch.Tensor]:
-    """``Δ − A X`` per member: the deltas without their component along the orbit."""
-    return [d - torch.bmm(generator, x) for d, x in zip(deltas, points)]
+def apply_generator(deltas: list[torch.Tensor], points: list[torch.Tensor], generator: torch.Tensor,
+                    shares: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """``Δ − A X`` per member: the deltas without their component along the orbit
+    (``shares``: as in :func:`rotation_system`, block ``j`` takes ``A_{share[j]}``)."""
+    shares = shares or [None] * len(deltas)
+    return [d - torch.bmm(generator if s is None else generator.index_select(0, s), x)
+            for d, x, s in zip(deltas, points, shares)]
 
 
-def remove_rotation_component(deltas: list[torch.Tensor], points: list[torch.Tensor], groups: int = 1
+def remove_rotation_component(deltas: list[torch.Tensor], points: list[torch.Tensor], groups: int = 1,
+                              shares: list[torch.Tensor | None] | None = None, n_blocks: int | None = None
                               ) -> list[torch.Tensor]:
     """Remove from ``deltas`` their component along the orbit of a block rotation group.
 
@@ -171,13 +198,15 @@ def remove_rotation_component(deltas: list[torch.Tensor], points: list[torch.Ten
     pairs (:func:`pair_generator`), else in M's eigenbasis (:func:`lyapunov_skew`).
     Rotation-equivariant because every quantity maps by ``R`` under a rotation of the
     inputs. ``groups``: the stacks hold that many gauges of equal size one after the other.
+    ``shares`` / ``n_blocks``: a rotation shared by several member blocks (grouped-query
+    attention), see :func:`rotation_system`.
     """
-    gram, rhs = rotation_system(deltas, points)
+    gram, rhs = rotation_system(deltas, points, shares, n_blocks)
     if gram.shape[-1] == 2:
         generator = pair_generator(gram, rhs, groups)
     else:
         generator = lyapunov_skew(gram, rhs)[0]
-    return apply_generator(deltas, points, generator)
+    return apply_generator(deltas, points, generator, shares)
 
 
 def lyapunov_skew(gram: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,10 +28,10 @@ shape out × in):
 * :class:`QKPairScale` — under RoPE, a per-pair scale: a query pair times ``c``, its key
   pair divided by ``c`` (shared across a GQA group).
 
-The last three (:class:`SharedRotation` and :class:`QKPairScale`) are proven by
-:func:`ddc.verify_gauges` and found by :func:`ddc.find_gauges`, but DDC's step does not
-enforce them yet: ``DDC`` refuses them by type, and ``find_gauges`` lists them as found but
-not enforced.
+DDC's step enforces the shared rotations like the per-head ones: the so(d) projection of
+a shared block sums the Gram and cross matrices over every block that shares it
+(:func:`ddc.functional.rotation_system`); :class:`QKPairScale` joins the scale gauges'
+balancing solve (:class:`ddc.layout.SharedScaleSystem`).
 
 Every gauge can draw a random group element (:meth:`Gauge.random_element`) and apply one
 to its parameters in place (:meth:`Gauge.act`), so equivariance and invariance can be
@@ -581,6 +581,12 @@ class SharedRotationMember:
     block: int
     share: torch.Tensor
 
+    @property
+    def perm(self) -> torch.Tensor:
+        """``positions`` under :class:`RotationMember`'s name, so the block views
+        (:func:`to_blocks`, :mod:`ddc.layout`) read both kinds of member alike."""
+        return self.positions
+
 
 @dataclass(frozen=True, eq=False)
 class SharedScaleMember:
@@ -605,8 +611,9 @@ class SharedRotation(Gauge):
     """Orthogonal matrices ``R_g`` (one per ``n_blocks``), each acting on every member block
     that shares it. The grouped-query attention gauges below are built on it.
 
-    DDC's step does not enforce this kind yet (``DDC`` refuses it by type);
-    :func:`ddc.find_gauges` proves it and reports it as found but not enforced.
+    DDC's step enforces it as it does :class:`RotationGauge`: the second moment pooled
+    over each member block, and the so(d) projection of a shared matrix solved on the
+    Gram and cross matrices summed over the blocks that share it.
     """
 
     members: list[SharedRotationMember]
@@ -695,8 +702,13 @@ class QKPairScale(Gauge):
 
     Arguments as for :class:`GroupedHeadRotation` (``n_query == n_kv`` for MHA); ``rope`` is
     required (without RoPE the per-pair scale is only part of a larger group, not declared).
-    DDC's step does not enforce this kind yet; :func:`ddc.find_gauges` proves and reports it.
+    DDC's step enforces it with the scale gauges (:class:`ddc.layout.SharedScaleSystem`);
+    its canonical point balances each pair's query rows (over the group) against its key rows.
     """
+
+    #: The canonical point of each coordinate (as :attr:`ScaleGauge.level`): 0, balanced
+    #: (the query rows of a pair, over the group, as large as its key rows).
+    level = 0.0
 
     def __init__(self, q: nn.Module, k: nn.Module, d_head: int, n_query: int, n_kv: int,
                  rope: str, q_offset: int = 0, k_offset: int = 0) -> None:

@@ -6,13 +6,15 @@ never parameters' values or optimizer state."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .balancing import ScaleSystem
 from .frame import Frame
-from .gauges import RotationMember, from_blocks, to_blocks
+from .gauges import RotationMember, SharedRotationMember, from_blocks, to_blocks
 
-__all__ = ["StepLayout", "block_view"]
+__all__ = ["StepLayout", "SharedScaleSystem", "block_view"]
 
 
 def _contiguous_slice(member: RotationMember) -> int | None:
@@ -45,11 +47,18 @@ def block_view(tensor: torch.Tensor, member: RotationMember, start: int | None =
 
 
 class _Blocks:
-    """Block views of one rotation member, with a copy-based fallback."""
+    """Block views of one rotation member, with a copy-based fallback. ``share``: for a
+    member of a shared rotation (:class:`ddc.gauges.SharedRotationMember`), the gauge block
+    each of its ``n_blocks`` blocks is rotated by (on ``device``); None for a plain member,
+    whose block ``j`` is the gauge's block ``j``."""
 
-    def __init__(self, member: RotationMember, index: int) -> None:
+    def __init__(self, member: RotationMember | SharedRotationMember, index: int,
+                 device: torch.device | None = None) -> None:
         self.member = member
         self.index = index
+        self.n_blocks = member.perm.numel() // member.block
+        share = getattr(member, "share", None)
+        self.share = share.to(device) if share is not None else None
         self.start = _contiguous_slice(member)
         self.viewable = self.start is not None and block_view(member.param.detach(), member, self.start) is not None
 
@@ -71,40 +80,178 @@ class _Blocks:
 
 
 
-def _block_shape(member: RotationMember) -> tuple[int, int, int]:
+def _block_shape(member: RotationMember | SharedRotationMember) -> tuple[int, int, int]:
     """``(n_blocks, block, rest)``: the shape of ``member``'s block view."""
     param = member.param
     return (member.perm.numel() // member.block, member.block, param.numel() // param.shape[member.axis])
+
+
+class SharedScaleSystem(ScaleSystem):
+    """:class:`~ddc.balancing.ScaleSystem` for scale gauges that scale *some* entries of an
+    axis, several entries per coordinate (:class:`ddc.gauges.QKPairScale`: a coordinate
+    scales the query rows of one RoPE pair in every query head of a group, and divides the
+    key rows of that pair), next to the ordinary ones.
+
+    The balancing reads only squared norms summed per coordinate, so each parameter with
+    such entries is presented to the solve as *terms*, tensors on which every scaled axis
+    again has one slice per coordinate: its entries of one sign, ordered by coordinate, with
+    the axis split into (coordinate, entry of that coordinate) so the solve sums over the
+    entries; and its entries of no pair scale (the values of a fused key/value projection)
+    where another gauge scales its other axis. Every solve (:meth:`solve`, :meth:`balance`,
+    :meth:`residual`) then runs unchanged on the terms' squared norms (:meth:`reduce`);
+    :meth:`factors` maps the log-scales back to the parameters. ``factor_axes``: the
+    parameters scaled (their indices are what the steps read).
+    """
+
+    def __init__(self, frame: Frame, device: torch.device) -> None:
+        shapes = [tuple(p.shape) for p in frame.params]
+        sizes = [g.size for g in frame.scale_gauges]
+        offsets = [0]
+        for n in sizes:
+            offsets.append(offsets[-1] + n)
+        n_total = offsets[-1]
+        #: (parameter, axis, entries (on device) or None, coordinates or 0): how to cut a term
+        self.terms: list[tuple[int, int | None, torch.Tensor | None, int]] = []
+        term_axes: dict[int, list[tuple[int, int, int]]] = {}
+        term_shapes: list[tuple[int, ...]] = []
+        #: per parameter with shared entries: (axis, index of each entry into
+        #: [exp(s), exp(−s), 1]) for :meth:`factors`
+        self.shared_index: dict[int, tuple[int, torch.Tensor]] = {}
+        for i in sorted(set(frame.scale_axes) | set(frame.shared_scale_of)):
+            dense = frame.scale_axes.get(i, [])
+            if i not in frame.shared_scale_of:
+                term_axes[len(self.terms)] = list(dense)
+                term_shapes.append(shapes[i])
+                self.terms.append((i, None, None, 0))
+                continue
+            axis = frame.shared_scale_of[i][0][1].axis
+            g = frame.shared_scale_of[i][0][0]
+            codes = frame.shared_scale_codes(i)
+            index = torch.full_like(codes, 2 * n_total)
+            covered = codes >= 0
+            index[covered] = offsets[g] + codes[covered] // 2 + n_total * (codes[covered] % 2)
+            self.shared_index[i] = (axis, index.to(device))
+            for negative in (0, 1):
+                mine = (codes >= 0) & (codes % 2 == negative)
+                if not bool(mine.any()):
+                    continue
+                coords = codes[mine] // 2
+                counts = torch.bincount(coords, minlength=sizes[g])
+                if bool((counts != counts[0]).any()):
+                    raise ValueError(f"{frame.scale_gauges[g]!r}: every coordinate must scale as many entries "
+                                     f"of a {shapes[i]} parameter (got {sorted(set(counts.tolist()))})")
+                entries = torch.nonzero(mine).squeeze(1)[torch.argsort(coords, stable=True)]
+                shape = list(shapes[i])
+                shape[axis:axis + 1] = [sizes[g], int(counts[0])]
+                term_axes[len(self.terms)] = sorted([(axis, g, -1 if negative else 1)]
+                                                    + [(d + (d > axis), h, sign) for d, h, sign in dense])
+                term_shapes.append(tuple(shape))
+                self.terms.append((i, axis, entries.to(device), sizes[g]))
+            rest = torch.nonzero(codes < 0).squeeze(1)
+            if dense and rest.numel():
+                shape = list(shapes[i])
+                shape[axis] = rest.numel()
+                term_axes[len(self.terms)] = list(dense)
+                term_shapes.append(tuple(shape))
+                self.terms.append((i, axis, rest.to(device), 0))
+        super().__init__(term_axes, term_shapes, sizes, [g.level for g in frame.scale_gauges], device)
+        self.factor_axes = {i: list(frame.scale_axes.get(i, [])) for i in sorted(set(frame.scale_axes)
+                                                                                  | set(frame.shared_scale_of))}
+        self._dense_axes = {i: frame.scale_axes.get(i, []) for i in self.factor_axes}
+
+    def reduce(self, points: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`ScaleSystem.reduce` of the terms cut from the parameters ``points``."""
+        terms = []
+        for i, axis, entries, coords in self.terms:
+            x = points[i]
+            if entries is not None:
+                x = x.index_select(axis, entries)
+                if coords:
+                    x = x.unflatten(axis, (coords, -1))
+            terms.append(x)
+        return super().reduce(terms)
+
+    def factors(self, log_scales: torch.Tensor, dtype: torch.dtype, like: Sequence[torch.Tensor],
+                times: Sequence[float | torch.Tensor] | None = None, ones: Sequence[bool] | None = None
+                ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """:meth:`ScaleSystem.factors` on the parameters: the shared axis's factor per entry
+        (1 where no pair scale acts), times the other scale gauges' factors."""
+        pos = torch.exp(log_scales).to(dtype)
+        neg = torch.exp(-log_scales).to(dtype)
+        table = torch.cat([pos, neg, pos.new_ones(1)])
+        out: list[torch.Tensor | None] = [None] * len(like)
+        out_times: list[torch.Tensor | None] = [None] * len(like)
+        for i, dense in self._dense_axes.items():
+            ndim = like[i].ndim
+            pieces = []
+            for axis, g, sign in dense:
+                shape = [1] * ndim
+                shape[axis] = -1
+                pieces.append((pos if sign > 0 else neg)[self.offsets[g]:self.offsets[g + 1]].view(shape))
+            if i in self.shared_index:
+                axis, index = self.shared_index[i]
+                shape = [1] * ndim
+                shape[axis] = -1
+                pieces.append(table[index].view(shape))
+            out[i] = pieces[0] if len(pieces) == 1 else pieces[0] * pieces[1]
+            if times is None or (ones[i] if ones is not None else times[i] == 1.0):
+                out_times[i] = out[i]
+            else:
+                first = pieces[0] * times[i]
+                out_times[i] = first if len(pieces) == 1 else first * pieces[1]
+        return out, out_times
 
 
 class StepLayout:
     """Index tensors and groupings of one DDC instance's gauges, built once per device.
 
     ``scales``: the scale gauges' :class:`~ddc.balancing.ScaleSystem`; ``rotations[r]``:
-    the members of rotation gauge ``r`` as :class:`_Blocks`; ``rotation_batches``:
-    (block size, rotation gauges stacked into one solve); ``pool_members[i]``: the rotation members of
+    the members of rotation gauge ``r`` as :class:`_Blocks` (a shared rotation's members
+    carry their ``share``); ``rotation_batches``: (block size, rotation gauges stacked into
+    one solve); ``pool_members[i]``: the rotation members of
     parameter ``i`` (its second moment is pooled over their blocks); ``centred``: the
     parameters centred on axis 0 (logit shift)."""
 
     def __init__(self, frame: Frame, device: torch.device) -> None:
         self.device = device
         self.n_params = len(frame.params)
-        self.scales = ScaleSystem(frame.scale_axes, [p.shape for p in frame.params],
-                                  [g.size for g in frame.scale_gauges], [g.level for g in frame.scale_gauges],
-                                  device)
+        if frame.shared_scale_of:
+            self.scales: ScaleSystem = SharedScaleSystem(frame, device)
+        else:
+            self.scales = ScaleSystem(frame.scale_axes, [p.shape for p in frame.params],
+                                      [g.size for g in frame.scale_gauges], [g.level for g in frame.scale_gauges],
+                                      device)
         self.rotations: list[list[_Blocks]] = []
         for gauge in frame.rotation_gauges:
-            self.rotations.append([_Blocks(m, frame.index[m.param]) for m in gauge.members])
+            self.rotations.append([_Blocks(m, frame.index[m.param], device) for m in gauge.members])
+        #: Per rotation gauge: its number of blocks (orthogonal matrices), and whether any
+        #: member shares them (a shared rotation: the solve sums over the sharing blocks).
+        self.rotation_sizes = [gauge.n_blocks for gauge in frame.rotation_gauges]
+        self.rotation_shared = [any(b.share is not None for b in members) for members in self.rotations]
         self.pool_members = {i: [_Blocks(m, i) for m in members] for i, members in frame.rotation_of.items()}
         #: The rotation gauges in batches of one block size whose members have the same block
         #: shapes (a model's layers): the batched step stacks each batch into one solve.
         batches: dict[tuple, list[int]] = {}
         for r, gauge in enumerate(frame.rotation_gauges):
-            batches.setdefault((gauge.block, tuple(_block_shape(m) for m in gauge.members)), []).append(r)
+            key = (gauge.block, tuple(_block_shape(m) for m in gauge.members), gauge.n_blocks, self.rotation_shared[r])
+            batches.setdefault(key, []).append(r)
         self.rotation_batches: list[tuple[int, list[int]]] = [(key[0], rs) for key, rs in batches.items()]
+        #: Per batch, shared rotations only: each member's shares over the stacked blocks
+        #: (gauge ``r``'s shares offset by the blocks of the gauges before it); None for a
+        #: batch of plain rotations (a batch holds one kind).
+        self.rotation_batch_shares: list[list[torch.Tensor] | None] = []
+        for _, rs in self.rotation_batches:
+            offsets = [sum(self.rotation_sizes[q] for q in rs[:k]) for k in range(len(rs))]
+            self.rotation_batch_shares.append(
+                [torch.cat([self.rotations[r][k].share + offset for r, offset in zip(rs, offsets)])
+                 for k in range(len(self.rotations[rs[0]]))] if self.rotation_shared[rs[0]] else None)
         self.centred = sorted(frame.centred)
 
     def rotation_blocks(self, r: int) -> int:
         """How many blocks rotation gauge ``r`` has (its stacked matrices' count)."""
-        member = self.rotations[r][0].member
-        return member.perm.numel() // member.block
+        return self.rotation_sizes[r]
+
+    def rotation_shares(self, r: int) -> list[torch.Tensor | None] | None:
+        """The shares of rotation gauge ``r``'s members (:func:`ddc.functional.rotation_system`),
+        None for a gauge whose members' blocks are its own."""
+        return [b.share for b in self.rotations[r]] if self.rotation_shared[r] else None

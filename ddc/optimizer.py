@@ -328,7 +328,8 @@ class DDC(Optimizer):
             if bases[r] is None:   # RoPE pairs (closed form), or no basis yet
                 continue
             gram, rhs = F.rotation_system([m.get(grads[m.index]) for m in members],
-                                          [m.get(points[m.index]) for m in members])
+                                          [m.get(points[m.index]) for m in members],
+                                          layout.rotation_shares(r), layout.rotation_blocks(r))
             generator = F.lyapunov_skew_cg(bases[r], gram, rhs, self.rotation_cg_steps)
             worst = max(worst, float(F.lyapunov_residual(gram, rhs, generator)))
         return worst

@@ -287,12 +287,12 @@ def _remove_dead(layout: StepLayout, points: list[torch.Tensor], deltas: list[to
     for i in layout.centred:
         deltas[i].sub_(deltas[i].mean(dim=0, keepdim=True))
     bases = list(bases)
-    for block, batch in layout.rotation_batches:
+    for (block, batch), shares in zip(layout.rotation_batches, layout.rotation_batch_shares):
         # one stacked solve per batch of gauges with equal block shapes (layout.rotation_batches)
         members = [layout.rotations[r] for r in batch]
         xs = [torch.cat([m[k].get(points[m[k].index]) for m in members]) for k in range(len(members[0]))]
         ds = [torch.cat([m[k].get(deltas[m[k].index]) for m in members]) for k in range(len(members[0]))]
-        gram, rhs = F.rotation_system(ds, xs)
+        gram, rhs = F.rotation_system(ds, xs, shares, sum(layout.rotation_blocks(r) for r in batch))
         stored = rotation_solve == "cg" and all(bases[r] is not None for r in batch)
         if block == 2:
             generator = F.pair_generator(gram, rhs, groups=len(batch))
@@ -307,14 +307,15 @@ def _remove_dead(layout: StepLayout, points: list[torch.Tensor], deltas: list[to
             generator, basis = _eigh_branch(gram, rhs)
             if rotation_solve == "cg":
                 _split_bases(layout, batch, basis, bases)
-        projected = F.apply_generator(ds, xs, generator)
-        start = 0
-        for r, m in zip(batch, members):
-            size = layout.rotation_blocks(r)
+        projected = F.apply_generator(ds, xs, generator, shares)
+        starts = [0] * len(members[0])
+        for m in members:
             for k, blocks in enumerate(m):
-                deltas[blocks.index] = blocks.set(deltas[blocks.index], projected[k][start:start + size])
-            start += size
+                size = blocks.n_blocks
+                deltas[blocks.index] = blocks.set(deltas[blocks.index], projected[k][starts[k]:starts[k] + size])
+                starts[k] += size
     return bases
+
 
 
 def _eigh_branch(gram: torch.Tensor, rhs: torch.Tensor, basis: torch.Tensor | None = None

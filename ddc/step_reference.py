@@ -105,9 +105,11 @@ def single_tensor_step(layout: StepLayout, params: list[torch.Tensor], grads: li
     if opts.freeze:
         for i in layout.centred:
             deltas[i] = deltas[i] - deltas[i].mean(dim=0, keepdim=True)
-        for members in layout.rotations:
+        for r, members in enumerate(layout.rotations):
             projected = F.remove_rotation_component([m.get(deltas[m.index]) for m in members],
-                                                    [m.get(points[m.index]) for m in members])
+                                                    [m.get(points[m.index]) for m in members],
+                                                    shares=layout.rotation_shares(r),
+                                                    n_blocks=layout.rotation_blocks(r))
             for m, d in zip(members, projected):
                 deltas[m.index] = m.set(deltas[m.index], d)
     new_points = [x + d for x, d in zip(points, deltas)]

@@ -3,7 +3,8 @@
 bases (Muon with the exact SVD orthogonaliser), several steps, to 1e-12; also on the
 degenerate orbits of tests/test_ddc_degenerate.py, a ReLU chain (deep overlapping
 gauges), RoPE's "half" layout and packed attention (copy-based block path), with no gauges
-at all, and with bfloat16 parameters (to bfloat16 round-off, see BF16_TOLERANCE)."""
+at all, with bfloat16 parameters (to bfloat16 round-off, see BF16_TOLERANCE), and on a
+grouped-query attention block (shared rotations, pair scales)."""
 
 import copy
 
@@ -155,6 +156,27 @@ def test_fast_step_equals_reference_elsewhere(case, base):
         worst, _ = deviation(model, batches, classification_loss, gauges=gauges, base=base, lr=1e-2,
                              **BASES[base])
     assert worst <= TOLERANCE, f"{case}/{base}: fast vs reference {worst:.2e}"
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("rotation_solve", ["eigh", "cg"])
+def test_fast_step_equals_reference_on_grouped_query_attention(base, rotation_solve):
+    """Every gauge find_gauges proves on the GQA block (structure_models.LlamaBlockLM: query/key
+    pair rotations shared by a group under RoPE's half layout, value/output rotations shared
+    by a group on a fused key/value projection, per-pair query/key scales, norm gains, a
+    SwiGLU unit scale): the batched step stacks the shared rotations with offset shares into
+    one solve per batch, the reference solves each gauge alone."""
+    from ddc import find_gauges
+    from structure_models import ZOO, lm_loss
+
+    model, example, loss, _, batches = ZOO["llama_block"]()
+    model = model.double()
+    found = list(find_gauges(model, example, loss=loss, log=False))
+    assert {"GroupedHeadRotation", "GroupedHeadRotationVO", "QKPairScale"} <= {type(g).__name__ for g in found}
+    on_copy = lambda m: copy.deepcopy(found, {id(p): q for p, q in zip(model.parameters(), m.parameters())})
+    worst, _ = deviation(model, batches[:STEPS], lm_loss, gauges=on_copy, base=base, lr=1e-2, weight_decay=0.1,
+                         rotation_solve=rotation_solve, **BASES[base])
+    assert worst <= (TOLERANCE if base == "adam" else MUON_SVD_TOLERANCE), f"GQA/{base}: {worst:.2e}"
 
 
 ROTATION_CASES = ["gpt-swiglu-rope-layernorm", "gpt-relu-norope-rmsnorm", "vit", "grok"]

@@ -21,7 +21,7 @@ from structure_models import ZOO, LlamaBlockLM, MyRMSNorm, dead_parameters, mute
 import transformers   # the `hf` extra, which `make test` installs; torchvision is a dependency
 
 # The gauges each model has, by kind (every one proven; the counts are exact: nothing more
-# is accepted). GQA and RoPE-pair kinds are proven but not enforced by DDC's step yet.
+# is accepted).
 EXPECTED = {
     "llama_block": {"UnitRescale": 1, "NormGain": 3, "LogitShift": 1, "GroupedHeadRotation": 1,
                     "GroupedHeadRotationVO": 1, "QKPairScale": 1},
@@ -66,7 +66,7 @@ def test_finds_the_known_symmetries_and_each_proves_with_its_own_elements(name):
 def test_rope_layout_and_grouping_are_found():
     model, example, loss, _, _ = ZOO["llama_block"]()
     found = find_gauges(model, example, loss=loss, log=False)
-    labels = [label for label, _, _ in found.not_enforced]
+    labels = found.labels + [label for label, _, _ in found.not_enforced]
     assert "GroupedHeadRotation(wq, wkv, heads=4/2, rope=half)" in labels
     assert "QKPairScale(wq, wkv, heads=4/2, rope=half)" in labels
     assert "GroupedHeadRotationVO(wkv, wo, heads=4/2)" in labels
@@ -246,18 +246,22 @@ def test_outcome_is_logged_once(caplog):
         found = find_gauges(model, example, loss=loss)
     warnings = [r for r in caplog.records if r.name == "ddc" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "3 proven but not enforced" in warnings[0].getMessage() and "base optimizer" in warnings[0].getMessage()
+    assert "0 proven but not enforced" in warnings[0].getMessage() and "base optimizer" in warnings[0].getMessage()
     assert any(found.uncovered[0] in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
 
 
-def test_ddc_says_it_cannot_enforce_a_grouped_gauge():
-    """DDC's step has no GQA kinds yet: ``gauges='auto'`` keeps them out of the list and
-    find_gauges reports them; declared by hand they are refused by type, not dropped."""
+def test_ddc_enforces_the_grouped_kinds():
+    """The GQA rotations and the RoPE pair scale are enforced: ``gauges='auto'`` hands them
+    to DDC (nothing is left in ``not_enforced``), and declared by hand DDC takes them."""
     model, example, loss, _, _ = ZOO["llama_block"]()
+    assert find_gauges(model, example, loss=loss, log=False).not_enforced == []
     optimizer = DDC(model, gauges="auto", example_input=example, loss=loss)
-    assert not any(isinstance(g, (GroupedHeadRotation, QKPairScale)) for g in optimizer.gauges)
-    with pytest.raises(TypeError, match="unsupported gauge type GroupedHeadRotation"):
-        DDC(model, gauges=[GroupedHeadRotation(model.wq, model.wkv, 8, 4, 2, rope="half")])
+    kinds = Counter(type(g).__name__ for g in optimizer.gauges)
+    assert kinds["GroupedHeadRotation"] == kinds["GroupedHeadRotationVO"] == kinds["QKPairScale"] == 1, kinds
+    declared = [GroupedHeadRotation(model.wq, model.wkv, 8, 4, 2, rope="half"),
+                GroupedHeadRotationVO(model.wkv, model.wo, 8, 4, 2, v_offset=16),
+                QKPairScale(model.wq, model.wkv, 8, 4, 2, rope="half")]
+    assert DDC(model, gauges=declared, example_input=example, loss=loss).gauges == declared
 
 
 EQUIVARIANCE = ["sdpa_block", "llama_block", "mse_regressor", "hf_vit"] + [
