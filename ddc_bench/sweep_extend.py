@@ -138,11 +138,12 @@ def extend_until_interior(select: Selector, launch: Launcher, cap: float = DEFAU
 # On a results folder
 # --------------------------------------------------------------------------------------
 
-def folder_selector(root: Path, metric: str | None = None, stat: str = "final"
+def folder_selector(root: Path, metric: str | None = None, stat: str = "final", task: str | None = None
                     ) -> tuple[Selector, Callable[[str], list[int]]]:
     """A :data:`Selector` over the finished runs under ``root`` (the report's selection
     rule, on ``metric`` — default the task's — and ``stat``), and a function giving an
-    optimizer's selected seeds. One task per folder."""
+    optimizer's selected seeds. One task: the folder's only one, or ``task`` of several
+    (a comparison folder such as results/compare holds one sweep per task)."""
     from ddc_bench.report.loading import load_runs
     from ddc_bench.report.selection import aggregate_task, rows_of, select_best, selection_metric
 
@@ -152,9 +153,15 @@ def folder_selector(root: Path, metric: str | None = None, stat: str = "final"
         df = load_runs(root)
         if df.empty:
             raise ExtendError(f"no finished run under {root}")
-        if df["task"].nunique() != 1:
-            raise ExtendError(f"{root} holds several tasks ({', '.join(map(str, df['task'].unique()))})"
-                              f": one sweep per folder")
+        tasks = sorted(map(str, df["task"].unique()))
+        if task is not None:
+            if task not in tasks:
+                raise ExtendError(f"--task {task!r}: no finished run of it under {root} "
+                                  f"(its tasks: {', '.join(tasks)})")
+            df = df[df["task"] == task]
+        elif len(tasks) != 1:
+            raise ExtendError(f"{root} holds several tasks ({', '.join(tasks)}): pass --task "
+                              f"NAME (one of them) to extend that task's sweep")
         agg = aggregate_task(df)
         m = metric or selection_metric(df)
         if m is None or f"{stat}_{m}__mean" not in agg:
@@ -201,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                              "its runs came from a config of another name)")
     parser.add_argument("--stat", default="final", choices=("final", "best"),
                         help="select on the final value or the best over the run")
+    parser.add_argument("--task", default=None,
+                        help="the task whose sweep to extend, in a folder that holds several "
+                             "(give its overrides after -- too, e.g. task=gpt_lm)")
     parser.add_argument("--launch", action="store_true",
                         help="run the extensions (default: print their commands)")
     args = parser.parse_args(argv)
@@ -214,12 +224,13 @@ def main(argv: list[str] | None = None) -> int:
               f"ddc_muon=ddc_muon_ns", file=sys.stderr)
         return 2
     choices = dict(c.split("=") for c in args.choice)
-    select, seeds_of = folder_selector(args.results, args.metric, args.stat)
+    select, seeds_of = folder_selector(args.results, args.metric, args.stat, args.task)
 
     def record(ext: Extension) -> None:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **asdict(ext),
                  "metric": args.metric, "stat": args.stat, "cap": args.cap,
-                 "floor": args.floor, "seeds": seeds_of(ext.optimizer)}
+                 "floor": args.floor, "seeds": seeds_of(ext.optimizer),
+                 **({"task": args.task} if args.task else {})}
         with open(args.results / LOG_FILE, "a") as f:
             f.write(json.dumps(entry) + "\n")
 

@@ -107,3 +107,21 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert se.main([str(tmp_path)]) == 2
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_a_folder_of_several_tasks_is_extended_one_task_at_a_time(tmp_path, capsys):
+    """A comparison folder (results/compare) holds one sweep per task: --task picks one;
+    without it the error names the tasks and the flag."""
+    root = tmp_path / "compare"
+    for task, peak in (("lm", 8.0), ("grok", 1.0)):
+        for m in (0.5, 1, 2):
+            make_run(root, task=task, opt="adamw", lr_mult=m, final={"val_loss": 1 + abs(math.log2(m / peak))})
+    assert se.main([str(root), "--", "x=1"]) == 2
+    err = capsys.readouterr().err
+    assert "several tasks (grok, lm)" in err and "--task" in err and len(err.strip().splitlines()) == 1
+    assert se.main([str(root), "--task", "lm", "--", "task=lm"]) == 0
+    assert "task=lm optimizer=adamw lr_mult=4 seed=0" in capsys.readouterr().out
+    assert se.main([str(root), "--task", "grok", "--", "task=grok"]) == 0
+    assert "lr_mult=" not in capsys.readouterr().out.replace("[sweep_extend] no", "")
+    assert se.main([str(root), "--task", "vit", "--", "task=vit"]) == 2
+    assert "no finished run of it" in capsys.readouterr().err
