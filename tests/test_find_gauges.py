@@ -111,7 +111,10 @@ def test_ddc_auto_uses_find_gauges():
     model = TinyTransformer().double()
     batch = make_batches(model, 1)[0]
     auto = DDC(model, gauges="auto", example_input=batch[0], loss="cross_entropy", lr=1e-2)
-    assert {signature(g) for g in auto.gauges} == {signature(g) for g in model.gauges()}
+    # the hand declaration plus the RoPE per-pair Q/K scale (enforced since issue 18)
+    found = {signature(g) for g in auto.gauges}
+    pair = {sig for sig in found if sig[0] == "QKPairScale"}
+    assert len(pair) == 1 and found - pair == {signature(g) for g in model.gauges()}
     classification_loss(model, batch)[0].backward()
     auto.step()
     with pytest.raises(ValueError, match="'auto' with a model and an example_input"):
