@@ -59,11 +59,19 @@ def closed_form_step(grow: torch.Tensor, shrink: torch.Tensor, kappa: torch.Tens
     else ``2B / (√(κ² + 4AB) − κ)``), which also covers a zero side (κ then puts the other
     at ``|κ|``). Inactive coordinates (both sides zero) do not move. Where no parameter
     couples two gauges this is the canonical point in one evaluation; it is a function of
-    invariants at an equivariant start, so equivariant."""
+    invariants at an equivariant start, so equivariant.
+
+    Where the equation has no root (the side that ``κ`` needs is exactly zero: the
+    objective decreases forever along the coordinate) or the sides are not finite, the
+    coordinate does not move either: never an infinite or NaN step, and no host read.
+    (Without this rule a zero grow side with ``κ = 0`` gave ``x = 0`` and a step of
+    ``½·log(tiny) ≈ −354``, after which the sides overflow.)"""
     tiny = torch.finfo(grow.dtype).tiny
     disc = torch.sqrt(kappa * kappa + 4 * grow * shrink)
-    x = torch.where(kappa >= 0, (kappa + disc) / (2 * grow).clamp_min(tiny), 2 * shrink / (disc - kappa).clamp_min(tiny))
-    return torch.where(active, 0.5 * torch.log(x.clamp_min(tiny)), 0.0)
+    grows = kappa >= 0
+    x = torch.where(grows, (kappa + disc) / (2 * grow).clamp_min(tiny), 2 * shrink / (disc - kappa).clamp_min(tiny))
+    solvable = active & torch.where(grows, grow > 0, shrink > 0) & (x > 0) & torch.isfinite(x)
+    return torch.where(solvable, 0.5 * torch.log(torch.where(solvable, x, 1.0)), 0.0)
 
 
 def _diameter(edges: dict[int, set[int]]) -> int:
@@ -291,7 +299,7 @@ class ScaleSystem:
         grow, shrink = sides[0][:self.n], sides[0][self.n:]
         grad = torch.where(active, 2 * (grow - shrink - kappa), 0.0)
         diag = 4 * (grow + shrink)
-        precond = torch.where(active, 1 / diag.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        precond = torch.where(active & (diag > 0), 1 / diag.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         z = precond * -grad
         return {"grad": grad, "diag": diag, "scaled": sides[1], "precond": precond, "z": z,
                 "grow": grow, "shrink": shrink,
@@ -450,7 +458,9 @@ class ScaleSystem:
             # 3 / 4 / 5 such rounds 1.5e-7 / 4e-15 / 3e-16, against 6e-4 / 3e-7 / 9e-14
             # with Newton steps alone.
             system = self.evaluate(s, r1, xs, kappa, active)
-            s = s + self._cg_fixed(system, cg_steps).clamp(-MAX_NEWTON_STEP, MAX_NEWTON_STEP)
+            step = self._cg_fixed(system, cg_steps)
+            # A non-finite entry (overflowed sides) does not move its coordinate.
+            s = s + torch.where(torch.isfinite(step), step, 0.0).clamp(-MAX_NEWTON_STEP, MAX_NEWTON_STEP)
             system = self.evaluate(s, r1, xs, kappa, active)
             s = s + closed_form_step(system["grow"], system["shrink"], kappa, active)
         return s
