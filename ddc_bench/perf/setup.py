@@ -33,11 +33,15 @@ ADAMW_COMPILED = "adamw_compiled"
 #: rotations' so(d) projections by CG (``rotation_solve="cg"``) instead of ``eigh``.
 VARIANTS = {"ddc_ref": ("ddc", {"foreach": False}), "ddc_muon_ref": ("ddc_muon", {"foreach": False}),
             "ddc_compiled": ("ddc", {"compile": True}), "ddc_muon_compiled": ("ddc_muon", {"compile": True}),
-            "ddc_cg": ("ddc", {"rotation_solve": "cg"}), "ddc_muon_cg": ("ddc_muon", {"rotation_solve": "cg"})}
+            "ddc_cg": ("ddc", {"rotation_solve": "cg"}), "ddc_muon_cg": ("ddc_muon", {"rotation_solve": "cg"}),
+            # DDC-Muon with Muon's own bfloat16 Newton-Schulz (configs/optimizer/ddc_muon_ns.yaml):
+            # the like-for-like row against Muon (ddc_muon's default is the exact svd)
+            "ddc_muon_ns": ("ddc_muon", {"orthogonalizer": "newton_schulz"})}
 
 #: Which optimizer a DDC variant is compared with (``None``: the reference row).
 BASE_OF = {"ddc": None, "ddc_muon": "muon", "ddc_ref": None, "ddc_muon_ref": "muon",
-           "ddc_compiled": ADAMW_COMPILED, "ddc_muon_compiled": "muon", "ddc_cg": None, "ddc_muon_cg": "muon"}
+           "ddc_compiled": ADAMW_COMPILED, "ddc_muon_compiled": "muon", "ddc_cg": None, "ddc_muon_cg": "muon",
+           "ddc_muon_ns": "muon"}
 
 #: Distinct batches cycled through while timing (enough to vary the data, few enough to
 #: keep large-batch tasks in memory).
