@@ -47,7 +47,7 @@ paper-cpu: install
 	$(BIN)/ddc-bench --multirun experiment=vit_scratch
 	$(BIN)/python -m ddc_bench.sweep_extend results/paper-runs/vit_scratch/cpu --launch -- experiment=vit_scratch
 	$(BIN)/ddc-bench --multirun experiment=grok_depth
-	$(BIN)/ddc-bench --multirun experiment=grok_depth lr_mult=16 seed=2,3,4
+	$(BIN)/ddc-bench --multirun experiment=grok_depth lr_mult=16,32 seed=2,3,4
 	$(BIN)/python -m ddc_bench.sweep_extend results/paper-runs/grok_depth/cpu --cap 64 --choice ddc_muon=ddc_muon_ns --launch -- experiment=grok_depth
 	$(BIN)/ddc-bench --multirun experiment=dead_rates
 	$(BIN)/python -m ddc_bench.sweep_extend results/paper-runs/dead_rates/cpu --launch -- experiment=dead_rates

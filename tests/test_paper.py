@@ -69,7 +69,7 @@ def test_experiment_composes_with_its_matched_sweep(experiment, scale):
         seeds = set(sweep["seed"].split(","))
         if scale == "cpu":  # the bracket has 2 seeds; make paper-cpu adds the centre's others
             make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
-            assert "experiment=grok_depth lr_mult=16 seed=2,3,4" in make
+            assert "experiment=grok_depth lr_mult=16,32 seed=2,3,4" in make
             seeds |= {"2", "3", "4"}
         assert max(grid) >= 4 and len(seeds) >= 5
 
