@@ -270,11 +270,11 @@ class ScaleSystem:
             out.index_add_(0, st["flat_b"], (st["coupling"] * to_b).reshape(-1))
         return out
 
-    def _levels(self, r1: torch.Tensor, xs: list[torch.Tensor], level: float, zero_level: float,
-                at: torch.Tensor | None = None
+    def _levels(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor], level: float,
+                zero_level: float
                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, list[Any], torch.Tensor]]:
-        """κ and the active coordinates (the canonical-point rule) read at log-scales ``at``
-        (0 for None), and the sides there (the solve's first Newton evaluation).
+        """κ and the active coordinates (the canonical-point rule) read at log-scales ``s``,
+        and the sides there (the solve's first Newton evaluation).
 
         Where to read matters where parameters couple gauges: a coordinate's ``√(AB)`` is
         invariant under its own scaling but not under its neighbours'. A warm solve reads
@@ -285,7 +285,6 @@ class ScaleSystem:
         degenerate to one solve and live to the next, each pulling the frame its way: the
         frame ratcheted by ~4 log-units a step until the model's coordinates under- and
         overflowed (DDC-Muon, grok_depth lr_mult 8, step 2510)."""
-        s = torch.zeros(self.n, dtype=torch.float64, device=self.device) if at is None else at
         sides = self._sides(s, r1, xs)
         grow0, shrink0 = sides[0][:self.n], sides[0][self.n:]
         kappa, active = canonical_levels(grow0, shrink0, self.levels * level, level, zero_level)
@@ -314,14 +313,13 @@ class ScaleSystem:
     def _evaluate_zero(self, r1: torch.Tensor, xs: list[torch.Tensor], level: float, zero_level: float
                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """κ, the active coordinates and the Newton system at log-scales 0."""
-        s = torch.zeros(self.n, dtype=torch.float64, device=self.device)
-        kappa, active, at_zero = self._levels(r1, xs, level, zero_level, s)
-        return kappa, active, self._system(s, kappa, active, at_zero)
+        return self._evaluate_warm(torch.zeros(self.n, dtype=torch.float64, device=self.device), r1, xs,
+                                   level, zero_level)
 
     def _evaluate_warm(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor], level: float,
                        zero_level: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """κ, the active coordinates and the Newton system at the warm start ``s``."""
-        kappa, active, at_warm = self._levels(r1, xs, level, zero_level, s)
+        kappa, active, at_warm = self._levels(s, r1, xs, level, zero_level)
         return kappa, active, self._system(s, kappa, active, at_warm)
 
     def objective(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor], kappa: torch.Tensor

@@ -549,10 +549,7 @@ class DDC(Optimizer):
         if self.foreach and self._frame_initialised():
             # As the batched step's own solve from the stored frame (the same fixed
             # schedule): no host read, and the step's solve then starts where this left it.
-            opts = self._step_options()
-            rounds, cg_steps = system.schedule(work, opts.balance_steps, opts.balance_cg_steps)
-            s = system.balance(warm, r1, xs, *first, opts.balance_steps_before if opts.freeze else rounds,
-                               cg_steps)
+            s = system.balance(warm, r1, xs, *first, *self._step_options().warm_schedule(system))
         else:
             s, _, unsettled = system.solve(r1, xs, warm, self._balance_tol(), self.balance_max_iter, first)
             frame.warn_unsettled(unsettled, self._balance_tol(), self.balance_max_iter)

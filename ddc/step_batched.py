@@ -446,7 +446,7 @@ def multi_tensor_step(layout: StepLayout, params: list[torch.Tensor], grads: lis
             # this solve's Newton round; "free" moves the frame every step and takes the
             # full schedule.
             kappa, active, start = first
-            before = (opts.balance_steps_before if freeze else schedule[0], schedule[1])
+            before = opts.warm_schedule(system)
             log_scales = kernels.balance(layout, log_scales, *reduced, kappa, active, start, *before)
             sweeps_before = before[0]
         else:

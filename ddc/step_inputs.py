@@ -8,6 +8,7 @@ gradients, the base optimizer's state) and numbers; what DDC adds is the gauge l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -79,6 +80,15 @@ class StepOptions:
     rotation_solve: str = "eigh"           # or "cg"
     rotation_cg_steps: int = 16
     compiled: bool = False
+
+    def warm_schedule(self, scales: Any) -> tuple[int, int]:
+        """The fixed schedule's (rounds, CG iterations) for a balancing solve from the
+        stored frame (``scales``: the layout's :class:`ddc.balancing.ScaleSystem`): with
+        dead_mode "freeze" the last step left that frame canonical, so
+        ``balance_steps_before`` rounds (0: the closed-form step alone) keep it there;
+        "free" takes the full schedule."""
+        rounds, cg_steps = scales.schedule(self.work, self.balance_steps, self.balance_cg_steps)
+        return (self.balance_steps_before if self.freeze else rounds), cg_steps
 
 
 @dataclass
