@@ -69,8 +69,10 @@ def closed_form_step(grow: torch.Tensor, shrink: torch.Tensor, kappa: torch.Tens
     tiny = torch.finfo(grow.dtype).tiny
     disc = torch.sqrt(kappa * kappa + 4 * grow * shrink)
     grows = kappa >= 0
-    x = torch.where(grows, (kappa + disc) / (2 * grow).clamp_min(tiny), 2 * shrink / (disc - kappa).clamp_min(tiny))
-    solvable = active & torch.where(grows, grow > 0, shrink > 0) & (x > 0) & torch.isfinite(x)
+    # Each branch's numerator and denominator picked first: one division, the same numbers.
+    x = torch.where(grows, kappa + disc, 2 * shrink) / torch.where(grows, 2 * grow, disc - kappa).clamp_min(tiny)
+    # x > 0 and below inf: a positive finite root (NaN fails both comparisons).
+    solvable = active & (torch.where(grows, grow, shrink) > 0) & (x > 0) & (x < float("inf"))
     return torch.where(solvable, 0.5 * torch.log(torch.where(solvable, x, 1.0)), 0.0)
 
 
@@ -91,6 +93,12 @@ def _matvec(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``x @ v`` for stacks ``x`` (L, n, m) and ``v`` (L, m), as the row-vector product
     ``vᵀ xᵀ`` (on the CPU several times faster than ``bmm`` with a column vector)."""
     return torch.bmm(v.unsqueeze(1), x.transpose(1, 2)).squeeze(1)
+
+
+def _checks(system: dict[str, Any]) -> torch.Tensor:
+    """The two numbers the adaptive solve reads per Newton step: max |Jacobi step| and
+    max |gradient|."""
+    return torch.stack([system["z"].abs().max(), system["grad"].abs().max()])
 
 
 class ScaleSystem:
@@ -150,6 +158,8 @@ class ScaleSystem:
             sb_t = torch.tensor(sb, dtype=torch.float64, device=device)[:, None]
             self.stacks.append({
                 "params": members, "other": other, "ca": ca_t, "cb": cb_t, "sa": sa_t, "sb": sb_t,
+                # where each entry's side sits in the 2N sides (and its e^{±2s} in _sides's table)
+                "gather_a": ca_t + self.n * (sa_t < 0).long(), "gather_b": cb_t + self.n * (sb_t < 0).long(),
                 "side_a": (ca_t + self.n * (sa_t < 0).long()).reshape(-1),
                 "side_b": (cb_t + self.n * (sb_t < 0).long()).reshape(-1),
                 "coupling": 4 * sa_t * sb_t,   # (L, 1): sign of the off-diagonal Hessian block
@@ -174,6 +184,13 @@ class ScaleSystem:
         self.cg_steps_low = max(4, diameter)
         #: Conjugate-gradient iterations the adaptive solve ran so far (a diagnostic).
         self.cg_iterations = 0
+        self._plan_factors({i: [(axis, self._dense_index(g, sign)) for axis, g, sign in axes]
+                            for i, axes in self.factor_axes.items()},
+                           {i: len(shapes[i]) for i in self.factor_axes})
+
+    def _dense_index(self, g: int, sign: int) -> torch.Tensor:
+        """Where gauge ``g``'s factors ``e^{sign·s}`` sit in :meth:`factors`'s table."""
+        return torch.arange(self.offsets[g], self.offsets[g + 1]) + (self.n if sign < 0 else 0)
 
     def schedule(self, work: torch.dtype, newton_steps: int | None, cg_steps: int | None) -> tuple[int, int]:
         """The fixed schedule's (rounds, CG iterations) for the working precision ``work``,
@@ -183,30 +200,56 @@ class ScaleSystem:
 
     # ---------------------------------------------------------------------- scale factors
 
+    def _plan_factors(self, pieces: dict[int, list[tuple[int, torch.Tensor]]], ndims: dict[int, int]) -> None:
+        """Precompute :meth:`factors`'s gathers. ``pieces[i]``: parameter ``i``'s factor
+        pieces as (axis, index into the table ``[e^s, e^{-s}, 1]``), multiplied in that
+        order. Pieces broadcast along the same number of trailing axes share one gather (a
+        *bank*), viewed once with those singleton axes and split into the pieces: a few
+        operators for every parameter together instead of several per parameter."""
+        banks: dict[int, list[torch.Tensor]] = {}
+        self._factor_pieces: dict[int, list[tuple[int, int]]] = {}
+        for i, param_pieces in sorted(pieces.items()):
+            self._factor_pieces[i] = []
+            for axis, index in param_pieces:
+                trailing = ndims[i] - 1 - axis
+                bank = banks.setdefault(trailing, [])
+                self._factor_pieces[i].append((trailing, len(bank)))
+                bank.append(index)
+        self._factor_banks = [(trailing, torch.cat(bank).to(self.device), [int(x.numel()) for x in bank])
+                              for trailing, bank in sorted(banks.items())]
+        self._table_one = torch.zeros(1, dtype=torch.float64, device=self.device)
+
     def factors(self, log_scales: torch.Tensor, dtype: torch.dtype, like: Sequence[torch.Tensor],
                 times: Sequence[float | torch.Tensor] | None = None, ones: Sequence[bool] | None = None
                 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """The scale factor ``S`` of every parameter for the flat float64 ``log_scales``,
-        broadcastable to it (``None`` for unscaled parameters), and the same times
-        ``times[i]`` (weight decay folded into one multiply; ``S`` again if ``times`` is
-        None)."""
-        pos = torch.exp(log_scales).to(dtype)
-        neg = torch.exp(-log_scales).to(dtype)
+        broadcastable to it (``None`` for unscaled parameters; ``like``: the parameters,
+        for their count), and the same times ``times[i]`` (weight decay folded into one
+        multiply of the first, small, piece; ``S`` again where ``times`` is None or
+        ``ones[i]``)."""
+        table = torch.exp(torch.cat([log_scales, -log_scales, self._table_one])).to(dtype)
+        split: dict[int, tuple[torch.Tensor, ...]] = {}
+        for trailing, index, sizes in self._factor_banks:
+            bank = table[index]
+            if trailing:
+                bank = bank.view(-1, *([1] * trailing))
+            split[trailing] = bank.split(sizes)
+        pieces = {i: [split[t][k] for t, k in where] for i, where in self._factor_pieces.items()}
         out: list[torch.Tensor | None] = [None] * len(like)
         out_times: list[torch.Tensor | None] = [None] * len(like)
-        for i, axes in self.factor_axes.items():
-            ndim = like[i].ndim
-            pieces = []
-            for axis, g, s in axes:
-                shape = [1] * ndim
-                shape[axis] = -1
-                pieces.append((pos if s > 0 else neg)[self.offsets[g]:self.offsets[g + 1]].view(shape))
-            out[i] = pieces[0] if len(pieces) == 1 else pieces[0] * pieces[1]
-            if times is None or (ones[i] if ones is not None else times[i] == 1.0):
-                out_times[i] = out[i]
-            else:  # scale the smaller piece, then (for two axes) the same outer product
-                first = pieces[0] * times[i]
-                out_times[i] = first if len(pieces) == 1 else first * pieces[1]
+        for i, (first, *rest) in pieces.items():
+            out[i] = first if not rest else first * rest[0]
+            out_times[i] = out[i]
+        decayed = [] if times is None else \
+            [i for i in pieces if not (ones[i] if ones is not None else times[i] == 1.0)]
+        if decayed:
+            firsts = [pieces[i][0] for i in decayed]
+            if isinstance(times[decayed[0]], torch.Tensor):  # 0-d tensors (the compiled step)
+                scaled = [f * times[i] for f, i in zip(firsts, decayed)]
+            else:  # one operator for all: each piece times its own number
+                scaled = torch._foreach_mul(firsts, [times[i] for i in decayed])
+            for i, f in zip(decayed, scaled):
+                out_times[i] = f if len(pieces[i]) == 1 else f * pieces[i][1]
         return out, out_times
 
     # ------------------------------------------------------------------------- balancing
@@ -240,34 +283,37 @@ class ScaleSystem:
 
 
     def _sides(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor]
-               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor]:
+               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]], torch.Tensor]:
         """Grow and shrink sums (flat, 2N) at log-scales ``s``, each stack's scalings
-        ``(X, e_a, e_b)`` (the scaled matrix is ``e_a X e_b``, never formed: every use is a
-        matrix-vector product) and the total squared norm."""
+        ``(X, e_a, e_b, c·e_a, c·e_b)`` (the scaled matrix is ``e_a X e_b``, never formed:
+        every use is a matrix-vector product; ``c`` the coupling sign ±4, a power of two, so
+        folding it in changes no bit) and the total squared norm."""
+        # exp(±2s) once for every coordinate, then gathered: e^{2·sign·s_i} sits at
+        # i + N·(sign < 0), the same index as coordinate i's side.
+        table = torch.exp(torch.cat([2 * s, -2 * s]))
         sides = torch.zeros(2 * self.n, dtype=torch.float64, device=self.device)
-        scaled1 = torch.exp(2 * self.sign1 * s[self.coord1]) * r1
+        scaled1 = table[self.side1] * r1
         sides.index_add_(0, self.side1, scaled1)
         total = scaled1.sum()
         scaled = []
         for st, x in zip(self.stacks, xs):
-            ea = torch.exp(2 * st["sa"] * s[st["ca"]])
-            eb = torch.exp(2 * st["sb"] * s[st["cb"]])
+            ea = table[st["gather_a"]]
+            eb = table[st["gather_b"]]
             rows = ea * _matvec(x, eb)
             cols = eb * torch.bmm(ea.unsqueeze(1), x).squeeze(1)
             sides.index_add_(0, st["side_a"], rows.reshape(-1))
             sides.index_add_(0, st["side_b"], cols.reshape(-1))
             total = total + rows.sum()
-            scaled.append((x, ea, eb))
+            scaled.append((x, ea, eb, st["coupling"] * ea, st["coupling"] * eb))
         return sides, scaled, total
 
-    def _hessian(self, diag: torch.Tensor, scaled: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                 v: torch.Tensor) -> torch.Tensor:
+    def _hessian(self, diag: torch.Tensor, scaled: list[tuple[torch.Tensor, ...]], v: torch.Tensor) -> torch.Tensor:
         out = diag * v
-        for st, (x, ea, eb) in zip(self.stacks, scaled):
-            to_a = ea * _matvec(x, eb * v[st["cb"]])
-            to_b = eb * torch.bmm((ea * v[st["ca"]]).unsqueeze(1), x).squeeze(1)
-            out.index_add_(0, st["flat_a"], (st["coupling"] * to_a).reshape(-1))
-            out.index_add_(0, st["flat_b"], (st["coupling"] * to_b).reshape(-1))
+        for st, (x, ea, eb, ea_c, eb_c) in zip(self.stacks, scaled):
+            to_a = ea_c * _matvec(x, eb * v[st["cb"]])
+            to_b = eb_c * torch.bmm((ea * v[st["ca"]]).unsqueeze(1), x).squeeze(1)
+            out.index_add_(0, st["flat_a"], to_a.reshape(-1))
+            out.index_add_(0, st["flat_b"], to_b.reshape(-1))
         return out
 
     def _levels(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor], level: float,
@@ -293,17 +339,15 @@ class ScaleSystem:
     def _system(self, s: torch.Tensor, kappa: torch.Tensor, active: torch.Tensor,
                 sides: tuple[torch.Tensor, list[Any], torch.Tensor]) -> dict[str, Any]:
         """The Newton system at ``s`` from its sides: gradient, Hessian diagonal, Jacobi
-        preconditioner and step, the objective, and ``checks`` = (max |Jacobi step|,
-        max |gradient|), the two numbers the host reads."""
+        preconditioner and step, the sides, and the total squared norm (the adaptive
+        solve's objective and host checks are formed there: :func:`_checks`)."""
         grow, shrink = sides[0][:self.n], sides[0][self.n:]
         grad = torch.where(active, 2 * (grow - shrink - kappa), 0.0)
         diag = 4 * (grow + shrink)
         precond = torch.where(active & (diag > 0), 1 / diag.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         z = precond * -grad
         return {"grad": grad, "diag": diag, "scaled": sides[1], "precond": precond, "z": z,
-                "grow": grow, "shrink": shrink,
-                "objective": sides[2] - 2 * (kappa * s).sum(),
-                "checks": torch.stack([z.abs().max(), grad.abs().max()])}
+                "grow": grow, "shrink": shrink, "total": sides[2]}
 
     def evaluate(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor], kappa: torch.Tensor,
                   active: torch.Tensor) -> dict[str, Any]:
@@ -361,7 +405,7 @@ class ScaleSystem:
         for newton in range(1, max_iter + 1):
             if system is None:
                 system = self.evaluate(s, r1, xs, kappa, active)
-            estimate, rmax = system["checks"].tolist()
+            estimate, rmax = _checks(system).tolist()
             step, largest, atol = self._cg(system, estimate, rmax, tol)
             if estimate <= 0.5 * tol:
                 # The Jacobi estimate of the Newton step is below tol/2 (the step itself is
@@ -370,7 +414,7 @@ class ScaleSystem:
                 return s + step, newton, []
             t = 1.0
             if largest > 0.1:  # damped, as the reference: far from the solution only
-                f0 = float(system["objective"])
+                f0 = float(system["total"] - 2 * (kappa * s).sum())
                 slope = float(system["grad"] @ step)
                 objective = self.objective
                 while t > 1e-6:
@@ -415,20 +459,28 @@ class ScaleSystem:
         """:data:`CG_CHECK_EVERY` conjugate-gradient iterations from ``state`` = (x, r, p,
         rᵀz), without host reads (one kernel); returns the new state and (max |z|, max |r|,
         the last curvature pᵀHp) for the host's stopping test."""
+        for _ in range(CG_CHECK_EVERY):
+            state, curvature = self._cg_iteration(diag, scaled, precond, state)
+        x, r, p, rz = state
+        return state, torch.stack([(precond * r).abs().max(), r.abs().max(), curvature])
+
+    def _cg_iteration(self, diag: torch.Tensor, scaled: list[Any], precond: torch.Tensor,
+                      state: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """One Jacobi-preconditioned CG iteration for ``H x = b`` from ``state`` = (x, r, p,
+        rᵀz); returns the new state and the curvature pᵀHp. No step where the curvature is
+        not positive (p = 0: converged); rᵀz ≥ 0 (the preconditioner is ≥ 0), so a zero one
+        (converged) gives β = 0."""
         x, r, p, rz = state
         tiny = torch.finfo(torch.float64).tiny
-        for _ in range(CG_CHECK_EVERY):
-            ap = self._hessian(diag, scaled, p)
-            curvature = p @ ap
-            alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), 0.0)
-            x = x + alpha * p
-            r = r - alpha * ap
-            z = precond * r
-            rz_new = r @ z
-            p = z + (rz_new / torch.where(rz != 0, rz, 1.0)) * p
-            rz = rz_new
-        return (x, r, p, rz), torch.stack([z.abs().max(), r.abs().max(), curvature])
-
+        ap = self._hessian(diag, scaled, p)
+        curvature = p @ ap
+        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), 0.0)
+        x = torch.addcmul(x, alpha, p)
+        r = torch.addcmul(r, alpha, ap, value=-1)
+        z = precond * r
+        rz_new = r @ z
+        p = torch.addcmul(z, rz_new / rz.clamp_min(tiny), p)
+        return (x, r, p, rz_new), curvature
 
     def balance(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor], kappa: torch.Tensor,
                  active: torch.Tensor, system: dict[str, Any], newton_steps: int, cg_steps: int) -> torch.Tensor:
@@ -464,23 +516,13 @@ class ScaleSystem:
         return s
 
     def _cg_fixed(self, system: dict[str, Any], cg_steps: int) -> torch.Tensor:
-        """``cg_steps`` iterations of :meth:`_cg_block`'s CG for ``H x = -grad`` from 0."""
+        """``cg_steps`` iterations of :meth:`_cg_iteration` for ``H x = -grad`` from 0."""
         r = -system["grad"]
         z = system["z"]
-        state = (torch.zeros_like(r), r, z.clone(), r @ z)
-        tiny = torch.finfo(torch.float64).tiny
-        x, r, p, rz = state
+        state = (torch.zeros_like(r), r, z, r @ z)
         for _ in range(cg_steps):
-            ap = self._hessian(system["diag"], system["scaled"], p)
-            curvature = p @ ap
-            alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), 0.0)
-            x = x + alpha * p
-            r = r - alpha * ap
-            z = system["precond"] * r
-            rz_new = r @ z
-            p = z + (rz_new / torch.where(rz != 0, rz, 1.0)) * p
-            rz = rz_new
-        return x
+            state = self._cg_iteration(system["diag"], system["scaled"], system["precond"], state)[0]
+        return state[0]
 
     def residual(self, r1: torch.Tensor, xs: list[torch.Tensor], s: torch.Tensor, level: float,
                  zero_level: float) -> torch.Tensor:

@@ -157,7 +157,13 @@ class SharedScaleSystem(ScaleSystem):
         super().__init__(term_axes, term_shapes, sizes, [g.level for g in frame.scale_gauges], device)
         self.factor_axes = {i: list(frame.scale_axes.get(i, [])) for i in sorted(set(frame.scale_axes)
                                                                                   | set(frame.shared_scale_of))}
-        self._dense_axes = {i: frame.scale_axes.get(i, []) for i in self.factor_axes}
+        # :meth:`factors` of the parameters: each dense axis's factors, then the shared
+        # axis's factor per entry (1 where no pair scale acts).
+        pieces = {i: [(axis, self._dense_index(g, sign)) for axis, g, sign in frame.scale_axes.get(i, [])]
+                  for i in self.factor_axes}
+        for i, (axis, index) in self.shared_index.items():
+            pieces[i].append((axis, index.cpu()))
+        self._plan_factors(pieces, {i: len(shapes[i]) for i in self.factor_axes})
 
     def reduce(self, points: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """:meth:`ScaleSystem.reduce` of the terms cut from the parameters ``points``."""
@@ -170,36 +176,6 @@ class SharedScaleSystem(ScaleSystem):
                     x = x.unflatten(axis, (coords, -1))
             terms.append(x)
         return super().reduce(terms)
-
-    def factors(self, log_scales: torch.Tensor, dtype: torch.dtype, like: Sequence[torch.Tensor],
-                times: Sequence[float | torch.Tensor] | None = None, ones: Sequence[bool] | None = None
-                ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
-        """:meth:`ScaleSystem.factors` on the parameters: the shared axis's factor per entry
-        (1 where no pair scale acts), times the other scale gauges' factors."""
-        pos = torch.exp(log_scales).to(dtype)
-        neg = torch.exp(-log_scales).to(dtype)
-        table = torch.cat([pos, neg, pos.new_ones(1)])
-        out: list[torch.Tensor | None] = [None] * len(like)
-        out_times: list[torch.Tensor | None] = [None] * len(like)
-        for i, dense in self._dense_axes.items():
-            ndim = like[i].ndim
-            pieces = []
-            for axis, g, sign in dense:
-                shape = [1] * ndim
-                shape[axis] = -1
-                pieces.append((pos if sign > 0 else neg)[self.offsets[g]:self.offsets[g + 1]].view(shape))
-            if i in self.shared_index:
-                axis, index = self.shared_index[i]
-                shape = [1] * ndim
-                shape[axis] = -1
-                pieces.append(table[index].view(shape))
-            out[i] = pieces[0] if len(pieces) == 1 else pieces[0] * pieces[1]
-            if times is None or (ones[i] if ones is not None else times[i] == 1.0):
-                out_times[i] = out[i]
-            else:
-                first = pieces[0] * times[i]
-                out_times[i] = first if len(pieces) == 1 else first * pieces[1]
-        return out, out_times
 
 
 class StepLayout:
