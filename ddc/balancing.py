@@ -89,12 +89,6 @@ def _diameter(edges: dict[int, set[int]]) -> int:
     return longest
 
 
-def _matvec(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``x @ v`` for stacks ``x`` (L, n, m) and ``v`` (L, m), as the row-vector product
-    ``vᵀ xᵀ`` (on the CPU several times faster than ``bmm`` with a column vector)."""
-    return torch.bmm(v.unsqueeze(1), x.transpose(1, 2)).squeeze(1)
-
-
 def _checks(system: dict[str, Any]) -> torch.Tensor:
     """The two numbers the adaptive solve reads per Newton step: max |Jacobi step| and
     max |gradient|."""
@@ -159,7 +153,10 @@ class ScaleSystem:
             self.stacks.append({
                 "params": members, "other": other, "ca": ca_t, "cb": cb_t, "sa": sa_t, "sb": sb_t,
                 # where each entry's side sits in the 2N sides (and its e^{±2s} in _sides's table)
-                "gather_a": ca_t + self.n * (sa_t < 0).long(), "gather_b": cb_t + self.n * (sb_t < 0).long(),
+                # (L, 1, n) index shapes: gathered, they are bmm's row vectors as they are
+                "gather_a": (ca_t + self.n * (sa_t < 0).long()).unsqueeze(1),
+                "gather_b": (cb_t + self.n * (sb_t < 0).long()).unsqueeze(1),
+                "ca3": ca_t.unsqueeze(1), "cb3": cb_t.unsqueeze(1), "coupling3": (4 * sa_t * sb_t).unsqueeze(1),
                 "side_a": (ca_t + self.n * (sa_t < 0).long()).reshape(-1),
                 "side_b": (cb_t + self.n * (sb_t < 0).long()).reshape(-1),
                 "coupling": 4 * sa_t * sb_t,   # (L, 1): sign of the off-diagonal Hessian block
@@ -285,11 +282,13 @@ class ScaleSystem:
     def _sides(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor]
                ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]], torch.Tensor]:
         """Grow and shrink sums (flat, 2N) at log-scales ``s``, each stack's scalings
-        ``(X, e_a, e_b, c·e_a, c·e_b)`` (the scaled matrix is ``e_a X e_b``, never formed:
-        every use is a matrix-vector product; ``c`` the coupling sign ±4, a power of two, so
-        folding it in changes no bit) and the total squared norm."""
+        ``(X, Xᵀ, e_a, e_b, c·e_a, c·e_b)`` as (L, 1, n) row vectors (the scaled matrix is
+        ``e_a X e_b``, never formed: every use is a matrix-vector product; ``c`` the
+        coupling sign ±4, a power of two, so folding it in changes no bit) and the total
+        squared norm."""
         # exp(±2s) once for every coordinate, then gathered: e^{2·sign·s_i} sits at
-        # i + N·(sign < 0), the same index as coordinate i's side.
+        # i + N·(sign < 0), the same index as coordinate i's side. Products with a stack are
+        # row vector times matrix (on the CPU several times faster than a column vector).
         table = torch.exp(torch.cat([2 * s, -2 * s]))
         sides = torch.zeros(2 * self.n, dtype=torch.float64, device=self.device)
         scaled1 = table[self.side1] * r1
@@ -297,23 +296,22 @@ class ScaleSystem:
         total = scaled1.sum()
         scaled = []
         for st, x in zip(self.stacks, xs):
-            ea = table[st["gather_a"]]
-            eb = table[st["gather_b"]]
-            rows = ea * _matvec(x, eb)
-            cols = eb * torch.bmm(ea.unsqueeze(1), x).squeeze(1)
-            sides.index_add_(0, st["side_a"], rows.reshape(-1))
-            sides.index_add_(0, st["side_b"], cols.reshape(-1))
+            ea, eb, xt = table[st["gather_a"]], table[st["gather_b"]], x.transpose(1, 2)
+            rows = ea * torch.bmm(eb, xt)
+            cols = eb * torch.bmm(ea, x)
+            sides.index_add_(0, st["side_a"], rows.view(-1))
+            sides.index_add_(0, st["side_b"], cols.view(-1))
             total = total + rows.sum()
-            scaled.append((x, ea, eb, st["coupling"] * ea, st["coupling"] * eb))
+            scaled.append((x, xt, ea, eb, st["coupling3"] * ea, st["coupling3"] * eb))
         return sides, scaled, total
 
     def _hessian(self, diag: torch.Tensor, scaled: list[tuple[torch.Tensor, ...]], v: torch.Tensor) -> torch.Tensor:
         out = diag * v
-        for st, (x, ea, eb, ea_c, eb_c) in zip(self.stacks, scaled):
-            to_a = ea_c * _matvec(x, eb * v[st["cb"]])
-            to_b = eb_c * torch.bmm((ea * v[st["ca"]]).unsqueeze(1), x).squeeze(1)
-            out.index_add_(0, st["flat_a"], to_a.reshape(-1))
-            out.index_add_(0, st["flat_b"], to_b.reshape(-1))
+        for st, (x, xt, ea, eb, ea_c, eb_c) in zip(self.stacks, scaled):
+            to_a = ea_c * torch.bmm(eb * v[st["cb3"]], xt)
+            to_b = eb_c * torch.bmm(ea * v[st["ca3"]], x)
+            out.index_add_(0, st["flat_a"], to_a.view(-1))
+            out.index_add_(0, st["flat_b"], to_b.view(-1))
         return out
 
     def _levels(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor], level: float,

@@ -349,6 +349,16 @@ class DDC(Optimizer):
             else:
                 self.state[param][key] = value
 
+    def _store_log_scales(self, flat: torch.Tensor, sizes: list[int]) -> None:
+        """Store the flat frame: copied into the stored vectors once they exist (one
+        operator, no fresh tensors each step), else as fresh per-gauge copies (a view would
+        keep the whole flat tensor alive in the state)."""
+        parts = flat.split(sizes)
+        if self._frame_initialised():
+            torch._foreach_copy_(self._log_scales, list(parts))
+        else:
+            self._log_scales = [x.clone() for x in parts]
+
     def _rotation_bases(self) -> list[torch.Tensor | None]:
         """The stored eigenbasis of each rotation gauge (``rotation_solve="cg"``; None where none)."""
         return [self.state[param].get(key) if param is not None and param in self.state else None
@@ -498,8 +508,9 @@ class DDC(Optimizer):
         if any(g is not None for g in grads):
             work = self._work_dtype()
             layout = self._layout_on(frame.params[0].device)
-            state = self._base_state(frame.params, [p.detach() if g is not None else None
-                                                    for p, g in zip(frame.params, grads)],
+            # (the likes give only shape, device and layout: zeros_like of a parameter under
+            # no_grad needs no detach)
+            state = self._base_state(frame.params, [p if g is not None else None for p, g in zip(frame.params, grads)],
                                      gauged_options, work)
             rotation = self.rotation_solve == "cg" and self.foreach
             refresh = rotation and self._rotation_refresh()
@@ -511,7 +522,7 @@ class DDC(Optimizer):
             report = ddc_step(layout, frame.params, grads, gauged_options, state, frame_state,
                               self._step_options(), foreach=self.foreach)
             if frame.scale_gauges:
-                self._log_scales = [x.clone() for x in report.log_scales.split(layout.scales.sizes)]
+                self._store_log_scales(report.log_scales, layout.scales.sizes)
             if rotation:
                 self._store_rotation_bases(report.rotation_bases, refresh)
             frame.warn_unsettled(report.unsettled, self._balance_tol(), self.balance_max_iter)
@@ -553,7 +564,7 @@ class DDC(Optimizer):
         else:
             s, _, unsettled = system.solve(r1, xs, warm, self._balance_tol(), self.balance_max_iter, first)
             frame.warn_unsettled(unsettled, self._balance_tol(), self.balance_max_iter)
-        self._log_scales = [x.clone() for x in s.split(system.sizes)]
+        self._store_log_scales(s, system.sizes)
         factors = system.factors(s, work, [p.detach() for p in frame.params])[0]
         return [g if g is None or f is None else g / f for g, f in zip(grads, factors)]
 

@@ -73,8 +73,8 @@ class _AdamGroup:
             self.step_size: Any = list((-options.lr / (1 - self.beta1 ** counts_t)).unbind())
             return
         # The step counters live on the CPU (as torch's AdamW keeps them without
-        # capturable=True): reading them is no device synchronisation.
-        counts = [float(s) for s in steps]
+        # capturable=True): reading them is no device synchronisation (one read for all).
+        counts = torch.stack(steps).tolist()
         bc2_sqrt = [math.sqrt(1 - self.beta2 ** c) for c in counts]
         step_size = [-options.lr / (1 - self.beta1 ** c) for c in counts]
         if len(set(counts)) == 1:  # the usual case: one number (a list costs a tensor per entry)
@@ -422,8 +422,9 @@ def multi_tensor_step(layout: StepLayout, params: list[torch.Tensor], grads: lis
     gradient and lr > 0 (:func:`supported`). The host reads nothing once the frame is
     initialised (the first step solves it adaptively)."""
     kernels = compiled_kernels() if opts.compiled else KERNELS
-    params = [p.detach() for p in params]
-    grads = [g.detach() for g in grads]
+    if torch.is_grad_enabled():  # (DDC.step runs under no_grad: no detach needed there)
+        params = [p.detach() for p in params]
+        grads = [g.detach() for g in grads]
     work, freeze, system = opts.work, opts.freeze, layout.scales
     device = params[0].device
     level = opts.reference_norm ** 2
