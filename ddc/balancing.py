@@ -89,6 +89,26 @@ def _diameter(edges: dict[int, set[int]]) -> int:
     return longest
 
 
+@torch.library.custom_op("ddc::row_vector_bmm", mutates_args=())
+def _row_vector_bmm(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(v, x)`` for a stack of row vectors ``v`` (L, 1, n), as one opaque
+    operator for ``torch.compile``: inductor would otherwise decompose the product into a
+    loop that recomputes ``v``'s gather from the flat log-scales for every output entry
+    (measured on GPT small's stack, CPU: the Hessian product 0.45 ms compiled against
+    0.07 ms eager; with this operator 0.11 ms)."""
+    return torch.bmm(v, x)
+
+
+@_row_vector_bmm.register_fake
+def _(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.new_empty((v.shape[0], v.shape[1], x.shape[2]))
+
+
+def _bmm(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Row vectors times a stack: ``torch.bmm`` eagerly, :func:`_row_vector_bmm` traced."""
+    return _row_vector_bmm(v, x) if torch.compiler.is_compiling() else torch.bmm(v, x)
+
+
 def _checks(system: dict[str, Any]) -> torch.Tensor:
     """The two numbers the adaptive solve reads per Newton step: max |Jacobi step| and
     max |gradient|."""
@@ -297,8 +317,8 @@ class ScaleSystem:
         scaled = []
         for st, x in zip(self.stacks, xs):
             ea, eb, xt = table[st["gather_a"]], table[st["gather_b"]], x.transpose(1, 2)
-            rows = ea * torch.bmm(eb, xt)
-            cols = eb * torch.bmm(ea, x)
+            rows = ea * _bmm(eb, xt)
+            cols = eb * _bmm(ea, x)
             sides.index_add_(0, st["side_a"], rows.view(-1))
             sides.index_add_(0, st["side_b"], cols.view(-1))
             total = total + rows.sum()
@@ -308,8 +328,8 @@ class ScaleSystem:
     def _hessian(self, diag: torch.Tensor, scaled: list[tuple[torch.Tensor, ...]], v: torch.Tensor) -> torch.Tensor:
         out = diag * v
         for st, (x, xt, ea, eb, ea_c, eb_c) in zip(self.stacks, scaled):
-            to_a = ea_c * torch.bmm(eb * v[st["cb3"]], xt)
-            to_b = eb_c * torch.bmm(ea * v[st["ca3"]], x)
+            to_a = ea_c * _bmm(eb * v[st["cb3"]], xt)
+            to_b = eb_c * _bmm(ea * v[st["ca3"]], x)
             out.index_add_(0, st["flat_a"], to_a.view(-1))
             out.index_add_(0, st["flat_b"], to_b.view(-1))
         return out
