@@ -390,10 +390,40 @@ def _balance(layout: StepLayout, s: torch.Tensor, r1: torch.Tensor, xs: list[tor
     return ScaleSystem.balance(layout.scales, s, r1, xs, kappa, active, system, newton_steps, cg_steps)
 
 
+def _fixed_step(layout: StepLayout, spec: _Spec, options: list[ParamOptions], state: BaseState,
+                params: list[torch.Tensor], grads: list[torch.Tensor], log_scales: torch.Tensor,
+                bases: list[torch.Tensor | None], refresh: bool | torch.Tensor, opts: StepOptions
+                ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The whole step once the frame is initialised (one kernel, no host read): the kernels
+    below in order, the solve before the step on the warm schedule from the stored frame
+    ``log_scales`` (which moves equivariantly with the trajectory, so a fixed count keeps
+    the step exact), the re-balancing after it on the full schedule. Returns the frame used
+    and the rotation bases."""
+    work, freeze, system = opts.work, opts.freeze, layout.scales
+    level = opts.reference_norm ** 2
+    points, grads, means, reduced, first = _prepare(layout, params, grads, work, log_scales, level, opts.zero_level)
+    if system.n:
+        kappa, active, start = first
+        log_scales = _balance(layout, log_scales, *reduced, kappa, active, start, *opts.warm_schedule(system))
+    points, bases = _middle(layout, spec, options, state, points, grads, log_scales, work, freeze, bases, refresh,
+                            opts.rotation_solve, opts.rotation_cg_steps)
+    back = -log_scales
+    if freeze and system.n:
+        # The new canonical point is invariant, so the solve from 0 on it is too.
+        reduced, (kappa, active, start) = _rebalance_start(layout, points, level, opts.zero_level)
+        schedule = system.schedule(work, opts.balance_steps, opts.balance_cg_steps)
+        back = _balance(layout, torch.zeros_like(log_scales), *reduced, kappa, active, start, *schedule) - log_scales
+    _write_back(layout, params, points, means, back if system.n else None, work)
+    return log_scales, bases
+
+
 class Kernels(NamedTuple):
     """The batched step's tensor work, in functions without host reads (each takes the
-    layout first)."""
+    layout first): ``fixed``, the whole step once the frame is initialised; the others,
+    its parts, for the first step (state init), whose frame solve reads the host between
+    ``prepare`` and ``middle``."""
 
+    fixed: Callable[..., Any]
     prepare: Callable[..., Any]
     middle: Callable[..., Any]
     rebalance_start: Callable[..., Any]
@@ -402,13 +432,15 @@ class Kernels(NamedTuple):
 
 
 #: The kernels, eager.
-KERNELS = Kernels(_prepare, _middle, _rebalance_start, _balance, _write_back)
+KERNELS = Kernels(_fixed_step, _prepare, _middle, _rebalance_start, _balance, _write_back)
 
 
 @functools.cache
 def compiled_kernels() -> Kernels:
     """:data:`KERNELS` through ``torch.compile`` (``DDC(compile=True)``): the same code, so
-    the same step to round-off (the compiler may fuse and reorder arithmetic)."""
+    the same step to round-off (the compiler may fuse and reorder arithmetic). The steady
+    state runs ``fixed``, the whole step as one graph; the parts compile only if a frame
+    is (re)initialised."""
     return Kernels(*(torch.compile(fn) for fn in KERNELS))
 
 
@@ -430,43 +462,40 @@ def multi_tensor_step(layout: StepLayout, params: list[torch.Tensor], grads: lis
     level = opts.reference_norm ** 2
     spec = _spec(options, state, opts.compiled, device)
 
-    # 1. Canonical frame (the solve warm-starts from the stored frame).
+    schedule = system.schedule(work, opts.balance_steps, opts.balance_cg_steps)
+    if frame.initialised or not system.n:
+        # The stored frame moves equivariantly with the trajectory: a fixed number of
+        # Newton steps from it keeps the step exact, and needs no host read. With
+        # dead_mode "freeze" the last step left that frame canonical for the parameters
+        # as they are now (to its re-balancing's residual), so the closed-form step alone
+        # (``balance_steps_before`` = 0 Newton rounds) keeps it there: measured on GPT
+        # small, 777 of the step's 1293 operators were the balancing, a third of them
+        # this solve's Newton round; "free" moves the frame every step and takes the
+        # full schedule.
+        log_scales, bases = kernels.fixed(layout, spec, options, state, params, grads, frame.log_scales,
+                                          frame.rotation_bases, frame.refresh, opts)
+        sweeps = (opts.warm_schedule(system)[0], schedule[0] if freeze else 0) if system.n else (0, 0)
+        return StepReport(log_scales, bases, sweeps, [])
+
+    # State init (the first step, or the first after the frame was reset): the frame of
+    # the starting point by the adaptive solve (host reads), once; 0 is no equivariant
+    # start. Then the same stages as ``fixed``.
     log_scales = frame.log_scales
     points, grads, means, reduced, first = kernels.prepare(layout, params, grads, work, log_scales, level,
                                                            opts.zero_level)
-    sweeps_before, unsettled = 0, []
-    schedule = system.schedule(work, opts.balance_steps, opts.balance_cg_steps)
-    if system.n:
-        if frame.initialised:
-            # The stored frame moves equivariantly with the trajectory: a fixed number of
-            # Newton steps from it keeps the step exact, and needs no host read. With
-            # dead_mode "freeze" the last step left that frame canonical for the parameters
-            # as they are now (to its re-balancing's residual), so the closed-form step alone
-            # (``balance_steps_before`` = 0 Newton rounds) keeps it there: measured on GPT
-            # small, 777 of the step's 1293 operators were the balancing, a third of them
-            # this solve's Newton round; "free" moves the frame every step and takes the
-            # full schedule.
-            kappa, active, start = first
-            before = opts.warm_schedule(system)
-            log_scales = kernels.balance(layout, log_scales, *reduced, kappa, active, start, *before)
-            sweeps_before = before[0]
-        else:
-            # State init (the first step, or the first after the frame was reset): the
-            # frame of the starting point by the adaptive solve (host reads), once; 0 is
-            # no equivariant start.
-            log_scales, sweeps_before, unsettled = system.solve(*reduced, log_scales, opts.balance_tol,
-                                                                opts.balance_max_iter, first)
+    log_scales, sweeps_before, unsettled = system.solve(*reduced, log_scales, opts.balance_tol,
+                                                        opts.balance_max_iter, first)
     # 2-4. Weight decay, the base step, the dead directions removed.
     points, bases = kernels.middle(layout, spec, options, state, points, grads, log_scales, work, freeze,
                                    frame.rotation_bases, frame.refresh, opts.rotation_solve, opts.rotation_cg_steps)
     sweeps_after = 0
     back = -log_scales
-    if freeze and system.n:
+    if freeze:
         # The new canonical point is invariant, so the solve from 0 on it is too.
         reduced, (kappa, active, start) = kernels.rebalance_start(layout, points, level, opts.zero_level)
         back = kernels.balance(layout, torch.zeros_like(log_scales), *reduced, kappa, active, start, *schedule) \
             - log_scales
         sweeps_after = schedule[0]
     # 5. Back to the model's coordinates: θ_new = θ*_new · S_back / S (+ the mean).
-    kernels.write_back(layout, params, points, means, back if system.n else None, work)
+    kernels.write_back(layout, params, points, means, back, work)
     return StepReport(log_scales, bases, (sweeps_before, sweeps_after), unsettled)
