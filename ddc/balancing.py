@@ -67,13 +67,15 @@ def closed_form_step(grow: torch.Tensor, shrink: torch.Tensor, kappa: torch.Tens
     (Without this rule a zero grow side with ``κ = 0`` gave ``x = 0`` and a step of
     ``½·log(tiny) ≈ −354``, after which the sides overflow.)"""
     tiny = torch.finfo(grow.dtype).tiny
-    disc = torch.sqrt(kappa * kappa + 4 * grow * shrink)
+    grow2, shrink2 = 2 * grow, 2 * shrink   # (4AB as 2A·2B: powers of two, the same bits)
+    disc = torch.sqrt(kappa * kappa + grow2 * shrink2)
     grows = kappa >= 0
     # Each branch's numerator and denominator picked first: one division, the same numbers.
-    x = torch.where(grows, kappa + disc, 2 * shrink) / torch.where(grows, 2 * grow, disc - kappa).clamp_min(tiny)
-    # x > 0 and below inf: a positive finite root (NaN fails both comparisons).
+    x = torch.where(grows, kappa + disc, shrink2) / torch.where(grows, grow2, disc - kappa).clamp_min(tiny)
+    # x > 0 and below inf: a positive finite root (NaN fails both comparisons); the log of
+    # any other x is computed but not taken.
     solvable = active & (torch.where(grows, grow, shrink) > 0) & (x > 0) & (x < float("inf"))
-    return torch.where(solvable, 0.5 * torch.log(torch.where(solvable, x, 1.0)), 0.0)
+    return torch.where(solvable, 0.5 * torch.log(x), 0.0)
 
 
 def _diameter(edges: dict[int, set[int]]) -> int:
@@ -528,7 +530,7 @@ class ScaleSystem:
             system = self.evaluate(s, r1, xs, kappa, active)
             step = self._cg_fixed(system, cg_steps)
             # A non-finite entry (overflowed sides) does not move its coordinate.
-            s = s + torch.where(torch.isfinite(step), step, 0.0).clamp(-MAX_NEWTON_STEP, MAX_NEWTON_STEP)
+            s = s + torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0).clamp(-MAX_NEWTON_STEP, MAX_NEWTON_STEP)
             system = self.evaluate(s, r1, xs, kappa, active)
             s = s + closed_form_step(system["grow"], system["shrink"], kappa, active)
         return s
