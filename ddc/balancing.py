@@ -199,8 +199,12 @@ class ScaleSystem:
         self.cg_steps = {torch.float64: max(8, 2 * diameter)}
         # float32 (and bf16/fp16 parameters, balanced in float32) needs the frame to about
         # 1e-6 only: measured on GPT small (float32, lr 1e-3), 2 rounds of 4 CG iterations
-        # leave the round-off floor (1.2e-7), as 4 rounds of 8 do.
-        self.cg_steps_low = max(4, diameter)
+        # leave the round-off floor (1.2e-7), as 4 rounds of 8 do. Where no chain of
+        # couplings is longer than one (each coupled gauge pair apart: an MLP's unit gauge
+        # and the norm gain before it), 2 iterations a round leave the same floor
+        # (GPT small, 60 steps at lr 1e-3, 3e-3 and 1e-2: balance_residual 0.9e-7 to
+        # 1.1e-7, as with 4), and the Newton step is followed by a closed-form step anyway.
+        self.cg_steps_low = 2 if diameter <= 1 else max(4, diameter)
         #: Conjugate-gradient iterations the adaptive solve ran so far (a diagnostic).
         self.cg_iterations = 0
         self._plan_factors({i: [(axis, self._dense_index(g, sign)) for axis, g, sign in axes]
@@ -284,9 +288,10 @@ class ScaleSystem:
         """The squared entries of the scaled parameters, summed over their unscaled axes
         (float64): one flat vector for the one-axis terms, one stack per two-axis shape
         (written straight into a float64 buffer)."""
-        ones = [points[i] for i, _, _ in self.one]
-        squares = torch._foreach_mul(ones, ones)
-        flat = [sq.sum(other) if other else sq for sq, (_, _, other) in zip(squares, self.one)]
+        # One parameter at a time: each square is summed while it is in cache (measured on
+        # GPT small, CPU: 0.19 ms against 0.36 ms for one foreach square of them all, whose
+        # fresh squares are written out and read back).
+        flat = [(points[i] * points[i]).sum(other) if other else points[i] * points[i] for i, _, other in self.one]
         r1 = torch.cat(flat).double() if flat else torch.zeros(0, dtype=torch.float64, device=self.device)
         stacks = []
         for st in self.stacks:

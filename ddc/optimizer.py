@@ -102,7 +102,8 @@ class DDC(Optimizer):
             frame is to the canonical point, which :meth:`balance_residual` reports.
             Defaults (``None``): in float64, 4 rounds and CG iterations twice the longest
             chain of coupled gauges, at least 8; in float32, 2 rounds and that chain's
-            length, at least 4 (measured: ``docs/ddc.md``). In dead_mode ``"freeze"`` the
+            length, at least 4 (2 where no chain is longer than one coupling; measured:
+            ``docs/ddc.md``). In dead_mode ``"freeze"`` the
             solve at the start of a step is the closed-form step alone (one round with
             bf16/fp16 gauged parameters): the last step left the frame canonical.
         reference_norm: ρ, the one absolute scale of the canonical frame (see
