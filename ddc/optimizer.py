@@ -491,13 +491,21 @@ class DDC(Optimizer):
         plain: list[torch.Tensor] = []
         plain_options: list[ParamOptions] = []
         for group in self.param_groups:
+            # One ParamOptions per group and kind (Adam or Muon) this step: the batched
+            # step groups parameters by equal options, and equal objects hash once.
+            kinds: dict[bool, ParamOptions] = {}
             for p in group["params"]:
                 i = frame.index.get(p)
+                if i is None and p.grad is None:
+                    continue
+                muon = self._uses_muon(group, p)
+                if muon not in kinds:
+                    kinds[muon] = self._options(group, p)
                 if i is not None:
-                    gauged_options[i] = self._options(group, p)
-                elif p.grad is not None:
+                    gauged_options[i] = kinds[muon]
+                else:
                     plain.append(p)
-                    plain_options.append(self._options(group, p))
+                    plain_options.append(kinds[muon])
 
         if plain:
             # No gauge acts on these: exactly the base optimizer's step (for bf16/fp16

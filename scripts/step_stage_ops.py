@@ -1,5 +1,5 @@
-"""Where the batched DDC step's operators and time go, stage by stage: each kernel of
-``ddc.step_batched.KERNELS`` (and the parts of ``middle``), the per-step numbers (``_spec``)
+"""Where the batched DDC step's operators and time go, stage by stage: each stage of
+the batched step (``ddc.step_batched``'s kernels, and the parts of ``middle``), the per-step numbers (``_spec``)
 and the plain parameters' base step, counted with ``tests/ddc_models.StepCounter`` (not
 views) over 5 steps after 3 on GPT ``small`` (timings include the counter's overhead: read
 them as shares). Usage::
@@ -35,7 +35,11 @@ def wrap(key, fn):
         s = stats[key]; s[0] += c.compute; s[1] += time.perf_counter() - t; s[2].update({k2: v for k2, v in c.ops.items()})
         return out
     return inner
-SB.KERNELS = SB.Kernels(*(wrap(n, f) for n, f in zip(SB.Kernels._fields, SB.KERNELS)))
+# The stages by their module names (``fixed``, the steady step, calls them there), then
+# the table of kernels again, so that the first step's parts are counted too.
+for stage in ("_prepare", "_middle", "_rebalance_start", "_balance", "_write_back"):
+    setattr(SB, stage, wrap(stage.lstrip("_"), getattr(SB, stage)))
+SB.KERNELS = SB.Kernels(SB._fixed_step, SB._prepare, SB._middle, SB._rebalance_start, SB._balance, SB._write_back)
 SB._spec = wrap("spec", SB._spec)
 SB.multi_tensor_base_step = wrap("plain", SB.multi_tensor_base_step)
 import ddc.step as ST
