@@ -405,6 +405,16 @@ class ScaleSystem:
             return self._evaluate_zero(r1, xs, level, zero_level)
         return self._evaluate_warm(warm, r1, xs, level, zero_level)
 
+    def start(self, r1: torch.Tensor, xs: list[torch.Tensor], warm: torch.Tensor | None, level: float,
+              zero_level: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The start of :meth:`balance`: κ, the active coordinates and the sides (``grow``,
+        ``shrink``) at the warm start (0 for ``warm=None``), all that its first closed-form
+        step reads (:meth:`first_system` also forms the Newton system, which only the
+        adaptive solve uses there)."""
+        s = torch.zeros(self.n, dtype=torch.float64, device=self.device) if warm is None else warm
+        kappa, active, sides = self._levels(s, r1, xs, level, zero_level)
+        return kappa, active, {"grow": sides[0][:self.n], "shrink": sides[0][self.n:]}
+
     def solve(self, r1: torch.Tensor, xs: list[torch.Tensor], warm: torch.Tensor | None, tol: float,
               max_iter: int, first: tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
               ) -> tuple[torch.Tensor, int, list[int]]:
@@ -510,7 +520,7 @@ class ScaleSystem:
     def balance(self, s: torch.Tensor, r1: torch.Tensor, xs: list[torch.Tensor], kappa: torch.Tensor,
                  active: torch.Tensor, system: dict[str, Any], newton_steps: int, cg_steps: int) -> torch.Tensor:
         """The balancing solve on a fixed schedule, without host reads (one kernel): from
-        ``s`` (``system``: the Newton system there), every coordinate jumps to the exact
+        ``s`` (``system``: its sides there, ``grow`` and ``shrink``: :meth:`start`), every coordinate jumps to the exact
         solution of its own equation with the others held (:func:`ddc.functional.closed_form_step`): the
         solution itself where no parameter couples two gauges. Where some do, then
         ``newton_steps`` rounds of a Newton step (solved by ``cg_steps`` Jacobi-preconditioned

@@ -208,13 +208,14 @@ def _spec(options: list[ParamOptions], state: BaseState, compiled: bool, device:
 
 
 def _prepare(layout: StepLayout, params: list[torch.Tensor], grads: list[torch.Tensor], work: torch.dtype,
-             warm: torch.Tensor, level: float, zero_level: float
+             warm: torch.Tensor, level: float, zero_level: float, adaptive: bool = False
              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None], Any, Any]:
     """Step 1's start: the points and gradients in the working precision, the readouts
     centred (``means``: the vocabulary means taken out, None elsewhere), and the squared
     norms the balancing solve reads (:meth:`ScaleSystem.reduce`) with the solve's start at
-    the stored frame ``warm`` (:meth:`ScaleSystem.first_system`); both None without scale
-    gauges. Fresh tensors throughout except where ``.to`` keeps a tensor (never written)."""
+    the stored frame ``warm`` (the fixed schedule's, :meth:`ScaleSystem.start`, or with
+    ``adaptive`` the adaptive solve's, :meth:`ScaleSystem.first_system`); both None without
+    scale gauges. Fresh tensors throughout except where ``.to`` keeps a tensor (never written)."""
     points = [p.to(work) for p in params]
     grads = [g.to(work) for g in grads]
     means: list[torch.Tensor | None] = [None] * len(points)
@@ -225,7 +226,8 @@ def _prepare(layout: StepLayout, params: list[torch.Tensor], grads: list[torch.T
     if not layout.scales.n:
         return points, grads, means, None, None
     reduced = layout.scales.reduce(points)
-    return points, grads, means, reduced, layout.scales.first_system(*reduced, warm, level, zero_level)
+    start = layout.scales.first_system if adaptive else layout.scales.start
+    return points, grads, means, reduced, start(*reduced, warm, level, zero_level)
 
 
 def _canonical(layout: StepLayout, spec: _Spec, points: list[torch.Tensor], grads: list[torch.Tensor],
@@ -365,7 +367,7 @@ def _rebalance_start(layout: StepLayout, points: list[torch.Tensor], level: floa
     """The re-balancing's input (one kernel): the new points' squared norms and the solve's
     start from 0 there."""
     reduced = layout.scales.reduce(points)
-    return reduced, layout.scales.first_system(*reduced, None, level, zero_level)
+    return reduced, layout.scales.start(*reduced, None, level, zero_level)
 
 
 def _write_back(layout: StepLayout, params: list[torch.Tensor], points: list[torch.Tensor],
@@ -482,7 +484,7 @@ def multi_tensor_step(layout: StepLayout, params: list[torch.Tensor], grads: lis
     # start. Then the same stages as ``fixed``.
     log_scales = frame.log_scales
     points, grads, means, reduced, first = kernels.prepare(layout, params, grads, work, log_scales, level,
-                                                           opts.zero_level)
+                                                           opts.zero_level, True)
     log_scales, sweeps_before, unsettled = system.solve(*reduced, log_scales, opts.balance_tol,
                                                         opts.balance_max_iter, first)
     # 2-4. Weight decay, the base step, the dead directions removed.
