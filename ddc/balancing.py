@@ -546,8 +546,8 @@ class ScaleSystem:
             step = self._cg_fixed(system, cg_steps)
             # A non-finite entry (overflowed sides) does not move its coordinate.
             s = s + torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0).clamp(-MAX_NEWTON_STEP, MAX_NEWTON_STEP)
-            system = self.evaluate(s, r1, xs, kappa, active)
-            s = s + closed_form_step(system["grow"], system["shrink"], kappa, active)
+            sides = self._sides(s, r1, xs)[0]   # (the closed form reads the sides alone)
+            s = s + closed_form_step(sides[:self.n], sides[self.n:], kappa, active)
         return s
 
     def _cg_fixed(self, system: dict[str, Any], cg_steps: int) -> torch.Tensor:
