@@ -125,11 +125,13 @@ def muon_update(grad: torch.Tensor, momentum_buffer: torch.Tensor, lr: float, mo
     return ortho.view(grad.shape).to(grad.dtype).mul_(-adjusted_lr)
 
 
-def pool_blocks(blocks: torch.Tensor) -> torch.Tensor:
+def pool_blocks(blocks: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """The rotation-pooled second moment: ``blocks`` (n_blocks, block, rest) averaged over
     each block (the entries one orthogonal map mixes), as VectorAdam pools a vector's
-    coordinates, which makes Adam's preconditioner rotation-invariant."""
-    return blocks.mean(dim=1, keepdim=True).expand_as(blocks)
+    coordinates, which makes Adam's preconditioner rotation-invariant. ``dim``: the
+    dimension that runs within a block, for blocks laid out otherwise (a stack of
+    parameters with the rotated axis split in two, :class:`ddc.layout._StackedBlocks`)."""
+    return blocks.mean(dim=dim, keepdim=True).expand_as(blocks)
 
 
 def _to_gauge_blocks(per_block: torch.Tensor, share: torch.Tensor | None, n_blocks: int | None) -> torch.Tensor:
