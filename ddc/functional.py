@@ -144,6 +144,14 @@ def _to_gauge_blocks(per_block: torch.Tensor, share: torch.Tensor | None, n_bloc
     return out.index_add_(0, share, per_block)
 
 
+def _sum_of_products(lefts: list[torch.Tensor], rights: list[torch.Tensor]) -> torch.Tensor:
+    """``Σ_m L_m R_mᵀ`` over a list of stacks (n, block, rest_m), accumulated in place."""
+    total = torch.bmm(lefts[0], rights[0].transpose(1, 2))
+    for left, right in zip(lefts[1:], rights[1:]):
+        total.baddbmm_(left, right.transpose(1, 2))
+    return total
+
+
 def rotation_system(deltas: list[torch.Tensor], points: list[torch.Tensor],
                     shares: list[torch.Tensor | None] | None = None, n_blocks: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +164,8 @@ def rotation_system(deltas: list[torch.Tensor], points: list[torch.Tensor],
     tangent of the orbit is ``A_{share[j]} X_j``, so the projection's normal equation for
     ``A_g`` gathers all of them."""
     if shares is None or all(s is None for s in shares):
-        gram = sum(torch.bmm(x, x.transpose(1, 2)) for x in points)
-        cross = sum(torch.bmm(d, x.transpose(1, 2)) for d, x in zip(deltas, points))
+        gram = _sum_of_products(points, points)
+        cross = _sum_of_products(deltas, points)
     else:
         gram = sum(_to_gauge_blocks(torch.bmm(x, x.transpose(1, 2)), s, n_blocks) for x, s in zip(points, shares))
         cross = sum(_to_gauge_blocks(torch.bmm(d, x.transpose(1, 2)), s, n_blocks)
@@ -179,12 +187,16 @@ def pair_generator(gram: torch.Tensor, rhs: torch.Tensor, groups: int = 1) -> to
 
 
 def apply_generator(deltas: list[torch.Tensor], points: list[torch.Tensor], generator: torch.Tensor,
-                    shares: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+                    shares: list[torch.Tensor | None] | None = None, in_place: bool = False
+                    ) -> list[torch.Tensor]:
     """``Δ − A X`` per member: the deltas without their component along the orbit
-    (``shares``: as in :func:`rotation_system`, block ``j`` takes ``A_{share[j]}``)."""
+    (``shares``: as in :func:`rotation_system`, block ``j`` takes ``A_{share[j]}``).
+    ``in_place``: written into ``deltas`` (returned), the same arithmetic."""
     shares = shares or [None] * len(deltas)
-    return [d - torch.bmm(generator if s is None else generator.index_select(0, s), x)
-            for d, x, s in zip(deltas, points, shares)]
+    generators = [generator if s is None else generator.index_select(0, s) for s in shares]
+    if in_place:
+        return [d.baddbmm_(a, x, alpha=-1) for d, x, a in zip(deltas, points, generators)]
+    return [torch.baddbmm(d, a, x, alpha=-1) for d, x, a in zip(deltas, points, generators)]
 
 
 def remove_rotation_component(deltas: list[torch.Tensor], points: list[torch.Tensor], groups: int = 1,

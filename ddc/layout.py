@@ -98,6 +98,14 @@ class _StackedBlocks:
         self.n_blocks = members[0].n_blocks
         self.rest = first.param.numel() // first.param.shape[self.axis]
         self.full = self.start == 0 and self.size == first.param.shape[self.axis]
+        #: Whether :meth:`get` of the (contiguous) stack is a view of it (whole axes 0, or
+        #: a single parameter's slice), so that writing into the blocks writes the stack.
+        probe = torch.empty((len(members),) + tuple(first.param.shape), device="meta")
+        try:
+            self._entries(probe).view(len(members) * self.n_blocks, self.block, self.rest)
+            self.view = True
+        except RuntimeError:
+            self.view = False
         #: The dimension of :meth:`pool_view` that runs within a block.
         self.block_dim = self.axis + 2
 
@@ -124,8 +132,10 @@ class _StackedBlocks:
 
     def get(self, stacked: torch.Tensor) -> torch.Tensor:
         """The blocks of every member, ``(P·n_blocks, block, rest)``: a view of ``stacked``
-        (contiguous) where the members are whole axes 0, else a copy."""
-        return self._entries(stacked).reshape(stacked.shape[0] * self.n_blocks, self.block, self.rest)
+        (contiguous, of the members' parameters) where :attr:`view`, else a copy."""
+        entries = self._entries(stacked)
+        shape = (stacked.shape[0] * self.n_blocks, self.block, self.rest)
+        return entries.view(shape) if self.view else entries.reshape(shape)
 
     def set(self, stacked: torch.Tensor, blocks: torch.Tensor) -> None:
         """Write ``blocks`` (as :meth:`get` gives them) into ``stacked``'s member entries."""

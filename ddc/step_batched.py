@@ -336,7 +336,7 @@ def _remove_dead(layout: StepLayout, points: list[torch.Tensor], deltas: list[to
             generator, basis = _eigh_branch(gram, rhs)
             if rotation_solve == "cg":
                 _split_bases(layout, batch, basis, bases)
-        projected = F.apply_generator(ds, xs, generator, shares)
+        projected = F.apply_generator(ds, xs, generator, shares, in_place=True)  # ds are copies or stack views
         if stacks is None:
             starts = [0] * len(members[0])
             for m in members:
@@ -346,7 +346,8 @@ def _remove_dead(layout: StepLayout, points: list[torch.Tensor], deltas: list[to
                     starts[k] += size
             continue
         for (k, blocks), values in zip(positions, projected):
-            blocks.set(d_stacks[k], values)
+            if not blocks.view:  # a view's projection is in its stack already
+                blocks.set(d_stacks[k], values)
         for index, stacked in zip(params_of, d_stacks):
             for i, d in zip(index, stacked.unbind()):
                 deltas[i] = d
