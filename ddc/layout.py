@@ -324,10 +324,14 @@ class StepLayout:
         self.rotation_shared = [any(b.share is not None for b in members) for members in self.rotations]
         self.pool_members = {i: [_Blocks(m, i) for m in members] for i, members in frame.rotation_of.items()}
         #: The rotation gauges in batches of one block size whose members have the same block
-        #: shapes (a model's layers): the batched step stacks each batch into one solve.
+        #: shapes and rotate the same axes (a model's layers): the batched step stacks each
+        #: batch into one solve. (Gauges on other axes, such as a query/key and a value/output
+        #: rotation of square matrices, could share the solve but not the parameter stacks,
+        #: :attr:`rotation_batch_stacks`, which save more.)
         batches: dict[tuple, list[int]] = {}
         for r, gauge in enumerate(frame.rotation_gauges):
-            key = (gauge.block, tuple(_block_shape(m) for m in gauge.members), gauge.n_blocks, self.rotation_shared[r])
+            key = (gauge.block, tuple(_block_shape(m) for m in gauge.members), gauge.n_blocks, self.rotation_shared[r],
+                   tuple(m.axis for m in gauge.members))
             batches.setdefault(key, []).append(r)
         self.rotation_batches: list[tuple[int, list[int]]] = [(key[0], rs) for key, rs in batches.items()]
         #: Per batch, shared rotations only: each member's shares over the stacked blocks
