@@ -229,11 +229,11 @@ def lyapunov_skew(gram: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, 
     ``λ_i + λ_j`` below 1e-12 of the matrix's largest eigenvalue move nothing (the point has
     no extent there); the floor is per matrix, so stacking gauges changes nothing."""
     eigvals, eigvecs = torch.linalg.eigh(gram)
-    rhs_eig = eigvecs.transpose(1, 2) @ rhs @ eigvecs
+    rhs_eig = torch.bmm(torch.bmm(eigvecs.transpose(1, 2), rhs), eigvecs)  # bmm: matmul's views cost ops
     denom = eigvals.unsqueeze(-1) + eigvals.unsqueeze(-2)
     floor = eigvals.abs().amax(dim=-1, keepdim=True).unsqueeze(-1) * 1e-12 + torch.finfo(gram.dtype).tiny
-    a_eig = torch.where(denom > floor, rhs_eig / denom.clamp_min(floor), torch.zeros_like(rhs_eig))
-    return eigvecs @ a_eig @ eigvecs.transpose(1, 2), eigvecs
+    a_eig = torch.where(denom > floor, rhs_eig / denom.clamp_min(floor), 0.0)
+    return torch.bmm(torch.bmm(eigvecs, a_eig), eigvecs.transpose(1, 2)), eigvecs
 
 
 def lyapunov_skew_cg(basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor, iterations: int
@@ -253,9 +253,9 @@ def lyapunov_skew_cg(basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor,
     directions with ``M̂_ii + M̂_jj`` below 1e-12 of the largest are not moved, as
     :func:`lyapunov_skew` floors them."""
     vt = basis.transpose(1, 2)
-    m = vt @ gram @ basis
+    m = torch.bmm(torch.bmm(vt, gram), basis)
     m = 0.5 * (m + m.transpose(1, 2))
-    r = vt @ rhs @ basis
+    r = torch.bmm(torch.bmm(vt, rhs), basis)
     r = 0.5 * (r - r.transpose(1, 2))   # skew to the last bit: CG cannot reduce a symmetric part
     d = m.diagonal(dim1=1, dim2=2)
     pair = d.unsqueeze(-1) + d.unsqueeze(-2)
@@ -264,7 +264,7 @@ def lyapunov_skew_cg(basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor,
     tiny = torch.finfo(m.dtype).tiny
 
     def apply(a: torch.Tensor) -> torch.Tensor:
-        ma = m @ a
+        ma = torch.bmm(m, a)
         return ma - ma.transpose(1, 2)
 
     x = r * inv                     # exact if M has not moved since the basis was taken
@@ -282,7 +282,7 @@ def lyapunov_skew_cg(basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor,
         rz_new = (r * z).sum((1, 2))
         p = z + (rz_new / torch.where(rz != 0, rz, 1.0))[:, None, None] * p
         rz = rz_new
-    return basis @ x @ vt
+    return torch.bmm(torch.bmm(basis, x), vt)
 
 
 def lyapunov_residual(gram: torch.Tensor, rhs: torch.Tensor, generator: torch.Tensor) -> torch.Tensor:
