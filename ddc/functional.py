@@ -267,20 +267,28 @@ def lyapunov_skew_cg(basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor,
         ma = torch.bmm(m, a)
         return ma - ma.transpose(1, 2)
 
+    # The per-matrix scalars keep their (n, 1, 1) shape and x, r are updated in place:
+    # each iteration is as few dispatched operators as the arithmetic allows.
     x = r * inv                     # exact if M has not moved since the basis was taken
+    # A matrix whose residual fell to round-off of the right-hand side (its preconditioned
+    # norm² times eps²) stops moving: more iterations would change x below its round-off
+    # and only shrink the recurrence's residual into subnormal numbers, which cost the
+    # CPU many times the normal arithmetic (measured: 16 iterations 6.2 ms against 1.2 ms
+    # with subnormals flushed, 16 matrices 32×32). An invariant test: still equivariant.
+    stop = (r * x).sum((1, 2), keepdim=True) * torch.finfo(m.dtype).eps ** 2
     r = r - apply(x)
     z = r * inv
     p = z
-    rz = (r * z).sum((1, 2))
+    rz = (r * z).sum((1, 2), keepdim=True)
     for _ in range(iterations):
         q = apply(p)
-        curvature = (p * q).sum((1, 2))
-        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), 0.0)
-        x = x + alpha[:, None, None] * p
-        r = r - alpha[:, None, None] * q
+        curvature = (p * q).sum((1, 2), keepdim=True)
+        alpha = torch.where((curvature > 0) & (rz > stop), rz / curvature.clamp_min(tiny), 0.0)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, q, value=-1)
         z = r * inv
-        rz_new = (r * z).sum((1, 2))
-        p = z + (rz_new / torch.where(rz != 0, rz, 1.0))[:, None, None] * p
+        rz_new = (r * z).sum((1, 2), keepdim=True)
+        p = torch.addcmul(z, rz_new / torch.where(rz != 0, rz, 1.0), p)
         rz = rz_new
     return torch.bmm(torch.bmm(basis, x), vt)
 
