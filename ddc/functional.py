@@ -179,11 +179,11 @@ def pair_generator(gram: torch.Tensor, rhs: torch.Tensor, groups: int = 1) -> to
     with a trace below 1e-12 of the gauge's largest move nothing. The stack holds
     ``groups`` gauges of equal size one after the other (the floor is per gauge, so
     stacking gauges changes nothing)."""
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-    per_gauge = trace.abs().reshape(groups, -1).amax(dim=1, keepdim=True)
-    floor = (per_gauge * 1e-12 + torch.finfo(gram.dtype).tiny).expand(groups, trace.shape[0] // groups).reshape(-1)
-    trace, floor = trace[:, None, None], floor[:, None, None]
-    return torch.where(trace > floor, rhs / trace.clamp_min(floor), torch.zeros_like(rhs))
+    # Shaped (groups, pairs of a gauge, 1, 1): the floor broadcasts over each gauge's pairs.
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1).view(groups, -1, 1, 1)
+    floor = trace.abs().amax(dim=1, keepdim=True) * 1e-12 + torch.finfo(gram.dtype).tiny
+    pairs = rhs.reshape(groups, -1, 2, 2)
+    return torch.where(trace > floor, pairs / trace.clamp_min(floor), 0.0).reshape(rhs.shape)
 
 
 def apply_generator(deltas: list[torch.Tensor], points: list[torch.Tensor], generator: torch.Tensor,
