@@ -120,8 +120,8 @@ class _StackedBlocks:
                         and b.member.param.shape == first.member.param.shape for b in members))
 
     def overlaps(self, other: _StackedBlocks) -> bool:
-        """Whether the two read entries of the same parameters that are not disjoint
-        slices of one axis."""
+        """Whether ``self`` and ``other``, on the same parameters, share entries (they
+        are not disjoint slices of one axis)."""
         return other.axis != self.axis or not (self.start + self.size <= other.start
                                                or other.start + other.size <= self.start)
 
