@@ -332,10 +332,11 @@ def _remove_dead(layout: StepLayout, points: list[torch.Tensor], deltas: list[to
             _split_bases(layout, batch, basis, bases)
         elif stored and not refresh:
             generator = F.lyapunov_skew_cg(torch.cat([bases[r] for r in batch]), gram, rhs, cg_steps)
-        else:
+        elif rotation_solve == "cg":
             generator, basis = _eigh_branch(gram, rhs)
-            if rotation_solve == "cg":
-                _split_bases(layout, batch, basis, bases)
+            _split_bases(layout, batch, basis, bases)
+        else:  # no basis kept: not made row-major either
+            generator = F.lyapunov_skew(gram, rhs)[0]
         projected = F.apply_generator(ds, xs, generator, shares, in_place=True)  # ds are copies or stack views
         if stacks is None:
             starts = [0] * len(members[0])
