@@ -125,11 +125,13 @@ def muon_update(grad: torch.Tensor, momentum_buffer: torch.Tensor, lr: float, mo
     return ortho.view(grad.shape).to(grad.dtype).mul_(-adjusted_lr)
 
 
-def pool_blocks(blocks: torch.Tensor) -> torch.Tensor:
+def pool_blocks(blocks: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """The rotation-pooled second moment: ``blocks`` (n_blocks, block, rest) averaged over
     each block (the entries one orthogonal map mixes), as VectorAdam pools a vector's
-    coordinates, which makes Adam's preconditioner rotation-invariant."""
-    return blocks.mean(dim=1, keepdim=True).expand_as(blocks)
+    coordinates, which makes Adam's preconditioner rotation-invariant. ``dim``: the
+    dimension that runs within a block, for blocks laid out otherwise (a stack of
+    parameters with the rotated axis split in two, :class:`ddc.layout._StackedBlocks`)."""
+    return blocks.mean(dim=dim, keepdim=True).expand_as(blocks)
 
 
 def _to_gauge_blocks(per_block: torch.Tensor, share: torch.Tensor | None, n_blocks: int | None) -> torch.Tensor:
@@ -140,6 +142,14 @@ def _to_gauge_blocks(per_block: torch.Tensor, share: torch.Tensor | None, n_bloc
         return per_block
     out = per_block.new_zeros((n_blocks,) + per_block.shape[1:])
     return out.index_add_(0, share, per_block)
+
+
+def _sum_of_products(lefts: list[torch.Tensor], rights: list[torch.Tensor]) -> torch.Tensor:
+    """``Σ_m L_m R_mᵀ`` over a list of stacks (n, block, rest_m), accumulated in place."""
+    total = torch.bmm(lefts[0], rights[0].transpose(1, 2))
+    for left, right in zip(lefts[1:], rights[1:]):
+        total.baddbmm_(left, right.transpose(1, 2))
+    return total
 
 
 def rotation_system(deltas: list[torch.Tensor], points: list[torch.Tensor],
@@ -154,8 +164,8 @@ def rotation_system(deltas: list[torch.Tensor], points: list[torch.Tensor],
     tangent of the orbit is ``A_{share[j]} X_j``, so the projection's normal equation for
     ``A_g`` gathers all of them."""
     if shares is None or all(s is None for s in shares):
-        gram = sum(torch.bmm(x, x.transpose(1, 2)) for x in points)
-        cross = sum(torch.bmm(d, x.transpose(1, 2)) for d, x in zip(deltas, points))
+        gram = _sum_of_products(points, points)
+        cross = _sum_of_products(deltas, points)
     else:
         gram = sum(_to_gauge_blocks(torch.bmm(x, x.transpose(1, 2)), s, n_blocks) for x, s in zip(points, shares))
         cross = sum(_to_gauge_blocks(torch.bmm(d, x.transpose(1, 2)), s, n_blocks)
@@ -169,20 +179,24 @@ def pair_generator(gram: torch.Tensor, rhs: torch.Tensor, groups: int = 1) -> to
     with a trace below 1e-12 of the gauge's largest move nothing. The stack holds
     ``groups`` gauges of equal size one after the other (the floor is per gauge, so
     stacking gauges changes nothing)."""
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-    per_gauge = trace.abs().reshape(groups, -1).amax(dim=1, keepdim=True)
-    floor = (per_gauge * 1e-12 + torch.finfo(gram.dtype).tiny).expand(groups, trace.shape[0] // groups).reshape(-1)
-    trace, floor = trace[:, None, None], floor[:, None, None]
-    return torch.where(trace > floor, rhs / trace.clamp_min(floor), torch.zeros_like(rhs))
+    # Shaped (groups, pairs of a gauge, 1, 1): the floor broadcasts over each gauge's pairs.
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1).view(groups, -1, 1, 1)
+    floor = trace.abs().amax(dim=1, keepdim=True) * 1e-12 + torch.finfo(gram.dtype).tiny
+    pairs = rhs.reshape(groups, -1, 2, 2)
+    return torch.where(trace > floor, pairs / trace.clamp_min(floor), 0.0).reshape(rhs.shape)
 
 
 def apply_generator(deltas: list[torch.Tensor], points: list[torch.Tensor], generator: torch.Tensor,
-                    shares: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+                    shares: list[torch.Tensor | None] | None = None, in_place: bool = False
+                    ) -> list[torch.Tensor]:
     """``Δ − A X`` per member: the deltas without their component along the orbit
-    (``shares``: as in :func:`rotation_system`, block ``j`` takes ``A_{share[j]}``)."""
+    (``shares``: as in :func:`rotation_system`, block ``j`` takes ``A_{share[j]}``).
+    ``in_place``: written into ``deltas`` (returned), the same arithmetic."""
     shares = shares or [None] * len(deltas)
-    return [d - torch.bmm(generator if s is None else generator.index_select(0, s), x)
-            for d, x, s in zip(deltas, points, shares)]
+    generators = [generator if s is None else generator.index_select(0, s) for s in shares]
+    if in_place:
+        return [d.baddbmm_(a, x, alpha=-1) for d, x, a in zip(deltas, points, generators)]
+    return [torch.baddbmm(d, a, x, alpha=-1) for d, x, a in zip(deltas, points, generators)]
 
 
 def remove_rotation_component(deltas: list[torch.Tensor], points: list[torch.Tensor], groups: int = 1,
@@ -215,11 +229,11 @@ def lyapunov_skew(gram: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, 
     ``λ_i + λ_j`` below 1e-12 of the matrix's largest eigenvalue move nothing (the point has
     no extent there); the floor is per matrix, so stacking gauges changes nothing."""
     eigvals, eigvecs = torch.linalg.eigh(gram)
-    rhs_eig = eigvecs.transpose(1, 2) @ rhs @ eigvecs
+    rhs_eig = torch.bmm(torch.bmm(eigvecs.transpose(1, 2), rhs), eigvecs)  # bmm: matmul's views cost ops
     denom = eigvals.unsqueeze(-1) + eigvals.unsqueeze(-2)
     floor = eigvals.abs().amax(dim=-1, keepdim=True).unsqueeze(-1) * 1e-12 + torch.finfo(gram.dtype).tiny
-    a_eig = torch.where(denom > floor, rhs_eig / denom.clamp_min(floor), torch.zeros_like(rhs_eig))
-    return eigvecs @ a_eig @ eigvecs.transpose(1, 2), eigvecs
+    a_eig = torch.where(denom > floor, rhs_eig / denom.clamp_min(floor), 0.0)
+    return torch.bmm(torch.bmm(eigvecs, a_eig), eigvecs.transpose(1, 2)), eigvecs
 
 
 def lyapunov_skew_cg(basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor, iterations: int
@@ -239,9 +253,9 @@ def lyapunov_skew_cg(basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor,
     directions with ``M̂_ii + M̂_jj`` below 1e-12 of the largest are not moved, as
     :func:`lyapunov_skew` floors them."""
     vt = basis.transpose(1, 2)
-    m = vt @ gram @ basis
+    m = torch.bmm(torch.bmm(vt, gram), basis)
     m = 0.5 * (m + m.transpose(1, 2))
-    r = vt @ rhs @ basis
+    r = torch.bmm(torch.bmm(vt, rhs), basis)
     r = 0.5 * (r - r.transpose(1, 2))   # skew to the last bit: CG cannot reduce a symmetric part
     d = m.diagonal(dim1=1, dim2=2)
     pair = d.unsqueeze(-1) + d.unsqueeze(-2)
@@ -250,25 +264,33 @@ def lyapunov_skew_cg(basis: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor,
     tiny = torch.finfo(m.dtype).tiny
 
     def apply(a: torch.Tensor) -> torch.Tensor:
-        ma = m @ a
+        ma = torch.bmm(m, a)
         return ma - ma.transpose(1, 2)
 
+    # The per-matrix scalars keep their (n, 1, 1) shape and x, r are updated in place:
+    # each iteration is as few dispatched operators as the arithmetic allows.
     x = r * inv                     # exact if M has not moved since the basis was taken
+    # A matrix whose residual fell to round-off of the right-hand side (its preconditioned
+    # norm² times eps²) stops moving: more iterations would change x below its round-off
+    # and only shrink the recurrence's residual into subnormal numbers, which cost the
+    # CPU many times the normal arithmetic (measured: 16 iterations 6.2 ms against 1.2 ms
+    # with subnormals flushed, 16 matrices 32×32). An invariant test: still equivariant.
+    stop = (r * x).sum((1, 2), keepdim=True) * torch.finfo(m.dtype).eps ** 2
     r = r - apply(x)
     z = r * inv
     p = z
-    rz = (r * z).sum((1, 2))
+    rz = (r * z).sum((1, 2), keepdim=True)
     for _ in range(iterations):
         q = apply(p)
-        curvature = (p * q).sum((1, 2))
-        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), 0.0)
-        x = x + alpha[:, None, None] * p
-        r = r - alpha[:, None, None] * q
+        curvature = (p * q).sum((1, 2), keepdim=True)
+        alpha = torch.where((curvature > 0) & (rz > stop), rz / curvature.clamp_min(tiny), 0.0)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, q, value=-1)
         z = r * inv
-        rz_new = (r * z).sum((1, 2))
-        p = z + (rz_new / torch.where(rz != 0, rz, 1.0))[:, None, None] * p
+        rz_new = (r * z).sum((1, 2), keepdim=True)
+        p = torch.addcmul(z, rz_new / torch.where(rz != 0, rz, 1.0), p)
         rz = rz_new
-    return basis @ x @ vt
+    return torch.bmm(torch.bmm(basis, x), vt)
 
 
 def lyapunov_residual(gram: torch.Tensor, rhs: torch.Tensor, generator: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,100 @@ class _Blocks:
 
 
 
+class _StackedBlocks:
+    """Member ``k`` of every gauge of a rotation batch (or the pooled rotation members of
+    equally shaped parameters) on one *stack* of their parameters, ``(P, *shape)`` in the
+    order of ``indices``: the members are the same contiguous slice (``start``, ``size``)
+    of the same ``axis`` of equally shaped parameters (a model's layers), so the stack's
+    blocks are one reshape instead of a view and a ``cat`` per member, and one copy writes
+    them back. The blocks come in the order the per-member views concatenated give."""
+
+    def __init__(self, members: Sequence[_Blocks]) -> None:
+        first = members[0].member
+        self.indices = [b.index for b in members]
+        self.axis: int = first.axis
+        self.start: int = members[0].start
+        self.size = first.perm.numel()
+        self.block = first.block
+        self.n_blocks = members[0].n_blocks
+        self.rest = first.param.numel() // first.param.shape[self.axis]
+        self.full = self.start == 0 and self.size == first.param.shape[self.axis]
+        #: Whether :meth:`get` of the (contiguous) stack is a view of it (whole axes 0, or
+        #: a single parameter's slice), so that writing into the blocks writes the stack.
+        probe = torch.empty((len(members),) + tuple(first.param.shape), device="meta")
+        try:
+            self._entries(probe).view(len(members) * self.n_blocks, self.block, self.rest)
+            self.view = True
+        except RuntimeError:
+            self.view = False
+        #: The dimension of :meth:`pool_view` that runs within a block.
+        self.block_dim = self.axis + 2
+
+    @staticmethod
+    def fits(members: Sequence[_Blocks]) -> bool:
+        """Whether ``members`` (of distinct parameters) can share one stack."""
+        first = members[0]
+        return (len({b.index for b in members}) == len(members)
+                and all(b.start is not None and b.start == first.start and b.member.axis == first.member.axis
+                        and b.member.block == first.member.block
+                        and b.member.perm.numel() == first.member.perm.numel()
+                        and b.member.param.shape == first.member.param.shape for b in members))
+
+    def overlaps(self, other: _StackedBlocks) -> bool:
+        """Whether ``self`` and ``other``, on the same parameters, share entries (they
+        are not disjoint slices of one axis)."""
+        return other.axis != self.axis or not (self.start + self.size <= other.start
+                                               or other.start + other.size <= self.start)
+
+    def _entries(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The members' entries of ``stacked``, ``(P, size, *rest)``, a view."""
+        moved = stacked.movedim(self.axis + 1, 1) if self.axis else stacked
+        return moved if self.full else moved.narrow(1, self.start, self.size)
+
+    def get(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The blocks of every member, ``(P·n_blocks, block, rest)``: a view of ``stacked``
+        (contiguous, of the members' parameters) where :attr:`view`, else a copy."""
+        entries = self._entries(stacked)
+        shape = (stacked.shape[0] * self.n_blocks, self.block, self.rest)
+        return entries.view(shape) if self.view else entries.reshape(shape)
+
+    def set(self, stacked: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Write ``blocks`` (as :meth:`get` gives them) into ``stacked``'s member entries."""
+        entries = self._entries(stacked)
+        entries.copy_(blocks.reshape(entries.shape))
+
+    def pool_view(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The member entries of ``stacked`` with ``axis`` split into (block, entry of the
+        block), a view; :attr:`block_dim` runs within a block."""
+        entries = stacked if self.full else stacked.narrow(self.axis + 1, self.start, self.size)
+        return entries.unflatten(self.axis + 1, (self.n_blocks, self.block))
+
+
+def _batch_stacks(positions: Sequence[Sequence[_Blocks]]
+                  ) -> tuple[list[list[int]], list[tuple[int, _StackedBlocks]]] | None:
+    """How a rotation batch reads its members from stacks (:class:`_StackedBlocks`): the
+    stacks' parameters, and per member position its stack and blocks; None where some
+    position's members cannot share a stack, or where two positions read entries of the
+    same parameters other than as disjoint slices of one axis of one stack."""
+    stacks: list[list[int]] = []
+    plan: list[tuple[int, _StackedBlocks]] = []
+    for members in positions:
+        if not _StackedBlocks.fits(members):
+            return None
+        blocks = _StackedBlocks(members)
+        if blocks.indices in stacks:
+            k = stacks.index(blocks.indices)
+            if any(j == k and other.overlaps(blocks) for j, other in plan):
+                return None
+        elif any(set(blocks.indices) & set(s) for s in stacks):
+            return None
+        else:
+            stacks.append(blocks.indices)
+            k = len(stacks) - 1
+        plan.append((k, blocks))
+    return stacks, plan
+
+
 def _block_shape(member: RotationMember | SharedRotationMember) -> tuple[int, int, int]:
     """``(n_blocks, block, rest)``: the shape of ``member``'s block view."""
     param = member.param
@@ -206,10 +300,14 @@ class StepLayout:
         self.rotation_shared = [any(b.share is not None for b in members) for members in self.rotations]
         self.pool_members = {i: [_Blocks(m, i) for m in members] for i, members in frame.rotation_of.items()}
         #: The rotation gauges in batches of one block size whose members have the same block
-        #: shapes (a model's layers): the batched step stacks each batch into one solve.
+        #: shapes and rotate the same axes (a model's layers): the batched step stacks each
+        #: batch into one solve. (Gauges on other axes, such as a query/key and a value/output
+        #: rotation of square matrices, could share the solve but not the parameter stacks,
+        #: :attr:`rotation_batch_stacks`, which save more.)
         batches: dict[tuple, list[int]] = {}
         for r, gauge in enumerate(frame.rotation_gauges):
-            key = (gauge.block, tuple(_block_shape(m) for m in gauge.members), gauge.n_blocks, self.rotation_shared[r])
+            key = (gauge.block, tuple(_block_shape(m) for m in gauge.members), gauge.n_blocks, self.rotation_shared[r],
+                   tuple(m.axis for m in gauge.members))
             batches.setdefault(key, []).append(r)
         self.rotation_batches: list[tuple[int, list[int]]] = [(key[0], rs) for key, rs in batches.items()]
         #: Per batch, shared rotations only: each member's shares over the stacked blocks
@@ -221,6 +319,26 @@ class StepLayout:
             self.rotation_batch_shares.append(
                 [torch.cat([self.rotations[r][k].share + offset for r, offset in zip(rs, offsets)])
                  for k in range(len(self.rotations[rs[0]]))] if self.rotation_shared[rs[0]] else None)
+        #: Per batch: its stacks (:func:`_batch_stacks`), None where it reads per-member views.
+        self.rotation_batch_stacks = [_batch_stacks([[self.rotations[r][k] for r in rs]
+                                                     for k in range(len(self.rotations[rs[0]]))])
+                                      for _, rs in self.rotation_batches]
+        #: The pooled parameters in groups of equal shapes and rotation members, each group
+        #: pooled on one stack: (the parameters, per member of theirs a
+        #: :class:`_StackedBlocks` over the group); None where a parameter's members cannot
+        #: be stacked (it pools through its own views, :attr:`pool_members`).
+        groups: dict[tuple, list[int]] = {}
+        for i, members in self.pool_members.items():
+            if all(b.start is not None for b in members):
+                key: tuple = (tuple(frame.params[i].shape),
+                              tuple((b.member.axis, b.start, b.member.perm.numel(), b.member.block) for b in members))
+            else:  # some member is no slice (RoPE's "half" layout): pooled alone
+                key = ("alone", i)
+            groups.setdefault(key, []).append(i)
+        self.pool_stacks: list[tuple[list[int], list[_StackedBlocks] | None]] = [
+            (index, None if key[0] == "alone" else
+             [_StackedBlocks([self.pool_members[i][k] for i in index]) for k in range(len(key[1]))])
+            for key, index in groups.items()]
         self.centred = sorted(frame.centred)
 
     def rotation_blocks(self, r: int) -> int:

@@ -249,14 +249,31 @@ def _canonical(layout: StepLayout, spec: _Spec, points: list[torch.Tensor], grad
     return points, grads
 
 
-def _pooled_square(layout: StepLayout, i: int, grad: torch.Tensor) -> torch.Tensor | None:
-    """grad² pooled over the rotation blocks of parameter ``i`` (None if it has none)."""
-    if i not in layout.pool_members:
-        return None
-    sq = grad * grad
-    for blocks in layout.pool_members[i]:
-        sq = blocks.set(sq, F.pool_blocks(blocks.get(sq)))
-    return sq
+def _pooled_square(layout: StepLayout, index: list[int], grads: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """grad² pooled over the rotation blocks, per parameter of ``index`` (None for one
+    without rotation members). The parameters of one pooling group
+    (:attr:`StepLayout.pool_stacks`) are squared and pooled on one stack."""
+    position = {i: k for k, i in enumerate(index)}
+    out: list[torch.Tensor | None] = [None] * len(index)
+    for group, stacks in layout.pool_stacks:
+        mine = [i for i in group if i in position]
+        if not mine:
+            continue
+        if stacks is None:  # members without a stackable slice: through their own views
+            for i in mine:
+                sq = grads[i] * grads[i]
+                for blocks in layout.pool_members[i]:
+                    sq = blocks.set(sq, F.pool_blocks(blocks.get(sq)))
+                out[position[i]] = sq
+            continue
+        sq = torch.stack([grads[i] for i in mine])
+        sq.mul_(sq)
+        for blocks in stacks:
+            view = blocks.pool_view(sq)
+            view.copy_(F.pool_blocks(view, blocks.block_dim))
+        for i, q in zip(mine, sq.unbind()):
+            out[position[i]] = q
+    return out
 
 
 def _base_directions(layout: StepLayout, spec: _Spec, options: list[ParamOptions], state: BaseState,
@@ -269,7 +286,7 @@ def _base_directions(layout: StepLayout, spec: _Spec, options: list[ParamOptions
     for i, lr in zip(spec.muon, spec.muon_lr):
         deltas[i] = _muon_direction(i, grads[i], options[i], state, lr)
     for index, hp in spec.adam:
-        pooled = [_pooled_square(layout, i, grads[i]) for i in index]
+        pooled = _pooled_square(layout, index, grads)
         direct = [None if freeze and (i in layout.pool_members or i in layout.centred) else points[i] for i in index]
         for i, d in zip(index, _adam_math(hp, [grads[i] for i in index], pooled, direct)):
             deltas[i] = d
@@ -282,18 +299,30 @@ def _remove_dead(layout: StepLayout, points: list[torch.Tensor], deltas: list[to
     """Step 4, in place on ``deltas``: the vocabulary mean and the component along every
     head-rotation orbit removed. Gauges of one block size whose members have the same
     shapes are stacked into one call of the rules (:func:`ddc.functional.rotation_system`,
-    then the generator, then :func:`ddc.functional.apply_generator`). Returns the rotation
+    then the generator, then :func:`ddc.functional.apply_generator`); where the layout
+    found the batch's members on stacks of equally shaped parameters
+    (:attr:`StepLayout.rotation_batch_stacks`) their blocks are reshapes of one stack per
+    parameter set and go back with one copy per member position, else through per-member
+    views. Returns the rotation
     bases (``rotation_solve="cg"``: fresh ones from ``eigh`` where ``refresh`` or none is
     stored, else the stored ones, used for ``cg_steps`` CG iterations; ``refresh`` a 0-d
     bool tensor when traced by ``torch.compile``: then both run under ``torch.cond``)."""
     for i in layout.centred:
         deltas[i].sub_(deltas[i].mean(dim=0, keepdim=True))
     bases = list(bases)
-    for (block, batch), shares in zip(layout.rotation_batches, layout.rotation_batch_shares):
+    for (block, batch), shares, stacks in zip(layout.rotation_batches, layout.rotation_batch_shares,
+                                              layout.rotation_batch_stacks):
         # one stacked solve per batch of gauges with equal block shapes (layout.rotation_batches)
         members = [layout.rotations[r] for r in batch]
-        xs = [torch.cat([m[k].get(points[m[k].index]) for m in members]) for k in range(len(members[0]))]
-        ds = [torch.cat([m[k].get(deltas[m[k].index]) for m in members]) for k in range(len(members[0]))]
+        if stacks is None:
+            xs = [torch.cat([m[k].get(points[m[k].index]) for m in members]) for k in range(len(members[0]))]
+            ds = [torch.cat([m[k].get(deltas[m[k].index]) for m in members]) for k in range(len(members[0]))]
+        else:  # the members' parameters stacked, the blocks one reshape of a stack
+            params_of, positions = stacks
+            x_stacks = [torch.stack([points[i] for i in index]) for index in params_of]
+            d_stacks = [torch.stack([deltas[i] for i in index]) for index in params_of]
+            xs = [blocks.get(x_stacks[k]) for k, blocks in positions]
+            ds = [blocks.get(d_stacks[k]) for k, blocks in positions]
         gram, rhs = F.rotation_system(ds, xs, shares, sum(layout.rotation_blocks(r) for r in batch))
         stored = rotation_solve == "cg" and all(bases[r] is not None for r in batch)
         if block == 2:
@@ -305,17 +334,26 @@ def _remove_dead(layout: StepLayout, points: list[torch.Tensor], deltas: list[to
             _split_bases(layout, batch, basis, bases)
         elif stored and not refresh:
             generator = F.lyapunov_skew_cg(torch.cat([bases[r] for r in batch]), gram, rhs, cg_steps)
-        else:
+        elif rotation_solve == "cg":
             generator, basis = _eigh_branch(gram, rhs)
-            if rotation_solve == "cg":
-                _split_bases(layout, batch, basis, bases)
-        projected = F.apply_generator(ds, xs, generator, shares)
-        starts = [0] * len(members[0])
-        for m in members:
-            for k, blocks in enumerate(m):
-                size = blocks.n_blocks
-                deltas[blocks.index] = blocks.set(deltas[blocks.index], projected[k][starts[k]:starts[k] + size])
-                starts[k] += size
+            _split_bases(layout, batch, basis, bases)
+        else:  # no basis kept: not made row-major either
+            generator = F.lyapunov_skew(gram, rhs)[0]
+        projected = F.apply_generator(ds, xs, generator, shares, in_place=True)  # ds are copies or stack views
+        if stacks is None:
+            starts = [0] * len(members[0])
+            for m in members:
+                for k, blocks in enumerate(m):
+                    size = blocks.n_blocks
+                    deltas[blocks.index] = blocks.set(deltas[blocks.index], projected[k][starts[k]:starts[k] + size])
+                    starts[k] += size
+            continue
+        for (k, blocks), values in zip(positions, projected):
+            if not blocks.view:  # a view's projection is in its stack already
+                blocks.set(d_stacks[k], values)
+        for index, stacked in zip(params_of, d_stacks):
+            for i, d in zip(index, stacked.unbind()):
+                deltas[i] = d
     return bases
 
 
