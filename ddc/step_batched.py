@@ -12,13 +12,18 @@ base state), numbers and the gauge layout, never the optimizer. The work is batc
   schedule without host reads (:meth:`~ddc.balancing.ScaleSystem.balance`); exactly
   equivariant for any counts, certified off the hot path (:meth:`ddc.DDC.balance_residual`).
   The first step (state init) solves adaptively, as the reference does every step.
-* **Head rotations in place, through views**, the so(d) projection of all gauges with the
-  same block size in one call of :func:`ddc.functional.remove_rotation_component`'s parts
-  (closed form for RoPE pairs; ``eigh``, or with ``rotation_solve="cg"`` a fixed number of
-  CG iterations in an eigenbasis refreshed on a fixed schedule: no host reads either way).
-* **Kernels**: the tensor work is four functions without host reads (:data:`KERNELS`);
-  with ``compiled`` they run through ``torch.compile``. The numbers that change every step
-  reach them as 0-d tensors in that mode, so an lr schedule does not recompile them.
+* **Head rotations on stacks**: the so(d) projection of all gauges of one block size and
+  member shapes (a model's layers) in one call of
+  :func:`ddc.functional.remove_rotation_component`'s parts, their members read from one
+  stack of the equally shaped parameters (:attr:`ddc.layout.StepLayout.rotation_batch_stacks`;
+  per-member views where no stack fits) and the grad² of pooled parameters pooled on one
+  stack per group (closed form for RoPE pairs; ``eigh``, or with ``rotation_solve="cg"`` a
+  fixed number of CG iterations in an eigenbasis refreshed on a fixed schedule: no host
+  reads either way).
+* **Kernels**: the tensor work is functions without host reads (:data:`KERNELS`): once the
+  frame is initialised the whole step is one of them (``fixed``); with ``compiled`` they
+  run through ``torch.compile``. The numbers that change every step reach them as 0-d
+  tensors in that mode, so an lr schedule does not recompile them.
 
 A step in which some gauged parameter has no gradient, is not the optimizer's, or sits in
 a group at lr 0 is the reference's (:func:`supported`). Agreement with the reference:
