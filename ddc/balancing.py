@@ -172,17 +172,17 @@ class ScaleSystem:
             ca_t, cb_t = torch.stack(ca).to(device), torch.stack(cb).to(device)
             sa_t = torch.tensor(sa, dtype=torch.float64, device=device)[:, None]
             sb_t = torch.tensor(sb, dtype=torch.float64, device=device)[:, None]
+            # Where each entry's side sits in the 2N sides (and its e^{±2s} in _sides's
+            # table), as (L, 1, n) index shapes: gathered, they are bmm's row vectors.
+            side_a = (ca_t + self.n * (sa_t < 0).long()).unsqueeze(1)
+            side_b = (cb_t + self.n * (sb_t < 0).long()).unsqueeze(1)
             self.stacks.append({
-                "params": members, "other": other, "ca": ca_t, "cb": cb_t, "sa": sa_t, "sb": sb_t,
-                # where each entry's side sits in the 2N sides (and its e^{±2s} in _sides's table)
-                # (L, 1, n) index shapes: gathered, they are bmm's row vectors as they are
-                "gather_a": (ca_t + self.n * (sa_t < 0).long()).unsqueeze(1),
-                "gather_b": (cb_t + self.n * (sb_t < 0).long()).unsqueeze(1),
-                "ca3": ca_t.unsqueeze(1), "cb3": cb_t.unsqueeze(1), "coupling3": (4 * sa_t * sb_t).unsqueeze(1),
-                "side_a": (ca_t + self.n * (sa_t < 0).long()).reshape(-1),
-                "side_b": (cb_t + self.n * (sb_t < 0).long()).reshape(-1),
-                "coupling": 4 * sa_t * sb_t,   # (L, 1): sign of the off-diagonal Hessian block
-                "flat_a": ca_t.reshape(-1), "flat_b": cb_t.reshape(-1), "shape": (na, nb),
+                "params": members, "other": other, "shape": (na, nb),
+                "gather_a": side_a, "gather_b": side_b, "side_a": side_a.reshape(-1), "side_b": side_b.reshape(-1),
+                "ca3": ca_t.unsqueeze(1), "cb3": cb_t.unsqueeze(1),
+                "flat_a": ca_t.reshape(-1), "flat_b": cb_t.reshape(-1),
+                # (L, 1, 1): the sign of the off-diagonal Hessian block, ±4
+                "coupling3": (4 * sa_t * sb_t).unsqueeze(1),
             })
         # The fixed schedule's CG iterations (DDC(balance_cg_steps=None)): CG reaches a
         # coordinate only after as many products as gauges lie between it and the residual,
@@ -496,7 +496,7 @@ class ScaleSystem:
         the last curvature pᵀHp) for the host's stopping test."""
         for _ in range(CG_CHECK_EVERY):
             state, curvature = self._cg_iteration(diag, scaled, precond, state)
-        x, r, p, rz = state
+        r = state[1]
         return state, torch.stack([(precond * r).abs().max(), r.abs().max(), curvature])
 
     def _cg_iteration(self, diag: torch.Tensor, scaled: list[Any], precond: torch.Tensor,
