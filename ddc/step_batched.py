@@ -440,56 +440,73 @@ def _balance(layout: StepLayout, s: torch.Tensor, r1: torch.Tensor, xs: list[tor
     return ScaleSystem.balance(layout.scales, s, r1, xs, kappa, active, system, newton_steps, cg_steps)
 
 
-def _fixed_step(layout: StepLayout, spec: _Spec, options: list[ParamOptions], state: BaseState,
-                params: list[torch.Tensor], grads: list[torch.Tensor], log_scales: torch.Tensor,
-                bases: list[torch.Tensor | None], refresh: bool | torch.Tensor, opts: StepOptions
-                ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """The whole step once the frame is initialised (one kernel, no host read): the kernels
-    below in order, the solve before the step on the warm schedule from the stored frame
-    ``log_scales`` (which moves equivariantly with the trajectory, so a fixed count keeps
-    the step exact), the re-balancing after it on the full schedule. Returns the frame used
-    and the rotation bases."""
-    work, freeze, system = opts.work, opts.freeze, layout.scales
+def _after_frame(layout: StepLayout, spec: _Spec, options: list[ParamOptions], state: BaseState,
+                 params: list[torch.Tensor], points: list[torch.Tensor], grads: list[torch.Tensor],
+                 means: list[torch.Tensor | None], log_scales: torch.Tensor, bases: list[torch.Tensor | None],
+                 refresh: bool | torch.Tensor, opts: StepOptions) -> list[torch.Tensor | None]:
+    """Steps 2 to 5 once the frame ``log_scales`` is known (one kernel, no host read): weight
+    decay, the base step and its dead directions removed (:func:`_middle`), the re-balancing
+    of the new canonical point (dead_mode "freeze": the solve from 0 on it, which is
+    invariant, on the full fixed schedule), and the write-back ``θ_new = θ*_new · S_back / S``
+    (+ the readout means). Returns the rotation bases."""
+    work, system = opts.work, layout.scales
     level = opts.reference_norm ** 2
-    points, grads, means, reduced, first = _prepare(layout, params, grads, work, log_scales, level, opts.zero_level)
-    if system.n:
-        kappa, active, start = first
-        log_scales = _balance(layout, log_scales, *reduced, kappa, active, start, *opts.warm_schedule(system))
-    points, bases = _middle(layout, spec, options, state, points, grads, log_scales, work, freeze, bases, refresh,
-                            opts.rotation_solve, opts.rotation_cg_steps)
+    points, bases = _middle(layout, spec, options, state, points, grads, log_scales, work, opts.freeze, bases,
+                            refresh, opts.rotation_solve, opts.rotation_cg_steps)
     back = -log_scales
-    if freeze and system.n:
-        # The new canonical point is invariant, so the solve from 0 on it is too.
+    if opts.freeze and system.n:
         reduced, (kappa, active, start) = _rebalance_start(layout, points, level, opts.zero_level)
         schedule = system.schedule(work, opts.balance_steps, opts.balance_cg_steps)
         back = _balance(layout, torch.zeros_like(log_scales), *reduced, kappa, active, start, *schedule) - log_scales
     _write_back(layout, params, points, means, back if system.n else None, work)
+    return bases
+
+
+def _fixed_step(layout: StepLayout, spec: _Spec, options: list[ParamOptions], state: BaseState,
+                params: list[torch.Tensor], grads: list[torch.Tensor], log_scales: torch.Tensor,
+                bases: list[torch.Tensor | None], refresh: bool | torch.Tensor, opts: StepOptions
+                ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The whole step once the frame is initialised (one kernel, no host read):
+    :func:`_prepare`, the solve from the stored frame ``log_scales`` on the warm schedule,
+    then :func:`_after_frame`. Returns the frame used and the rotation bases.
+
+    The stored frame moves equivariantly with the trajectory, so a fixed number of Newton
+    steps from it keeps the step exact without a host read. With dead_mode "freeze" the
+    last step left that frame canonical for the parameters as they are now (to its
+    re-balancing's residual), so the closed-form step alone (``balance_steps_before`` = 0
+    Newton rounds) keeps it there: measured on GPT small, 777 of the step's 1293 operators
+    were the balancing, a third of them this solve's Newton round; "free" moves the frame
+    every step and takes the full schedule."""
+    system = layout.scales
+    points, grads, means, reduced, first = _prepare(layout, params, grads, opts.work, log_scales,
+                                                    opts.reference_norm ** 2, opts.zero_level)
+    if system.n:
+        kappa, active, start = first
+        log_scales = _balance(layout, log_scales, *reduced, kappa, active, start, *opts.warm_schedule(system))
+    bases = _after_frame(layout, spec, options, state, params, points, grads, means, log_scales, bases, refresh, opts)
     return log_scales, bases
 
 
 class Kernels(NamedTuple):
     """The batched step's tensor work, in functions without host reads (each takes the
-    layout first): ``fixed``, the whole step once the frame is initialised; the others,
-    its parts, for the first step (state init), whose frame solve reads the host between
-    ``prepare`` and ``middle``."""
+    layout first): ``fixed``, the whole step once the frame is initialised; ``prepare`` and
+    ``after_frame``, its two halves, for the first step (state init), whose adaptive frame
+    solve reads the host between them."""
 
     fixed: Callable[..., Any]
     prepare: Callable[..., Any]
-    middle: Callable[..., Any]
-    rebalance_start: Callable[..., Any]
-    balance: Callable[..., Any]
-    write_back: Callable[..., Any]
+    after_frame: Callable[..., Any]
 
 
 #: The kernels, eager.
-KERNELS = Kernels(_fixed_step, _prepare, _middle, _rebalance_start, _balance, _write_back)
+KERNELS = Kernels(_fixed_step, _prepare, _after_frame)
 
 
 @functools.cache
 def compiled_kernels() -> Kernels:
     """:data:`KERNELS` through ``torch.compile`` (``DDC(compile=True)``): the same code, so
     the same step to round-off (the compiler may fuse and reorder arithmetic). The steady
-    state runs ``fixed``, the whole step as one graph; the parts compile only if a frame
+    state runs ``fixed``, the whole step as one graph; the halves compile only if a frame
     is (re)initialised."""
     return Kernels(*(torch.compile(fn) for fn in KERNELS))
 
@@ -514,14 +531,6 @@ def multi_tensor_step(layout: StepLayout, params: list[torch.Tensor], grads: lis
 
     schedule = system.schedule(work, opts.balance_steps, opts.balance_cg_steps)
     if frame.initialised or not system.n:
-        # The stored frame moves equivariantly with the trajectory: a fixed number of
-        # Newton steps from it keeps the step exact, and needs no host read. With
-        # dead_mode "freeze" the last step left that frame canonical for the parameters
-        # as they are now (to its re-balancing's residual), so the closed-form step alone
-        # (``balance_steps_before`` = 0 Newton rounds) keeps it there: measured on GPT
-        # small, 777 of the step's 1293 operators were the balancing, a third of them
-        # this solve's Newton round; "free" moves the frame every step and takes the
-        # full schedule.
         log_scales, bases = kernels.fixed(layout, spec, options, state, params, grads, frame.log_scales,
                                           frame.rotation_bases, frame.refresh, opts)
         sweeps = (opts.warm_schedule(system)[0], schedule[0] if freeze else 0) if system.n else (0, 0)
@@ -529,23 +538,12 @@ def multi_tensor_step(layout: StepLayout, params: list[torch.Tensor], grads: lis
 
     # State init (the first step, or the first after the frame was reset): the frame of
     # the starting point by the adaptive solve (host reads), once; 0 is no equivariant
-    # start. Then the same stages as ``fixed``.
-    log_scales = frame.log_scales
-    points, grads, means, reduced, first = kernels.prepare(layout, params, grads, work, log_scales, level,
+    # start. Then the rest of the step as ``fixed`` takes it.
+    points, grads, means, reduced, first = kernels.prepare(layout, params, grads, work, frame.log_scales, level,
                                                            opts.zero_level, True)
-    log_scales, sweeps_before, unsettled = system.solve(*reduced, log_scales, opts.balance_tol,
+    log_scales, sweeps_before, unsettled = system.solve(*reduced, frame.log_scales, opts.balance_tol,
                                                         opts.balance_max_iter, first)
-    # 2-4. Weight decay, the base step, the dead directions removed.
-    points, bases = kernels.middle(layout, spec, options, state, points, grads, log_scales, work, freeze,
-                                   frame.rotation_bases, frame.refresh, opts.rotation_solve, opts.rotation_cg_steps)
-    sweeps_after = 0
-    back = -log_scales
-    if freeze:
-        # The new canonical point is invariant, so the solve from 0 on it is too.
-        reduced, (kappa, active, start) = kernels.rebalance_start(layout, points, level, opts.zero_level)
-        back = kernels.balance(layout, torch.zeros_like(log_scales), *reduced, kappa, active, start, *schedule) \
-            - log_scales
-        sweeps_after = schedule[0]
-    # 5. Back to the model's coordinates: θ_new = θ*_new · S_back / S (+ the mean).
-    kernels.write_back(layout, params, points, means, back, work)
+    bases = kernels.after_frame(layout, spec, options, state, params, points, grads, means, log_scales,
+                                frame.rotation_bases, frame.refresh, opts)
+    sweeps_after = schedule[0] if freeze else 0
     return StepReport(log_scales, bases, (sweeps_before, sweeps_after), unsettled)

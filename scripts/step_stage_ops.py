@@ -35,11 +35,12 @@ def wrap(key, fn):
         s = stats[key]; s[0] += c.compute; s[1] += time.perf_counter() - t; s[2].update({k2: v for k2, v in c.ops.items()})
         return out
     return inner
-# The stages by their module names (``fixed``, the steady step, calls them there), then
-# the table of kernels again, so that the first step's parts are counted too.
+# The stages by their module names (``fixed`` and ``after_frame``, the kernels, call them
+# there); the table of kernels rebuilt from the wrapped functions, so the first step's
+# halves are counted too.
 for stage in ("_prepare", "_middle", "_rebalance_start", "_balance", "_write_back"):
     setattr(SB, stage, wrap(stage.lstrip("_"), getattr(SB, stage)))
-SB.KERNELS = SB.Kernels(SB._fixed_step, SB._prepare, SB._middle, SB._rebalance_start, SB._balance, SB._write_back)
+SB.KERNELS = SB.Kernels(SB._fixed_step, SB._prepare, SB._after_frame)
 SB._spec = wrap("spec", SB._spec)
 SB.multi_tensor_base_step = wrap("plain", SB.multi_tensor_base_step)
 import ddc.step as ST
