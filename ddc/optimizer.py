@@ -565,12 +565,14 @@ class DDC(Optimizer):
         r1, xs = system.reduce(self._centred_points())
         warm = torch.cat(self._log_scales).to(layout.device)
         level = self.reference_norm ** 2
-        first = system.first_system(r1, xs, warm, level, self._zero_level())
         if self.foreach and self._frame_initialised():
             # As the batched step's own solve from the stored frame (the same fixed
-            # schedule): no host read, and the step's solve then starts where this left it.
-            s = system.balance(warm, r1, xs, *first, *self._step_options().warm_schedule(system))
+            # schedule and start): no host read, and the step's solve then starts where
+            # this left it.
+            start = system.start(r1, xs, warm, level, self._zero_level())
+            s = system.balance(warm, r1, xs, *start, *self._step_options().warm_schedule(system))
         else:
+            first = system.first_system(r1, xs, warm, level, self._zero_level())
             s, _, unsettled = system.solve(r1, xs, warm, self._balance_tol(), self.balance_max_iter, first)
             frame.warn_unsettled(unsettled, self._balance_tol(), self.balance_max_iter)
         self._store_log_scales(s, system.sizes)
