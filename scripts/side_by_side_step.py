@@ -7,7 +7,10 @@ step time of each and its ratio to ``adamw_foreach``, with the load average befo
 after. ``--old NAME=DIR``: also time DDC from another copy of the ``ddc`` package, copied
 into ``DIR/<package>`` under another package name (e.g. ``git show <commit>:ddc/...``
 into ``/tmp/old/ddc_old``), built with the options of ``configs/optimizer/NAME.yaml``: the
-step before and after a change, under the same load. Usage::
+step before and after a change, under the same load. ``--old`` needs a model whose declared
+gauges the old package accepts: the task models declare theirs with the current ``ddc``'s
+classes, which an older copy rejects; then run the script from a worktree of each commit
+alternately (``PYTHONPATH`` of that worktree) and compare the ratios. Usage::
 
     PYTHONPATH=.:tests OMP_NUM_THREADS=1 python scripts/side_by_side_step.py \\
         --optimizers adamw_foreach,ddc,muon,ddc_muon --old ddc=/tmp/old/ddc_old --old ddc_muon=/tmp/old/ddc_old
